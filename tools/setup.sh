@@ -17,6 +17,8 @@ missing_apt() {
 install_apt() {
     local missing
     missing=$(missing_apt)
+    # A Debian python3 without ensurepip cannot make a virtual environment.
+    python3 -c "import ensurepip" 2>/dev/null || missing="$missing python3-venv"
     [ -z "$missing" ] && return 0
     echo "setup: installing Debian packages: $(echo $missing)" >&2
     export DEBIAN_FRONTEND=noninteractive

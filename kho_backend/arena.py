@@ -1,0 +1,189 @@
+"""The arena: one file that stands for the machine's physical memory.
+
+The file is ``mmap``ed ``MAP_SHARED``, so what one "kernel" (process) writes is what the
+next one finds, exactly as RAM outlives a kernel across kexec. It is created sparse
+(``ftruncate``), so untouched pages cost nothing in ``/dev/shm``. A page frame number
+(PFN) is ``offset // PAGE_SIZE``; a physical address is a byte offset into the file.
+
+NUMA: the arena is split into ``nodes`` equal nodes. Node boundaries are rounded down to
+a multiple of the largest buddy block (``MAX_ORDER_PAGES``), so a buddy block never
+straddles two nodes; the last node takes the remainder.
+
+Views are ``memoryview`` slices of the mapping (and a numpy array over all of it): no
+copy is ever made. This class knows nothing about the header, locking or machines; see
+:mod:`kho_backend.machine` for those.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArenaError
+from .units import MAX_ORDER_PAGES, PAGE_SHIFT, PAGE_SIZE, format_size
+
+log = logging.getLogger(__name__)
+
+#: Most NUMA nodes a machine can have (bounded by the scratch table in the header).
+MAX_NODES = 64
+#: Smallest node: one block of the largest order (4 MiB).
+MIN_NODE_PAGES = MAX_ORDER_PAGES
+
+
+def node_starts(npages: int, nodes: int) -> list[int]:
+    """First PFN of every node, plus ``npages`` at the end (``nodes + 1`` entries)."""
+    starts = [(npages * n // nodes) // MAX_ORDER_PAGES * MAX_ORDER_PAGES for n in range(nodes)]
+    return starts + [npages]
+
+
+def check_geometry(size: int, nodes: int) -> None:
+    """Raise ArenaError unless ``size`` bytes split into ``nodes`` usable nodes."""
+    if not 1 <= nodes <= MAX_NODES:
+        raise ArenaError(f"A machine has 1 to {MAX_NODES} NUMA nodes, not {nodes}.")
+    if size % PAGE_SIZE:
+        raise ArenaError(
+            f"The arena size {size} is not a multiple of the page size ({PAGE_SIZE})."
+        )
+    minimum = nodes * MIN_NODE_PAGES * PAGE_SIZE
+    if size < minimum:
+        raise ArenaError(
+            f"An arena of {format_size(size)} is too small for {nodes} node(s); "
+            f"it needs at least {format_size(minimum)} ({format_size(MIN_NODE_PAGES * PAGE_SIZE)} "
+            "per node)."
+        )
+
+
+class Arena:
+    """The mapped arena file. Build it with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, path: Path, fd: int, nodes: int = 1) -> None:
+        """Map the already-open file ``fd`` (read-write); the Arena owns ``fd`` from now on."""
+        self.path = Path(path)
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        check_geometry(self.size, nodes)
+        self.npages = self.size >> PAGE_SHIFT
+        self.nodes = nodes
+        self._starts = node_starts(self.npages, nodes)
+        self._mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mv = memoryview(self._mm)
+        self._array = np.frombuffer(self._mm, dtype=np.uint8)
+        self.closed = False
+
+    @classmethod
+    def create(cls, path: Path, size: int, nodes: int = 1) -> Arena:
+        """Create a new sparse arena file (mode 0600); ArenaError if it already exists."""
+        check_geometry(size, nodes)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ArenaError(f"Cannot create the arena {path}: {e.strerror}.") from e
+        try:
+            os.ftruncate(fd, size)
+            return cls(path, fd, nodes)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+
+    @classmethod
+    def open(cls, path: Path, nodes: int = 1) -> Arena:
+        """Map an existing arena file read-write (no header check; see machine.py)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise ArenaError(f"Cannot open the arena {path}: {e.strerror}.") from e
+        try:
+            return cls(path, fd, nodes)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- views -------------------------------------------------------------------
+
+    def view(self, pfn: int, npages: int = 1) -> memoryview:
+        """Writable view of ``npages`` pages starting at ``pfn`` (no copy)."""
+        if pfn < 0 or npages < 0 or pfn + npages > self.npages:
+            raise ArenaError(
+                f"Pages [{pfn}, {pfn + npages}) lie outside the arena of {self.npages} pages."
+            )
+        return self._mv[pfn << PAGE_SHIFT : (pfn + npages) << PAGE_SHIFT]
+
+    def phys_view(self, phys: int, length: int) -> memoryview:
+        """Writable view of ``length`` bytes at physical address ``phys`` (bounds-checked)."""
+        if phys < 0 or length < 0 or phys + length > self.size:
+            raise ArenaError(
+                f"The physical range [{phys:#x}, {phys + length:#x}) lies outside the "
+                f"arena of {self.size:#x} bytes."
+            )
+        return self._mv[phys : phys + length]
+
+    def array(self) -> np.ndarray:
+        """The whole arena as a writable numpy ``uint8`` array (no copy), for bulk work."""
+        return self._array
+
+    # -- NUMA layout -----------------------------------------------------------------
+
+    def node_of(self, pfn: int) -> int:
+        """Node that holds ``pfn``."""
+        if not 0 <= pfn < self.npages:
+            raise ArenaError(f"PFN {pfn} lies outside the arena of {self.npages} pages.")
+        node = 0
+        while pfn >= self._starts[node + 1]:
+            node += 1
+        return node
+
+    def nodes_of(self, pfns: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`node_of` (no bounds check)."""
+        return np.searchsorted(np.asarray(self._starts[1:-1]), pfns, side="right")
+
+    def node_range(self, node: int) -> tuple[int, int]:
+        """``[start_pfn, end_pfn)`` of ``node``."""
+        if not 0 <= node < self.nodes:
+            raise ArenaError(f"Node {node} does not exist; this machine has {self.nodes} node(s).")
+        return self._starts[node], self._starts[node + 1]
+
+    def node_ranges(self) -> list[tuple[int, int]]:
+        """``[start_pfn, end_pfn)`` of every node, in order."""
+        return [self.node_range(n) for n in range(self.nodes)]
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """msync the mapping (cheap on tmpfs; matters if the arena is on a real disk)."""
+        if not self.closed:
+            self._mm.flush()
+
+    def close(self) -> None:
+        """Unmap and close; also drops any flock held on the file (the machine lock).
+
+        The lock is dropped explicitly because the mapping may outlive this call: while
+        numpy arrays or memoryviews made from the arena are still referenced, Python
+        cannot unmap it, and the mapping keeps the open file (and so an flock) alive.
+        The mapping then goes away with the last such reference.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        del self._array
+        self._mv.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            log.debug("arena %s: views still referenced; unmapping when they go", self.path)
+        os.close(self.fd)
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Arena({str(self.path)!r}, {format_size(self.size)}, nodes={self.nodes})"

@@ -1,0 +1,254 @@
+"""Booting a kernel on a machine: ``boot()`` returns a running :class:`Kernel`.
+
+The sequence, as a kernel with KHO does it:
+
+1. *open*: open (or create) the arena and take the machine lock; validate the header.
+2. Decide what kind of boot this is. Valid boot parameters mean a handover (a KHO boot);
+   then the command line in the boot-parameter slot wins over the caller's. Without a
+   handover, an arena whose last kernel did not hand over (it crashed, or was shut down
+   without kexec) is refused unless ``format=True``, so files are never silently lost.
+3. *handover-parse*: read and validate the whole handover (``IncomingHandover.parse``)
+   and check its preserved folios against the arena, page 0 and scratch, before a single
+   byte of the arena is written: a refused handover leaves the arena untouched.
+4. *memblock*: boot-time allocator; scratch-only on a KHO boot.
+5. *memmap*: allocate the per-page state from memblock (from scratch on a KHO boot:
+   scratch too small is a BootError naming the sizes) and reset it.
+6. *scratch*: at the machine's first boot size and place the scratch areas from this
+   boot's memblock use; later boots reuse the recorded ones. They turn CMA-like.
+7. *reserve*: memblock's reservations become RESERVED pages; preserved folios PRESERVED.
+8. *page-alloc*: start the buddy allocator; then *kho*: the outgoing KHO, kexec, and the
+   incoming handover attached to the kernel.
+9. Write the header: RUNNING, our pid, boot count + 1, memmap location, release.
+
+The boot parameters stay in place until :meth:`Kernel.finish_boot`, after the subsystems
+restored what they were handed, so a boot that fails half-way can be retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .arena import Arena
+from .cmdline import Cmdline
+from .errors import ArenaError, BootError, OutOfMemory
+from .header import MachineHeader, MachineState
+from .machine import create_machine, machine_exists, open_machine, validate_name
+from .memblock import Memblock
+from .memmap import Memmap, check_preserved_ranges
+from .page_alloc import PageAllocator
+from .scratch import low_limit, setup_scratch
+from .units import PAGE_SHIFT, format_size
+
+if TYPE_CHECKING:
+    from .kexec import Kexec
+    from .kho import KHO
+    from .kho_in import IncomingHandover
+
+log = logging.getLogger(__name__)
+
+RELEASE = f"guestfs {__version__}"
+
+
+@dataclass(eq=False)
+class Kernel:
+    """A booted kernel: the machine it runs and its memory-management state."""
+
+    name: str
+    arena: Arena
+    header: MachineHeader
+    cmdline: Cmdline
+    memblock: Memblock
+    memmap: Memmap
+    pages: PageAllocator
+    kho: KHO = field(init=False)  # set right after construction: KHO takes the kernel
+    kho_in: IncomingHandover | None = None  # None on a cold boot
+    kexec: Kexec = field(init=False)  # likewise
+    boot_timings: dict[str, int] = field(default_factory=dict)  # phase -> ns
+
+    def finish_boot(self) -> int:
+        """End of boot: free preserved pages nobody restored (returns how many), clear
+        the boot-parameter slot and mark the header RUNNING."""
+        released = self.kho_in.release_unclaimed() if self.kho_in is not None else 0
+        self.header.clear_boot_params()
+        self.header.state = MachineState.RUNNING
+        self.write_header()
+        return released
+
+    def write_header(self) -> None:
+        """Write ``self.header`` to page 0."""
+        self.header.write(self.arena)
+
+    def scratch_ranges(self) -> list[tuple[int, int]]:
+        """The scratch areas as ``(start_pfn, npages)``."""
+        return [(a.start_pfn, a.npages) for a in self.header.scratch]
+
+    def shutdown(self) -> None:
+        """Stop without handing over: flush, unmap, release the lock. The header still
+        says RUNNING with our pid, so the next boot knows this kernel did not hand over."""
+        self.arena.flush()
+        self.arena.close()
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def boot(machine: str, *, memory: int | None = None, nodes: int = 1, cmdline: str = "",
+         create: bool = True, format: bool = False, machine_dir: Path | None = None) -> Kernel:  # fmt: skip
+    """Boot a kernel on ``machine`` (created with ``memory`` bytes and ``nodes`` nodes if
+    it does not exist and ``create`` is true).
+
+    ``memory``, given for an existing machine, must match it. ``format=True`` boots empty
+    even if the previous kernel crashed or left a handover (which is then discarded).
+    Raises ArenaError (missing, in use, not an arena), HeaderError, HandoverError (a
+    handover that cannot be trusted; the arena is left untouched) or BootError.
+    """
+    timings: dict[str, int] = {}
+    started = time.perf_counter_ns()
+    with _phase(timings, "open"):
+        arena, header = _open(machine, memory, nodes, create, machine_dir)
+    try:
+        kernel = _boot(machine, arena, header, cmdline, format, timings)
+    except BaseException:
+        arena.close()
+        raise
+    timings["total"] = time.perf_counter_ns() - started
+    log.info(
+        "booted %s (boot %d%s) in %.1f ms", machine, header.boot_count,
+        ", from a KHO handover" if kernel.kho_in is not None else "", timings["total"] / 1e6,
+    )  # fmt: skip
+    return kernel
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def _open(name: str, memory: int | None, nodes: int, create: bool,
+          directory: Path | None) -> tuple[Arena, MachineHeader]:  # fmt: skip
+    validate_name(name)
+    if machine_exists(name, directory):
+        arena, header = open_machine(name, directory, memory=memory)
+        if nodes not in (1, header.nr_nodes):  # 1 is the default: "whatever it has"
+            arena.close()
+            raise ArenaError(
+                f"Machine {name!r} has {header.nr_nodes} NUMA node(s), not {nodes}; "
+                "its layout cannot change."
+            )
+        return arena, header
+    if not create:
+        raise ArenaError(f"There is no machine named {name!r}.")
+    if memory is None:
+        raise ArenaError(f"Machine {name!r} does not exist; give a memory size to create it.")
+    log.info("creating machine %s: %s, %d node(s)", name, format_size(memory), nodes)
+    return create_machine(name, memory, nodes, directory)
+
+
+def _boot(name: str, arena: Arena, header: MachineHeader, cmdline: str, fmt: bool,
+          timings: dict[str, int]) -> Kernel:  # fmt: skip
+    # Imported here, not at the top: these modules refer back to Kernel in this module.
+    from .kexec import Kexec
+    from .kho import KHO
+    from .kho_in import IncomingHandover
+
+    params = header.boot_params
+    handover = params.valid and not fmt
+    cmd = Cmdline.parse(params.cmdline if handover else cmdline)
+    _check_previous_kernel(name, header, handover, cmd, fmt)
+
+    kho_in, preserved = None, []
+    if handover:
+        with _phase(timings, "handover-parse"):
+            scratch = [(a.start_pfn, a.npages) for a in header.scratch]
+            kho_in = IncomingHandover.parse(arena, params.fdt_phys, params.fdt_size, scratch=scratch)
+            preserved = list(kho_in.preserved_ranges())
+            forbidden = [(0, 1, "machine header page")]
+            forbidden += [(a.start_pfn, a.npages, f"{a.kind.name.lower()} scratch area") for a in header.scratch]
+            check_preserved_ranges(preserved, arena.npages, forbidden)
+
+    with _phase(timings, "memblock"):
+        ranges = arena.node_ranges()
+        memblock = Memblock(ranges, low_limit=low_limit(ranges), scratch=header.scratch, scratch_only=handover)
+        memblock.reserve(0, 1)  # the machine header
+    with _phase(timings, "memmap"):
+        memmap = _alloc_memmap(arena, memblock)
+    with _phase(timings, "scratch"):
+        for area in setup_scratch(header, cmd.kho_scratch, memblock):
+            memmap.mark_scratch(area.start_pfn, area.npages)
+        memblock.scratch_only = False  # preserved memory is known: scratch becomes CMA
+    with _phase(timings, "reserve"):
+        for start, end in memblock.reserved:
+            memmap.mark_reserved(start, end - start)
+        for pfns, order in preserved:
+            memmap.set_preserved(pfns, order)
+    with _phase(timings, "page-alloc"):
+        pages = PageAllocator(arena, memmap)
+
+    kernel = Kernel(name, arena, header, cmd, memblock, memmap, pages, kho_in=kho_in, boot_timings=timings)
+    with _phase(timings, "kho"):
+        kernel.kho = KHO(kernel)
+        kernel.kexec = Kexec(kernel)
+        if kho_in is not None:
+            kho_in.attach(kernel)
+
+    if not handover:
+        header.clear_boot_params()  # a discarded handover must never be picked up later
+    header.state = MachineState.RUNNING
+    header.pid = os.getpid()
+    header.boot_count += 1
+    header.memmap_pfn, header.memmap_npages = memmap.first_pfn, memmap.npages
+    header.release = RELEASE
+    kernel.write_header()
+    return kernel
+
+
+def _check_previous_kernel(name: str, header: MachineHeader, handover: bool, cmd: Cmdline, fmt: bool) -> None:
+    """Refuse a boot that would silently lose the previous kernel's files."""
+    if handover and not cmd.kho:
+        raise BootError(
+            f"Machine {name!r} holds a handover from the previous kernel, but the command line "
+            "it passed on says kho=off, so this kernel cannot take the handover; boot with "
+            "format=True to discard it and start empty."
+        )
+    if handover or fmt or header.state is MachineState.FRESH:
+        return
+    raise BootError(
+        f"The previous kernel (pid {header.pid}) of machine {name!r} ended without "
+        "handing over; its files cannot be recovered; boot with format=True to start empty."
+    )
+
+
+def _alloc_memmap(arena: Arena, memblock: Memblock) -> Memmap:
+    npages = Memmap.pages_needed(arena.npages)
+    try:
+        pfn = memblock.alloc(npages)
+    except OutOfMemory as e:
+        if memblock.scratch_only:
+            largest, total = memblock.largest_free(), memblock.total_free()
+            raise BootError(
+                f"Scratch is too small to boot with this handover: the memmap needs {npages} "
+                f"pages ({format_size(npages << PAGE_SHIFT)}) in one piece, but the largest "
+                f"free scratch range is {largest} pages ({format_size(largest << PAGE_SHIFT)}) "
+                f"of {total} pages ({format_size(total << PAGE_SHIFT)}) free scratch. The "
+                "scratch areas were sized at the machine's first boot."
+            ) from e
+        raise BootError(f"The machine has too little memory to boot: {e}") from e
+    return Memmap(arena, pfn, reset=True)
+
+
+@contextmanager
+def _phase(timings: dict[str, int], name: str) -> Iterator[None]:
+    start = time.perf_counter_ns()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter_ns() - start

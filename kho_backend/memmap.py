@@ -1,0 +1,316 @@
+"""The memmap: one byte of state per arena page, kept in the arena itself.
+
+The kernel's ``struct page`` array lives in memory allocated from memblock at boot; so
+does this one (on a KHO boot, from scratch), which makes boot-time memory use, and so
+scratch sizing, real. It is rebuilt by every boot and is not part of the handover, but
+the header records where the running kernel keeps it, so inspectors can read it live.
+
+Encoding of a page's byte::
+
+    bit  7     SCRATCH  the page lies in a scratch area (movable allocations only)
+    bits 6..4  state    0 RESERVED   boot memory / metadata (header, memmap), never freed
+                        1 FREE       head of a free buddy block
+                        2 ALLOCATED  head of an allocated block
+                        3 PRESERVED  head of a block handed over by the previous kernel
+                                     and not yet restored (or released)
+                        4 TAIL       any other page of a block; its head is the nearest
+                                     non-TAIL page below it
+    bits 3..0  order    order of the block, for heads; 0 otherwise
+
+A zeroed memmap reads as "everything reserved", the safe default. Every call here is
+vectorised with numpy; nothing loops over pages in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import HandoverError
+from .units import MAX_ORDER, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .arena import Arena
+
+
+class PageState(IntEnum):
+    """State of a page (bits 6..4 of its memmap byte)."""
+
+    RESERVED = 0
+    FREE = 1
+    ALLOCATED = 2
+    PRESERVED = 3
+    TAIL = 4
+
+
+class PageCategory(IntEnum):
+    """What a page is used for, for the memory-map picture."""
+
+    FREE = 0
+    USED = 1  # allocated (unmovable, or movable outside scratch)
+    PRESERVED = 2  # handed over and not yet restored
+    SCRATCH = 3  # in a scratch area: free, or allocated movable
+    RESERVED = 4  # boot memory / metadata
+
+
+SCRATCH_FLAG = 0x80
+STATE_SHIFT = 4
+STATE_MASK = 0x70
+ORDER_MASK = 0x0F
+
+
+def encode(state: PageState, order: int = 0, scratch: bool = False) -> int:
+    """The memmap byte for a page in ``state`` (``order`` for heads)."""
+    return (SCRATCH_FLAG if scratch else 0) | (state << STATE_SHIFT) | order
+
+
+FREE_PAGE = encode(PageState.FREE)  # a free order-0 head outside scratch: a reset page
+TAIL = encode(PageState.TAIL)
+
+
+def block_pages(pfns: np.ndarray, order: int) -> np.ndarray:
+    """Every PFN of the blocks of ``order`` headed by ``pfns`` (flat, int64)."""
+    if order == 0:
+        return pfns
+    return (pfns[:, None] + np.arange(1 << order, dtype=np.int64)).ravel()
+
+
+def is_strictly_increasing(pfns: np.ndarray) -> bool:
+    """Whether ``pfns`` is sorted without duplicates (cheap test before np.unique)."""
+    return bool(np.all(pfns[1:] > pfns[:-1]))
+
+
+def check_preserved_ranges(
+    ranges: Sequence[tuple[np.ndarray, int]], npages: int, forbidden: Sequence[tuple[int, int, str]]
+) -> int:
+    """Validate a handover's preserved folios before anything is written; return the pages.
+
+    HandoverError unless every folio has a known order, is naturally aligned, lies inside
+    the arena, overlaps no other folio and none of the ``forbidden`` spans
+    ``(start_pfn, npages, what)`` (page 0, the scratch areas). Cost grows with the number
+    of folios, not with their size.
+    """
+    starts, ends, total = [], [], 0
+    for pfns, order in ranges:
+        pfns = np.asarray(pfns, dtype=np.int64)
+        if not 0 <= order <= MAX_ORDER:
+            raise HandoverError(f"The handover preserves folios of order {order}; orders are 0..{MAX_ORDER}.")
+        _check_heads(pfns, order, npages, "preserved")
+        starts.append(pfns)
+        ends.append(pfns + (1 << order))
+        total += len(pfns) << order
+    if total == 0:
+        return 0
+    start, end = np.concatenate(starts), np.concatenate(ends)
+    order_idx = np.argsort(start, kind="stable")
+    start, end = start[order_idx], end[order_idx]
+    clash = np.flatnonzero(start[1:] < end[:-1])
+    if clash.size:
+        i = clash[0]
+        raise HandoverError(
+            f"The handover's preserved memory overlaps itself: pages [{start[i]}, {end[i]}) "
+            f"and [{start[i + 1]}, {end[i + 1]})."
+        )
+    for fstart, fcount, what in forbidden:
+        # Folios are sorted and disjoint, so their ends are sorted too: only the last
+        # folio starting before the span's end can reach into it.
+        i = int(np.searchsorted(start, fstart + fcount)) - 1
+        if i >= 0 and end[i] > fstart:
+            raise HandoverError(
+                f"The handover preserves pages [{start[i]}, {end[i]}), which lie in the "
+                f"{what} (pages [{fstart}, {fstart + fcount}))."
+            )
+    return total
+
+
+def _check_heads(pfns: np.ndarray, order: int, npages: int, what: str) -> None:
+    if pfns.size == 0:
+        return
+    outside = (pfns < 0) | (pfns + (1 << order) > npages)
+    if outside.any():
+        pfn = int(pfns[np.argmax(outside)])
+        raise HandoverError(
+            f"A {what} folio of order {order} at PFN {pfn} lies outside the arena of {npages} pages."
+        )
+    misaligned = (pfns & ((1 << order) - 1)) != 0
+    if misaligned.any():
+        pfn = int(pfns[np.argmax(misaligned)])
+        raise HandoverError(f"A {what} folio of order {order} at PFN {pfn} is not aligned to its size.")
+    if not is_strictly_increasing(pfns) and np.unique(pfns).size != pfns.size:
+        raise HandoverError(f"The {what} folios of order {order} list some PFN twice.")
+
+
+class Memmap:
+    """Per-page state of the arena, stored in ``npages`` arena pages from ``first_pfn``."""
+
+    def __init__(self, arena: Arena, first_pfn: int, *, reset: bool = False) -> None:
+        """Attach to the memmap at ``first_pfn``: as found (an inspector reading the live
+        memmap), or with ``reset=True`` (boot) every page a free order-0 page outside
+        scratch, which the boot then marks."""
+        self.arena = arena
+        self.first_pfn = first_pfn
+        self.npages = self.pages_needed(arena.npages)
+        #: One uint8 per arena page: a view onto the arena bytes, not a copy.
+        self.map = np.frombuffer(arena.view(first_pfn, self.npages), dtype=np.uint8)[: arena.npages]
+        self._node_starts = np.array([arena.node_range(n)[0] for n in range(1, arena.nodes)], dtype=np.int64)
+        if reset:
+            self.map[:] = FREE_PAGE
+            #: Pages in PRESERVED blocks, per node.
+            self.preserved_per_node = np.zeros(arena.nodes, dtype=np.int64)
+        else:
+            self.preserved_per_node = self._count_preserved()
+
+    @staticmethod
+    def pages_needed(arena_npages: int) -> int:
+        """Pages of memmap for an arena of ``arena_npages`` pages."""
+        return -(-arena_npages // PAGE_SIZE)
+
+    @property
+    def preserved_pages(self) -> int:
+        """Pages in blocks still PRESERVED."""
+        return int(self.preserved_per_node.sum())
+
+    # -- boot-time set-up -----------------------------------------------------------------
+
+    def mark_scratch(self, pfn: int, npages: int) -> None:
+        """Flag ``[pfn, pfn + npages)`` as scratch (boot time)."""
+        self.map[pfn : pfn + npages] |= SCRATCH_FLAG
+
+    def mark_reserved(self, pfn: int, npages: int) -> None:
+        """Make ``[pfn, pfn + npages)`` RESERVED, keeping the scratch flag (boot time,
+        before the page allocator starts)."""
+        self.map[pfn : pfn + npages] &= SCRATCH_FLAG
+
+    def set_preserved(self, pfns: np.ndarray, order: int) -> None:
+        """Mark blocks of ``order`` at ``pfns`` PRESERVED (boot time, on a reset memmap).
+
+        HandoverError unless every page of those blocks is still a plain free page
+        (not reserved, not scratch, not already preserved).
+        """
+        pfns = np.asarray(pfns, dtype=np.int64)
+        _check_heads(pfns, order, self.arena.npages, "preserved")
+        pages = block_pages(pfns, order)
+        busy = self.map[pages] != FREE_PAGE
+        if busy.any():
+            pfn = int(pages[np.argmax(busy)])
+            raise HandoverError(
+                f"A preserved folio of order {order} covers PFN {pfn}, which is {self.describe(pfn)}."
+            )
+        self.map[pages] = TAIL
+        self.map[pfns] = encode(PageState.PRESERVED, order)
+        self._count(pfns, order, +1)
+
+    # -- the handover -----------------------------------------------------------------------
+
+    def claim_preserved(self, pfns: np.ndarray, order: int) -> None:
+        """PRESERVED -> ALLOCATED for the blocks of ``order`` at ``pfns`` (restore).
+
+        HandoverError unless each is exactly the head of a preserved block of that order.
+        """
+        pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
+        if not 0 <= order <= MAX_ORDER:
+            raise HandoverError(f"Order {order} is not a folio order (0..{MAX_ORDER}).")
+        _check_heads(pfns, order, self.arena.npages, "restored")
+        wrong = self.map[pfns] != encode(PageState.PRESERVED, order)
+        if wrong.any():
+            pfn = int(pfns[np.argmax(wrong)])
+            raise HandoverError(
+                f"PFN {pfn} was not preserved as a folio of order {order}; it is {self.describe(pfn)}."
+            )
+        self.map[pfns] = encode(PageState.ALLOCATED, order)
+        self._count(pfns, order, -1)
+
+    def preserved_heads(self) -> Iterator[tuple[np.ndarray, int]]:
+        """``(pfns, order)`` for the blocks still PRESERVED, ascending PFNs per order."""
+        heads = np.flatnonzero((self.map & STATE_MASK) == PageState.PRESERVED << STATE_SHIFT)
+        orders = self.map[heads] & ORDER_MASK
+        for order in np.unique(orders):
+            yield heads[orders == order], int(order)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def head(self, pfn: int) -> tuple[PageState, int]:
+        """``(state, order)`` of page ``pfn``'s own byte."""
+        byte = int(self.map[pfn])
+        return PageState((byte & STATE_MASK) >> STATE_SHIFT), byte & ORDER_MASK
+
+    def is_scratch(self, pfn: int) -> bool:
+        """Whether ``pfn`` lies in a scratch area."""
+        return bool(self.map[pfn] & SCRATCH_FLAG)
+
+    def describe(self, pfn: int) -> str:
+        """A phrase for error messages: what page ``pfn`` is."""
+        state, order = self.head(pfn)
+        where = " in scratch" if self.is_scratch(pfn) else ""
+        if state is PageState.RESERVED:
+            return f"reserved boot memory{where}"
+        if state is PageState.TAIL:
+            window = self.map[max(0, pfn - (1 << MAX_ORDER)) : pfn]
+            heads = np.flatnonzero((window & STATE_MASK) != PageState.TAIL << STATE_SHIFT)
+            head = pfn - len(window) + int(heads[-1]) if heads.size else None
+            return f"inside the block headed by PFN {head}{where}"
+        return f"the head of a {state.name.lower()} block of order {order}{where}"
+
+    def block_states_of(self, pfns: np.ndarray) -> np.ndarray:
+        """State (as uint8) of the block containing each of ``pfns`` (in the arena).
+
+        A tail's head is the first non-TAIL page among ``pfn`` rounded down to 2, 4, ...
+        pages; so this costs MAX_ORDER passes over ``pfns``, whatever the arena size.
+        """
+        pfns = np.asarray(pfns, dtype=np.int64)
+        states = (self.map[pfns] & STATE_MASK) >> STATE_SHIFT
+        pending = np.flatnonzero(states == PageState.TAIL)
+        for order in range(1, MAX_ORDER + 1):
+            if not pending.size:
+                break
+            byte = self.map[pfns[pending] & ~((1 << order) - 1)]
+            head = (byte & STATE_MASK) != PageState.TAIL << STATE_SHIFT
+            # A head whose block is too small to reach the page means a corrupt memmap:
+            # leave such a page as TAIL, which no caller takes for allocated.
+            covers = head & ((byte & ORDER_MASK) >= order)
+            states[pending[covers]] = (byte[covers] & STATE_MASK) >> STATE_SHIFT
+            pending = pending[~head]
+        return states
+
+    def allocated_mask(self, pfns: np.ndarray) -> np.ndarray:
+        """Whether each of ``pfns`` lies in an ALLOCATED block (head or tail page)."""
+        return self.block_states_of(pfns) == PageState.ALLOCATED
+
+    def block_states(self) -> np.ndarray:
+        """For every page, the state (as uint8) of the block it belongs to."""
+        states = (self.map & STATE_MASK) >> STATE_SHIFT
+        is_tail = states == PageState.TAIL
+        if not is_tail.any():
+            return states
+        # Each tail takes the state of the nearest non-tail page below it: its head.
+        # int32 indices: an arena would need 8 TiB to overflow them.
+        head = np.arange(self.map.size, dtype=np.int32)
+        head[is_tail] = 0
+        np.maximum.accumulate(head, out=head)
+        return states[head]
+
+    def categories(self) -> np.ndarray:
+        """A PageCategory (as uint8) per page, for the memory-map picture."""
+        state = self.block_states()
+        cat = np.full(self.map.size, PageCategory.FREE, dtype=np.uint8)
+        cat[state == PageState.ALLOCATED] = PageCategory.USED
+        cat[(self.map & SCRATCH_FLAG) != 0] = PageCategory.SCRATCH
+        cat[state == PageState.PRESERVED] = PageCategory.PRESERVED
+        cat[state == PageState.RESERVED] = PageCategory.RESERVED
+        return cat
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _count(self, pfns: np.ndarray, order: int, sign: int) -> None:
+        nodes = np.searchsorted(self._node_starts, pfns, side="right")
+        self.preserved_per_node += sign * (np.bincount(nodes, minlength=self.arena.nodes) << order)
+
+    def _count_preserved(self) -> np.ndarray:
+        counts = np.zeros(self.arena.nodes, dtype=np.int64)
+        for pfns, order in self.preserved_heads():
+            nodes = np.searchsorted(self._node_starts, pfns, side="right")
+            counts += np.bincount(nodes, minlength=self.arena.nodes) << order
+        return counts

@@ -1,0 +1,242 @@
+"""A guestfs "kernel" process without FUSE, driven over its stdin/stdout.
+
+Tests start it with `FsKernel`; it boots the machine, restores the filesystem handed over
+to it (or formats a fresh one) and answers msgpack requests naming core calls on paths.
+On ``kexec`` it really hands over: prepare (serialize + KHO finalize), poison, and exec
+itself in the same process, whose next image boots from the arena and answers the
+pending request. Pipes survive the exec, as a serial console survives a kexec.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from guestfs.errors import FsError  # noqa: E402
+from guestfs.filesystem import Ctx, Filesystem  # noqa: E402
+from guestfs.handover import GuestfsHandover, restore  # noqa: E402
+from kho_backend.boot import boot  # noqa: E402
+from kho_backend.units import PAGE_SIZE  # noqa: E402
+
+ROOT = Ctx(uid=0, gid=0)
+
+
+class Server:
+    """The process side: one booted kernel and its filesystem."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = [sys.executable, *argv]
+        machine, memory = argv[1], argv[2]
+        self.kernel = boot(machine, memory=int(memory), cmdline="kho_poison")
+        self.fs = restore(self.kernel) or Filesystem(self.kernel)
+        self.released = self.kernel.finish_boot()
+        self.kernel.kho.register(GuestfsHandover(self.fs))
+        self.handles: dict[int, int] = {}
+        self.next_handle = 1
+
+    # --- paths ---------------------------------------------------------------
+
+    def resolve(self, path: str) -> int:
+        ino = 1
+        for part in path.strip("/").split("/"):
+            if part:
+                ino = self.fs.lookup(ino, part.encode()).ino
+        return ino
+
+    def parent(self, path: str) -> tuple[int, bytes]:
+        head, _, name = path.rstrip("/").rpartition("/")
+        return self.resolve(head), name.encode()
+
+    # --- requests --------------------------------------------------------------
+
+    def op_create(self, path: str, mode: int) -> int:
+        return self.fs.create(*self.parent(path), mode, ROOT).ino
+
+    def op_mkdir(self, path: str, mode: int) -> int:
+        return self.fs.mkdir(*self.parent(path), mode, ROOT).ino
+
+    def op_symlink(self, path: str, target: bytes) -> int:
+        return self.fs.symlink(*self.parent(path), target, ROOT).ino
+
+    def op_link(self, src: str, dst: str) -> int:
+        return self.fs.link(self.resolve(src), *self.parent(dst), ROOT).ino
+
+    def op_unlink(self, path: str) -> None:
+        self.fs.unlink(*self.parent(path), ROOT)
+
+    def op_rmdir(self, path: str) -> None:
+        self.fs.rmdir(*self.parent(path), ROOT)
+
+    def op_rename(self, src: str, dst: str, flags: int) -> None:
+        self.fs.rename(*self.parent(src), *self.parent(dst), flags, ROOT)
+
+    def op_write(self, path: str, off: int, data: bytes) -> int:
+        return self.fs.write(self.resolve(path), off, data)
+
+    def op_truncate(self, path: str, size: int) -> None:
+        self.fs.setattr(self.resolve(path), ROOT, size=size)
+
+    def op_chmod(self, path: str, mode: int) -> None:
+        self.fs.setattr(self.resolve(path), ROOT, mode=mode)
+
+    def op_chown(self, path: str, uid: int, gid: int) -> None:
+        self.fs.setattr(self.resolve(path), ROOT, uid=uid, gid=gid)
+
+    def op_utimens(self, path: str, atime_ns: int, mtime_ns: int) -> None:
+        self.fs.setattr(self.resolve(path), ROOT, atime_ns=atime_ns, mtime_ns=mtime_ns)
+
+    def op_setxattr(self, path: str, name: bytes, value: bytes) -> None:
+        self.fs.setxattr(self.resolve(path), name, value, ROOT)
+
+    def op_open(self, path: str) -> int:
+        ino = self.resolve(path)
+        self.fs.open(ino, os.O_RDWR)
+        handle, self.next_handle = self.next_handle, self.next_handle + 1
+        self.handles[handle] = ino
+        return handle
+
+    def op_close(self, handle: int) -> None:
+        self.fs.release(self.handles.pop(handle))
+
+    def op_read_handle(self, handle: int) -> bytes:
+        ino = self.handles[handle]
+        return bytes(self.fs.read(ino, 0, self.fs.get(ino).size))
+
+    def op_snapshot(self) -> dict:
+        """Every reachable name with what a model can check, and the machine's figures."""
+        tree: dict[str, dict] = {}
+        self._walk(1, "", tree)
+        return {"tree": tree, "free_pages": self.kernel.pages.free_pages(),
+                "generation": self.fs.sb.generation, "released": self.released,
+                "problems": self.fs.check(), "pid": os.getpid()}
+
+    def _walk(self, ino: int, path: str, tree: dict) -> None:
+        # Straight from the records, so that taking a snapshot changes no atime.
+        for _cookie, name, child_ino in self.fs.get(ino).dir.entries_after(2):
+            inode = self.fs.get(child_ino)
+            child = f"{path}/{name.decode()}"
+            tree[child] = self._describe(inode)
+            if inode.dir is not None:
+                self._walk(inode.ino, child, tree)
+
+    def _describe(self, inode) -> dict:
+        rec = {"ino": inode.ino, "mode": inode.mode, "uid": inode.uid, "gid": inode.gid,
+               "nlink": inode.nlink, "size": inode.size, "mtime": inode.mtime_ns,
+               "atime": inode.atime_ns, "xattrs": dict(inode.xattrs or {})}
+        if inode.target is not None:
+            rec["target"] = inode.target
+        if inode.is_reg:
+            data = (bytes(inode.pages.read(self.fs.pool, 0, inode.size)) if inode.pages
+                    else bytes(inode.size))
+            rec["sha"] = hashlib.sha256(data).hexdigest()
+            rec["extents"] = [list(e) for e in inode.pages.extents()] if inode.pages else []
+        return rec
+
+    def op_kexec(self, poison: bool) -> None:
+        kexec = self.kernel.kexec
+        kexec.load(self.argv, "kho_poison" if poison else "")
+        kexec.prepare({})
+        if poison:
+            kexec.poison()
+        kexec.exec()
+
+    def op_shutdown(self, handover: bool) -> None:
+        """End this kernel: with a handover (a clean unmount), or as a crash."""
+        if handover:
+            self.kernel.kexec.prepare({})
+        self.kernel.shutdown()
+        reply({"ok": True, "value": None})
+        sys.exit(0)
+
+    def op_fail_serialize(self) -> None:
+        """Arm a failure inside the next serialization (abort tests)."""
+        def boom(_kho) -> None:
+            raise RuntimeError("injected failure in serialize")
+        self.kernel.kho.register(type("Failing", (), {"name": "failing",
+                                                      "kho_finalize": staticmethod(boom),
+                                                      "kho_abort": staticmethod(lambda k: None)})())
+
+    def serve(self) -> None:
+        reply({"ok": True, "value": {"pid": os.getpid(), "released": self.released,
+                                     "generation": self.fs.sb.generation}})
+        unpacker = msgpack.Unpacker(raw=False)
+        stdin = sys.stdin.buffer
+        while True:
+            chunk = os.read(stdin.fileno(), 1 << 16)
+            if not chunk:
+                return
+            unpacker.feed(chunk)
+            for req in unpacker:
+                reply(self.handle(req))
+
+    def handle(self, req: dict) -> dict:
+        try:
+            value = getattr(self, "op_" + req["op"])(*req.get("args", ()))
+            return {"ok": True, "value": value}
+        except FsError as e:
+            return {"ok": False, "errno": e.errno, "error": str(e)}
+        except Exception as e:
+            return {"ok": False, "errno": errno.EIO, "error": f"{type(e).__name__}: {e}"}
+
+
+def reply(msg: dict) -> None:
+    os.write(sys.stdout.fileno(), msgpack.packb(msg, use_bin_type=True))
+
+
+class FsKernel:
+    """The test side: start a kernel process and call it."""
+
+    def __init__(self, machine: str, memory: int = 64 << 20) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, machine, str(memory)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self.unpacker = msgpack.Unpacker(raw=False)
+        self.boot_reply = self._read()["value"]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, op: str, *args: Any) -> Any:
+        """The value of `op`; FsError with the errno the core answered."""
+        self.proc.stdin.write(msgpack.packb({"op": op, "args": args}, use_bin_type=True))
+        self.proc.stdin.flush()
+        res = self._read()
+        if not res["ok"]:
+            raise FsError(res["errno"], res.get("error", ""))
+        return res["value"]
+
+    def kexec(self, poison: bool = True) -> dict:
+        """Hand over and exec; the answer is the next image's boot reply (same PID)."""
+        return self.call("kexec", poison)
+
+    def _read(self) -> dict:
+        while True:
+            for msg in self.unpacker:
+                return msg
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                err = self.proc.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"the kernel process {self.proc.pid} ended: {err[-3000:]}")
+            self.unpacker.feed(chunk)
+
+    def close(self) -> None:
+        """Stop this process (by its own PID) if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+
+
+if __name__ == "__main__":
+    Server(sys.argv).serve()
