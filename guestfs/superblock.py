@@ -1,0 +1,59 @@
+"""The superblock: what identifies a filesystem and bounds it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid as _uuid
+from dataclasses import dataclass, field
+
+from guestfs.inode import ROOT_INO
+from kho_backend.units import PAGE_SIZE
+
+
+@dataclass(slots=True)
+class Superblock:
+    """Filesystem-wide state; all of it is handed over across kexec.
+
+    `generation` counts the handovers the filesystem has been through. `next_ino` is
+    never lowered, so an inode number is never reused within a filesystem, and every
+    inode carries `ino_generation` (random per filesystem) as its generation number.
+    `max_file_size` is the arena size: a file larger than the machine's memory could
+    never be stored, so such sizes answer EFBIG rather than ENOSPC. `options` are the
+    mount options the filesystem was made with; ``mode`` (octal), ``uid`` and ``gid``
+    set the root directory's when formatting (default 755, the daemon's own ids).
+    """
+
+    uuid: str
+    max_inodes: int
+    max_file_size: int
+    generation: int = 0
+    next_ino: int = ROOT_INO + 1
+    ino_generation: int = 0
+    created_ns: int = 0
+    options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, arena_size: int, *, max_inodes: int | None = None,
+            options: dict[str, str] | None = None) -> Superblock:
+        """A fresh superblock for an arena of `arena_size` bytes.
+
+        `max_inodes` defaults to one inode per 4 KiB of arena (as tmpfs bounds nr_inodes
+        by memory), but never fewer than 65536 for small arenas.
+        """
+        if max_inodes is None:
+            max_inodes = max(arena_size // PAGE_SIZE, 1 << 16)
+        return cls(
+            uuid=str(_uuid.uuid4()),
+            max_inodes=max_inodes,
+            max_file_size=arena_size,
+            ino_generation=secrets.randbits(31) + 1,
+            created_ns=time.time_ns(),
+            options=dict(options or {}),
+        )
+
+    def allocate_ino(self) -> int:
+        """A new inode number."""
+        ino = self.next_ino
+        self.next_ino += 1
+        return ino

@@ -1,0 +1,689 @@
+"""Filesystem core: POSIX behaviour without FUSE, on a real booted machine."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+
+import pytest
+from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
+
+from guestfs.directory import Directory
+from guestfs.errors import FsError
+from guestfs.filesystem import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    LINK_MAX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    Ctx,
+    Filesystem,
+)
+from guestfs.inode import ROOT_INO, Inode
+from guestfs.pagemap import REGION_SIZE, PageMap
+from guestfs.superblock import Superblock
+from kho_backend.boot import Kernel
+from kho_backend.units import PAGE_SIZE
+
+MiB = 1 << 20
+ROOT = Ctx(uid=0, gid=0)
+USER = Ctx(uid=1000, gid=1000)
+REG = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+
+
+@pytest.fixture
+def kernel(boot_kernel: BootKernel) -> Kernel:
+    """A freshly booted 32 MiB machine."""
+    return boot_kernel(unique_name("fs"), memory=32 * MiB)
+
+
+@pytest.fixture
+def fs(kernel: Kernel) -> Iterator[Filesystem]:
+    fs = Filesystem(kernel)
+    yield fs
+    assert fs.check() == []
+
+
+class Clock:
+    """A settable clock for timestamp rules."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+    def tick(self, ns: int = 1000) -> int:
+        self.now += ns
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def cfs(kernel: Kernel, clock: Clock) -> Iterator[Filesystem]:
+    fs = Filesystem(kernel, clock=clock)
+    yield fs
+    assert fs.check() == []
+
+
+def err(code: int, fn: Callable, *args, **kwargs) -> None:
+    with pytest.raises(FsError) as info:
+        fn(*args, **kwargs)
+    assert info.value.errno == code, str(info.value)
+
+
+def mkfile(fs: Filesystem, name: bytes, data: bytes = b"", parent: int = ROOT_INO,
+           ctx: Ctx = ROOT) -> Inode:
+    inode = fs.create(parent, name, REG, ctx)
+    if data:
+        assert fs.write(inode.ino, 0, data) == len(data)
+    return inode
+
+
+def names(fs: Filesystem, ino: int = ROOT_INO) -> list[bytes]:
+    return [n for _, n, _ in fs.readdir(ino, 0)][2:]
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def test_fserror_reads_well() -> None:
+    e = FsError(errno.ENOENT, "no entry b'x' in 1")
+    assert e.errno == errno.ENOENT
+    assert str(e) == "ENOENT (No such file or directory): no entry b'x' in 1"
+
+
+# --- names and types --------------------------------------------------------------------
+
+
+def test_fresh_root(fs: Filesystem) -> None:
+    root = fs.get(ROOT_INO)
+    assert stat.S_ISDIR(root.mode) and root.nlink == 2 and root.parent == ROOT_INO
+    assert fs.lookup(ROOT_INO, b".") is root and fs.lookup(ROOT_INO, b"..") is root
+    assert (root.uid, root.gid) == (os.getuid(), os.getgid())
+    err(errno.ENOENT, fs.get, 999)
+
+
+def test_create_sets_type_owner_and_parent_times(cfs: Filesystem, clock: Clock) -> None:
+    root = cfs.get(ROOT_INO)
+    t = clock.tick()
+    f = cfs.create(ROOT_INO, b"f", 0o640, USER)
+    assert f.mode == stat.S_IFREG | 0o640 and (f.uid, f.gid) == (1000, 1000) and f.nlink == 1
+    assert f.atime_ns == f.mtime_ns == f.ctime_ns == t
+    assert root.mtime_ns == root.ctime_ns == t
+    assert cfs.lookup(ROOT_INO, b"f") is f and f.generation == cfs.sb.ino_generation
+    err(errno.EEXIST, cfs.create, ROOT_INO, b"f", REG, ROOT)
+    err(errno.ENOTDIR, cfs.create, f.ino, b"x", REG, ROOT)
+    err(errno.ENOTDIR, cfs.lookup, f.ino, b"x")
+    err(errno.ENOENT, cfs.lookup, ROOT_INO, b"nothing")
+
+
+@pytest.mark.parametrize("mode,rdev,kind,kept_rdev", [
+    (stat.S_IFIFO | 0o600, 0, stat.S_IFIFO, 0),
+    (stat.S_IFCHR | 0o600, 0x0103, stat.S_IFCHR, 0x0103),
+    (stat.S_IFBLK | 0o600, 0x0801, stat.S_IFBLK, 0x0801),
+    (stat.S_IFSOCK | 0o600, 5, stat.S_IFSOCK, 0),
+    (stat.S_IFREG | 0o600, 0, stat.S_IFREG, 0),
+    (0o600, 0, stat.S_IFREG, 0),
+])
+def test_mknod_makes_every_non_directory_type(fs: Filesystem, mode: int, rdev: int,
+                                              kind: int, kept_rdev: int) -> None:
+    node = fs.mknod(ROOT_INO, b"n", mode, rdev, ROOT)
+    assert stat.S_IFMT(node.mode) == kind and node.rdev == kept_rdev
+
+
+def test_mknod_refuses_directories_and_unknown_types(fs: Filesystem) -> None:
+    err(errno.EPERM, fs.mknod, ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, ROOT)
+    err(errno.EINVAL, fs.mknod, ROOT_INO, b"d", 0o170000 | 0o755, 0, ROOT)
+
+
+def test_mkdir_counts_links_and_dotdot(fs: Filesystem) -> None:
+    a = fs.mkdir(ROOT_INO, b"a", DIR, ROOT)
+    b = fs.mkdir(a.ino, b"b", DIR, ROOT)
+    assert fs.get(ROOT_INO).nlink == 3 and a.nlink == 3 and b.nlink == 2
+    assert fs.lookup(b.ino, b"..") is a and fs.lookup(a.ino, b"..").ino == ROOT_INO
+    err(errno.EEXIST, fs.mkdir, ROOT_INO, b"a", DIR, ROOT)
+    err(errno.EEXIST, fs.mkdir, ROOT_INO, b".", DIR, ROOT)
+
+
+def test_name_length_limits(fs: Filesystem) -> None:
+    mkfile(fs, b"n" * 255)
+    err(errno.ENAMETOOLONG, fs.create, ROOT_INO, b"n" * 256, REG, ROOT)
+    err(errno.ENAMETOOLONG, fs.lookup, ROOT_INO, b"n" * 256)
+    err(errno.ENAMETOOLONG, fs.mkdir, ROOT_INO, b"d" * 256, DIR, ROOT)
+    fs.symlink(ROOT_INO, b"ok", b"t" * 4095, ROOT)
+    err(errno.ENAMETOOLONG, fs.symlink, ROOT_INO, b"long", b"t" * 4096, ROOT)
+
+
+def test_setgid_directories_pass_on_their_group(fs: Filesystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"shared", stat.S_IFDIR | 0o2775, ROOT)
+    fs.setattr(d.ino, ROOT, gid=50)
+    assert d.mode & stat.S_ISGID               # chown keeps a directory's set-gid bit
+    f = fs.create(d.ino, b"f", 0o644, USER)
+    sub = fs.mkdir(d.ino, b"sub", DIR, USER)
+    assert (f.uid, f.gid) == (1000, 50) and not f.mode & stat.S_ISGID
+    assert sub.gid == 50 and sub.mode & stat.S_ISGID
+    plain = fs.mkdir(ROOT_INO, b"plain", DIR, USER)
+    assert plain.gid == 1000 and not plain.mode & stat.S_ISGID
+
+
+def test_symlink_and_readlink(fs: Filesystem) -> None:
+    s = fs.symlink(ROOT_INO, b"s", b"../target", USER)
+    assert stat.S_ISLNK(s.mode) and s.size == 9 and fs.readlink(s.ino) == b"../target"
+    f = mkfile(fs, b"f")
+    err(errno.EINVAL, fs.readlink, f.ino)
+    err(errno.ENOENT, fs.symlink, ROOT_INO, b"empty", b"", ROOT)
+    err(errno.EPERM, fs.setxattr, s.ino, b"user.x", b"1", ROOT)
+    fs.setxattr(s.ino, b"trusted.x", b"1", ROOT)
+
+
+def test_hard_links(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f", b"data")
+    d = cfs.mkdir(ROOT_INO, b"d", DIR, ROOT)
+    t = clock.tick()
+    assert cfs.link(f.ino, d.ino, b"g", ROOT) is f
+    assert f.nlink == 2 and f.ctime_ns == t and d.mtime_ns == t
+    assert cfs.lookup(d.ino, b"g") is f
+    err(errno.EPERM, cfs.link, d.ino, ROOT_INO, b"dirlink", ROOT)
+    err(errno.EEXIST, cfs.link, f.ino, ROOT_INO, b"d", ROOT)
+    f.nlink = LINK_MAX
+    err(errno.EMLINK, cfs.link, f.ino, ROOT_INO, b"h", ROOT)
+    f.nlink = 2
+
+
+def test_unlink_and_rmdir(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f")
+    d = cfs.mkdir(ROOT_INO, b"d", DIR, ROOT)
+    cfs.link(f.ino, d.ino, b"g", ROOT)
+    t = clock.tick()
+    cfs.unlink(ROOT_INO, b"f", ROOT)
+    assert f.nlink == 1 and f.ctime_ns == t and cfs.get(ROOT_INO).mtime_ns == t
+    err(errno.ENOENT, cfs.unlink, ROOT_INO, b"f", ROOT)
+    err(errno.EISDIR, cfs.unlink, ROOT_INO, b"d", ROOT)
+    err(errno.ENOTEMPTY, cfs.rmdir, ROOT_INO, b"d", ROOT)
+    s = cfs.symlink(ROOT_INO, b"s", b"x", ROOT)
+    err(errno.ENOTDIR, cfs.rmdir, ROOT_INO, b"s", ROOT)
+    err(errno.EINVAL, cfs.rmdir, d.ino, b".", ROOT)
+    cfs.unlink(d.ino, b"g", ROOT)
+    assert f.ino not in cfs.inodes        # no name, no open, no lookup: gone
+    cfs.rmdir(ROOT_INO, b"d", ROOT)
+    assert cfs.get(ROOT_INO).nlink == 2 and d.ino not in cfs.inodes
+    err(errno.ENOENT, cfs.create, d.ino, b"x", REG, ROOT)
+    cfs.unlink(ROOT_INO, b"s", ROOT)
+    assert s.ino not in cfs.inodes and names(cfs) == []
+
+
+def test_removed_directory_still_looked_up_refuses_new_entries(fs: Filesystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"d", DIR, ROOT)
+    fs.ref(d.ino)
+    fs.rmdir(ROOT_INO, b"d", ROOT)
+    assert d.nlink == 0 and fs.get(d.ino) is d
+    err(errno.ENOENT, fs.create, d.ino, b"x", REG, ROOT)
+    err(errno.ENOENT, fs.mkdir, d.ino, b"x", DIR, ROOT)
+    assert names(fs, d.ino) == []
+    fs.forget(d.ino, 1)
+    assert d.ino not in fs.inodes
+
+
+def test_unlinked_open_file_keeps_its_data_until_release_and_forget(fs: Filesystem) -> None:
+    free = fs.pool.free_pages()
+    f = mkfile(fs, b"f", b"x" * 3 * PAGE_SIZE)
+    fs.ref(f.ino)
+    fs.open(f.ino, os.O_RDWR)
+    fs.unlink(ROOT_INO, b"f", ROOT)
+    assert f.nlink == 0 and bytes(fs.read(f.ino, 0, 4)) == b"xxxx"
+    assert fs.write(f.ino, 3 * PAGE_SIZE, b"more") == 4
+    fs.release(f.ino)
+    assert fs.get(f.ino) is f             # the kernel still holds a lookup
+    fs.forget(f.ino, 1)
+    assert f.ino not in fs.inodes and fs.pool.free_pages() == free
+    fs.forget(f.ino, 1)                   # a late forget is harmless
+    fs.release(f.ino)
+
+
+# --- rename ---------------------------------------------------------------------------
+
+
+def test_rename_moves_and_updates_times(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f")
+    a = cfs.mkdir(ROOT_INO, b"a", DIR, ROOT)
+    t = clock.tick()
+    cfs.rename(ROOT_INO, b"f", a.ino, b"g", 0, ROOT)
+    assert names(cfs) == [b"a"] and names(cfs, a.ino) == [b"g"]
+    assert f.ctime_ns == t and a.mtime_ns == a.ctime_ns == t
+    assert cfs.get(ROOT_INO).mtime_ns == t
+
+
+def test_rename_over_a_file_replaces_it(fs: Filesystem) -> None:
+    free = fs.pool.free_pages()
+    src = mkfile(fs, b"src", b"new")
+    dst = mkfile(fs, b"dst", b"old")
+    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst", 0, ROOT)
+    assert fs.lookup(ROOT_INO, b"dst") is src and dst.ino not in fs.inodes
+    assert fs.pool.free_pages() == free - 1
+
+
+def test_rename_directories(fs: Filesystem) -> None:
+    a = fs.mkdir(ROOT_INO, b"a", DIR, ROOT)
+    b = fs.mkdir(ROOT_INO, b"b", DIR, ROOT)
+    sub = fs.mkdir(a.ino, b"sub", DIR, ROOT)
+    fs.rename(a.ino, b"sub", b.ino, b"sub2", 0, ROOT)
+    assert sub.parent == b.ino and a.nlink == 2 and b.nlink == 3
+    assert fs.lookup(sub.ino, b"..") is b
+    empty = fs.mkdir(ROOT_INO, b"empty", DIR, ROOT)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"empty", 0, ROOT)   # dir over an empty dir
+    assert fs.lookup(ROOT_INO, b"empty") is a and empty.ino not in fs.inodes
+    assert fs.get(ROOT_INO).nlink == 4
+
+
+@pytest.mark.parametrize("src,dst,code", [
+    (b"d", b"f", errno.ENOTDIR),       # directory over non-directory
+    (b"f", b"d", errno.EISDIR),        # non-directory over directory
+    (b"d", b"full", errno.ENOTEMPTY),  # over a non-empty directory
+    (b"nothing", b"x", errno.ENOENT),
+])
+def test_rename_refusals(fs: Filesystem, src: bytes, dst: bytes, code: int) -> None:
+    mkfile(fs, b"f")
+    fs.mkdir(ROOT_INO, b"d", DIR, ROOT)
+    full = fs.mkdir(ROOT_INO, b"full", DIR, ROOT)
+    mkfile(fs, b"inside", parent=full.ino)
+    err(code, fs.rename, ROOT_INO, src, ROOT_INO, dst, 0, ROOT)
+
+
+def test_rename_into_own_subtree_and_bad_flags(fs: Filesystem) -> None:
+    a = fs.mkdir(ROOT_INO, b"a", DIR, ROOT)
+    b = fs.mkdir(a.ino, b"b", DIR, ROOT)
+    err(errno.EINVAL, fs.rename, ROOT_INO, b"a", b.ino, b"x", 0, ROOT)
+    err(errno.EINVAL, fs.rename, ROOT_INO, b"a", a.ino, b"x", 0, ROOT)
+    err(errno.EINVAL, fs.rename, ROOT_INO, b"a", ROOT_INO, b"z", RENAME_WHITEOUT, ROOT)
+    err(errno.EINVAL, fs.rename, ROOT_INO, b"a", ROOT_INO, b"z",
+        RENAME_NOREPLACE | RENAME_EXCHANGE, ROOT)
+    err(errno.EINVAL, fs.rename, ROOT_INO, b"a", ROOT_INO, b".", 0, ROOT)
+
+
+def test_rename_noreplace(fs: Filesystem) -> None:
+    mkfile(fs, b"a")
+    mkfile(fs, b"b")
+    err(errno.EEXIST, fs.rename, ROOT_INO, b"a", ROOT_INO, b"b", RENAME_NOREPLACE, ROOT)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"c", RENAME_NOREPLACE, ROOT)
+    assert sorted(names(fs)) == [b"b", b"c"]
+
+
+def test_rename_of_hard_links_to_each_other_does_nothing(fs: Filesystem) -> None:
+    f = mkfile(fs, b"a")
+    fs.link(f.ino, ROOT_INO, b"b", ROOT)
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0, ROOT)
+    assert sorted(names(fs)) == [b"a", b"b"] and f.nlink == 2
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"a", 0, ROOT)
+
+
+def test_rename_exchange_swaps_and_fixes_parents(cfs: Filesystem, clock: Clock) -> None:
+    a = cfs.mkdir(ROOT_INO, b"a", DIR, ROOT)
+    sub = cfs.mkdir(a.ino, b"sub", DIR, ROOT)
+    f = mkfile(cfs, b"f")
+    t = clock.tick()
+    cfs.rename(a.ino, b"sub", ROOT_INO, b"f", RENAME_EXCHANGE, ROOT)
+    assert cfs.lookup(ROOT_INO, b"f") is sub and cfs.lookup(a.ino, b"sub") is f
+    assert sub.parent == ROOT_INO and a.nlink == 2 and cfs.get(ROOT_INO).nlink == 4
+    assert sub.ctime_ns == f.ctime_ns == a.mtime_ns == t
+    err(errno.ENOENT, cfs.rename, ROOT_INO, b"f", ROOT_INO, b"nope", RENAME_EXCHANGE, ROOT)
+    err(errno.EINVAL, cfs.rename, ROOT_INO, b"a", a.ino, b"sub", RENAME_EXCHANGE, ROOT)
+
+
+def test_rename_readdir_cookie_of_a_replaced_name_is_kept(fs: Filesystem) -> None:
+    mkfile(fs, b"a")
+    mkfile(fs, b"b")
+    mkfile(fs, b"c")
+    before = {n: c for c, n, _ in fs.readdir(ROOT_INO, 0)}
+    fs.rename(ROOT_INO, b"c", ROOT_INO, b"a", 0, ROOT)
+    after = {n: c for c, n, _ in fs.readdir(ROOT_INO, 0)}
+    assert after[b"a"] == before[b"a"] and b"c" not in after
+
+
+# --- attributes ---------------------------------------------------------------------------
+
+
+def test_chmod_keeps_the_type_and_sets_ctime(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f")
+    t = clock.tick()
+    cfs.setattr(f.ino, ROOT, mode=0o4755)
+    assert f.mode == stat.S_IFREG | 0o4755 and f.ctime_ns == t and f.mtime_ns != t
+
+
+@pytest.mark.parametrize("mode,after", [
+    (0o6755, 0o0755),     # group-exec: both set-id bits go
+    (0o6745, 0o2745),     # no group-exec: set-gid marks locking and stays
+])
+def test_chown_clears_set_id_bits_of_files(fs: Filesystem, mode: int, after: int) -> None:
+    f = mkfile(fs, b"f")
+    fs.setattr(f.ino, ROOT, mode=mode)
+    fs.setattr(f.ino, ROOT, uid=65534, gid=65533)
+    assert (f.uid, f.gid, stat.S_IMODE(f.mode)) == (65534, 65533, after)
+
+
+def test_chown_keeps_set_id_bits_of_directories_and_minus_one_means_unchanged(
+        fs: Filesystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"d", stat.S_IFDIR | 0o2755, ROOT)
+    fs.setattr(d.ino, ROOT, uid=5)
+    assert d.uid == 5 and d.mode & stat.S_ISGID
+    f = mkfile(fs, b"f")
+    fs.setattr(f.ino, ROOT, mode=0o4755)
+    fs.setattr(f.ino, ROOT, uid=-1, gid=-1)
+    assert f.mode & stat.S_ISUID and f.uid == 0
+
+
+def test_explicit_times_and_ctime(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f")
+    t = clock.tick()
+    cfs.setattr(f.ino, ROOT, atime_ns=123, mtime_ns=456_000_000_789)
+    assert (f.atime_ns, f.mtime_ns, f.ctime_ns) == (123, 456_000_000_789, t)
+
+
+def test_truncate_through_setattr(cfs: Filesystem, clock: Clock) -> None:
+    free = cfs.pool.free_pages()
+    f = mkfile(cfs, b"f", b"a" * 5 * PAGE_SIZE)
+    t = clock.tick()
+    cfs.setattr(f.ino, ROOT, size=PAGE_SIZE + 1)
+    assert f.size == PAGE_SIZE + 1 and f.mtime_ns == f.ctime_ns == t
+    assert f.pages.npages == 2 and cfs.pool.free_pages() == free - 2
+    cfs.setattr(f.ino, ROOT, size=10 * PAGE_SIZE)               # up: sparse
+    assert f.pages.npages == 2
+    assert bytes(cfs.read(f.ino, PAGE_SIZE, 2)) == b"a\0"
+    assert bytes(cfs.read(f.ino, 9 * PAGE_SIZE, 10)) == bytes(10)
+    t2 = clock.tick()
+    cfs.setattr(f.ino, ROOT, size=10 * PAGE_SIZE)               # same size: times stay
+    assert f.mtime_ns == t and f.ctime_ns == t2
+    cfs.setattr(f.ino, ROOT, size=0)
+    assert f.pages is None and cfs.pool.free_pages() == free
+    err(errno.EFBIG, cfs.setattr, f.ino, ROOT, size=999999999999999)
+    err(errno.EINVAL, cfs.setattr, f.ino, ROOT, size=-1)
+    err(errno.EISDIR, cfs.setattr, ROOT_INO, ROOT, size=0)
+    assert f.size == 0
+
+
+def test_open_with_o_trunc(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f", b"content")
+    t = clock.tick()
+    cfs.open(f.ino, os.O_WRONLY | os.O_TRUNC)
+    assert f.size == 0 and f.pages is None and f.mtime_ns == f.ctime_ns == t and f.opens == 1
+    t = clock.tick()
+    cfs.open(f.ino, os.O_WRONLY | os.O_TRUNC)                   # already empty: times move
+    assert f.mtime_ns == t
+    cfs.open(f.ino, os.O_RDONLY)
+    assert f.opens == 3
+    for _ in range(3):
+        cfs.release(f.ino)
+    assert f.opens == 0
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def test_write_and_read(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f")
+    t = clock.tick()
+    assert cfs.write(f.ino, 10, b"hello") == 5
+    assert f.size == 15 and f.mtime_ns == f.ctime_ns == t
+    assert bytes(cfs.read(f.ino, 0, 100)) == bytes(10) + b"hello"
+    assert cfs.read(f.ino, 15, 10) == b"" and cfs.read(f.ino, 100, 10) == b""
+    assert cfs.write(f.ino, 0, b"") == 0
+    err(errno.EISDIR, cfs.read, ROOT_INO, 0, 10)
+    err(errno.EISDIR, cfs.write, ROOT_INO, 0, b"x")
+
+
+def test_reading_a_sparse_file_takes_no_pages(fs: Filesystem) -> None:
+    f = mkfile(fs, b"f")
+    fs.setattr(f.ino, ROOT, size=REGION_SIZE * 3)
+    assert bytes(fs.read(f.ino, REGION_SIZE, 1000)) == bytes(1000) and f.pages is None
+
+
+def test_write_past_the_size_limit(fs: Filesystem) -> None:
+    f = mkfile(fs, b"f")
+    limit = fs.sb.max_file_size
+    err(errno.EFBIG, fs.write, f.ino, limit, b"x")
+    assert fs.write(f.ino, limit - 2, b"xyz") == 2 and f.size == limit
+
+
+def test_relatime(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f", b"data")
+    t = clock.tick()
+    cfs.read(f.ino, 0, 4)                       # atime <= mtime: updated
+    assert f.atime_ns == t
+    clock.tick()
+    cfs.read(f.ino, 0, 4)                       # atime newer than mtime/ctime: kept
+    assert f.atime_ns == t
+    t2 = clock.tick(25 * 3600 * 10**9)
+    cfs.read(f.ino, 0, 4)                       # a day old: updated
+    assert f.atime_ns == t2
+    d = cfs.get(ROOT_INO)
+    t3 = clock.tick()
+    list(cfs.readdir(ROOT_INO, 0))
+    assert d.atime_ns == t3
+
+
+def test_fallocate(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f", b"abc")
+    t = clock.tick()
+    cfs.fallocate(f.ino, 0, 0, 3 * PAGE_SIZE)
+    assert f.size == 3 * PAGE_SIZE and f.pages.npages == 3 and f.mtime_ns == t
+    assert bytes(cfs.read(f.ino, 0, 5)) == b"abc\0\0"
+    cfs.fallocate(f.ino, FALLOC_FL_KEEP_SIZE, 3 * PAGE_SIZE, 2 * PAGE_SIZE)
+    assert f.size == 3 * PAGE_SIZE and f.pages.npages == 5
+    cfs.fallocate(f.ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 2 * PAGE_SIZE)
+    assert f.pages.npages == 3 and bytes(cfs.read(f.ino, 0, 3)) == bytes(3)
+    err(errno.EOPNOTSUPP, cfs.fallocate, f.ino, FALLOC_FL_PUNCH_HOLE, 0, 10)
+    err(errno.EOPNOTSUPP, cfs.fallocate, f.ino, 0x10, 0, 10)     # ZERO_RANGE
+    err(errno.EINVAL, cfs.fallocate, f.ino, 0, 0, 0)
+    err(errno.EFBIG, cfs.fallocate, f.ino, 0, cfs.sb.max_file_size, 1)
+    err(errno.ENOSPC, cfs.fallocate, f.ino, 0, 0, cfs.sb.max_file_size)
+    assert f.pages.npages == 3 and f.size == 3 * PAGE_SIZE
+    err(errno.EISDIR, cfs.fallocate, ROOT_INO, 0, 0, 10)
+
+
+# --- directories ---------------------------------------------------------------------------
+
+
+def test_readdir_cookies_dot_entries_and_resume(fs: Filesystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"d", DIR, ROOT)
+    for n in (b"x", b"y", b"z"):
+        mkfile(fs, n, parent=d.ino)
+    listing = list(fs.readdir(d.ino, 0))
+    assert [(c, n) for c, n, _ in listing] == [(1, b"."), (2, b".."), (3, b"x"), (4, b"y"),
+                                                (5, b"z")]
+    assert listing[0][2] is d and listing[1][2].ino == ROOT_INO
+    fs.unlink(d.ino, b"y", ROOT)
+    mkfile(fs, b"w", parent=d.ino)
+    assert [(c, n) for c, n, _ in fs.readdir(d.ino, 3)] == [(5, b"z"), (6, b"w")]
+    assert next(n for _, n, _ in fs.readdir(d.ino, 1)) == b".."
+    err(errno.ENOTDIR, fs.readdir, fs.lookup(d.ino, b"x").ino, 0)
+
+
+def test_big_directory_operations_stay_fast(fs: Filesystem) -> None:
+    n = 20_000
+    start = time.perf_counter()
+    for i in range(n):
+        fs.create(ROOT_INO, b"file-%05d" % i, REG, ROOT)
+    per_create = (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    for i in range(0, n, 10):
+        fs.lookup(ROOT_INO, b"file-%05d" % i)
+        next(fs.readdir(ROOT_INO, 3 + i))
+        fs.unlink(ROOT_INO, b"file-%05d" % i, ROOT)
+    per_op = (time.perf_counter() - start) / (n // 10)
+    assert per_create < 100e-6 and per_op < 200e-6, (per_create, per_op)
+    assert len(names(fs)) == n - n // 10
+
+
+# --- extended attributes ----------------------------------------------------------------------
+
+
+def test_xattrs(cfs: Filesystem, clock: Clock) -> None:
+    f = mkfile(cfs, b"f")
+    t = clock.tick()
+    cfs.setxattr(f.ino, b"user.a", b"1", USER)
+    cfs.setxattr(f.ino, b"security.b", b"", ROOT)
+    cfs.setxattr(f.ino, b"trusted.c", b"3" * 65536, ROOT)
+    assert f.ctime_ns == t
+    assert cfs.getxattr(f.ino, b"user.a") == b"1" and cfs.getxattr(f.ino, b"security.b") == b""
+    assert sorted(cfs.listxattr(f.ino)) == [b"security.b", b"trusted.c", b"user.a"]
+    cfs.setxattr(f.ino, b"user.a", b"replaced", USER)
+    assert cfs.getxattr(f.ino, b"user.a") == b"replaced"
+    cfs.removexattr(f.ino, b"user.a", USER)
+    err(errno.ENODATA, cfs.getxattr, f.ino, b"user.a")
+    err(errno.ENODATA, cfs.removexattr, f.ino, b"user.a", USER)
+    cfs.removexattr(f.ino, b"security.b", ROOT)
+    cfs.removexattr(f.ino, b"trusted.c", ROOT)
+    assert cfs.listxattr(f.ino) == [] and f.xattrs is None
+
+
+@pytest.mark.parametrize("name,value,ctx,code", [
+    (b"system.posix_acl_access", b"x", ROOT, errno.EOPNOTSUPP),
+    (b"os2.name", b"x", ROOT, errno.EOPNOTSUPP),
+    (b"user.", b"x", ROOT, errno.EINVAL),
+    (b"user." + b"n" * 251, b"x", ROOT, errno.ERANGE),
+    (b"", b"x", ROOT, errno.ERANGE),
+    (b"user.big", b"v" * 65537, ROOT, errno.E2BIG),
+    (b"trusted.t", b"x", USER, errno.EPERM),
+])
+def test_xattr_refusals(fs: Filesystem, name: bytes, value: bytes, ctx: Ctx, code: int) -> None:
+    f = mkfile(fs, b"f")
+    err(code, fs.setxattr, f.ino, name, value, ctx)
+    assert f.xattrs is None
+
+
+def test_user_xattrs_only_on_files_and_directories(fs: Filesystem) -> None:
+    fifo = fs.mknod(ROOT_INO, b"p", stat.S_IFIFO | 0o644, 0, ROOT)
+    err(errno.EPERM, fs.setxattr, fifo.ino, b"user.x", b"1", ROOT)
+    err(errno.EPERM, fs.removexattr, fifo.ino, b"user.x", ROOT)
+    fs.setxattr(ROOT_INO, b"user.x", b"1", ROOT)
+    assert fs.getxattr(ROOT_INO, b"user.x") == b"1"
+    err(errno.EOPNOTSUPP, fs.getxattr, ROOT_INO, b"system.posix_acl_default")
+
+
+# --- the whole filesystem ---------------------------------------------------------------------
+
+
+def test_statfs_has_real_figures(fs: Filesystem) -> None:
+    before = fs.statfs()
+    assert before.f_bsize == before.f_frsize == PAGE_SIZE and before.f_namemax == 255
+    assert before.f_bfree == before.f_bavail == fs.kernel.pages.free_pages()
+    assert before.f_blocks == before.f_bfree and before.f_files == fs.sb.max_inodes
+    mkfile(fs, b"f", b"x" * 10 * PAGE_SIZE)
+    after = fs.statfs()
+    assert after.f_bfree == before.f_bfree - 10 and after.f_blocks == before.f_blocks
+    assert after.f_ffree == before.f_ffree - 1
+
+
+def test_inode_limit(kernel: Kernel) -> None:
+    sb = Superblock.new(kernel.arena.size, max_inodes=3)
+    root = Inode(ino=ROOT_INO, mode=DIR, uid=0, gid=0, nlink=2, atime_ns=0, mtime_ns=0,
+                 ctime_ns=0, dir=Directory(), parent=ROOT_INO)
+    fs = Filesystem(kernel, sb, inodes=[root])
+    mkfile(fs, b"a")
+    mkfile(fs, b"b")
+    err(errno.ENOSPC, fs.create, ROOT_INO, b"c", REG, ROOT)
+    assert fs.statfs().f_ffree == 0
+
+
+def test_fill_the_arena_then_delete_gives_the_space_back(fs: Filesystem) -> None:
+    free = fs.pool.free_pages()
+    chunk = bytes(range(256)) * 1024    # 256 KiB
+    files, stored = 0, 0
+    while True:
+        f = mkfile(fs, b"fill-%d" % files)
+        files += 1
+        try:
+            for off in range(0, 3 * MiB, len(chunk)):
+                n = fs.write(f.ino, off, chunk)
+                stored += n
+                if n < len(chunk):
+                    raise FsError(errno.ENOSPC, "short")
+        except FsError as e:
+            assert e.errno == errno.ENOSPC
+            break
+    assert fs.pool.free_pages() == 0 and stored == sum(
+        fs.lookup(ROOT_INO, b"fill-%d" % i).size for i in range(files))
+    err(errno.ENOSPC, fs.write, f.ino, f.size, b"x")
+    err(errno.ENOSPC, fs.fallocate, f.ino, 0, f.size, PAGE_SIZE)
+    assert fs.check() == []
+    small = mkfile(fs, b"small")                     # metadata still works when full
+    fs.setxattr(small.ino, b"user.k", b"v", ROOT)
+    for i in range(files):                           # every byte reads back
+        g = fs.lookup(ROOT_INO, b"fill-%d" % i)
+        data = bytes(fs.read(g.ino, 0, g.size))
+        assert data == (chunk * (g.size // len(chunk) + 1))[:g.size]
+    for i in range(files):
+        fs.unlink(ROOT_INO, b"fill-%d" % i, ROOT)
+    assert fs.pool.free_pages() == free and fs.pool.used_pages == 0
+    assert fs.statfs().f_bfree == free
+
+
+def test_check_finds_inconsistencies(fs: Filesystem) -> None:
+    f = mkfile(fs, b"f")
+    f.nlink = 3
+    assert any("nlink" in p for p in fs.check())
+    f.nlink = 1
+
+
+def test_filesystem_rebuilt_from_handover_records(fs: Filesystem) -> None:
+    """What the handover does: export every inode, rebuild the objects, take them over."""
+    d = fs.mkdir(ROOT_INO, b"d", DIR, USER)
+    f = mkfile(fs, b"f", b"z" * (REGION_SIZE + 5000), parent=d.ino)
+    fs.link(f.ino, ROOT_INO, b"link", ROOT)
+    fs.symlink(d.ino, b"s", b"../link", ROOT)
+    fs.setxattr(f.ino, b"user.k", b"v", ROOT)
+    d.dir.remove(b"f")
+    d.dir.add(b"f", f.ino)                                  # cookies need not start at 3
+
+    def copy(i: Inode) -> Inode:
+        return Inode(
+            ino=i.ino, mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, atime_ns=i.atime_ns,
+            mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, generation=i.generation, size=i.size,
+            rdev=i.rdev, xattrs=dict(i.xattrs) if i.xattrs else None,
+            dir=None if i.dir is None else Directory.from_entries(i.dir.export(),
+                                                                   i.dir.next_cookie),
+            parent=i.parent, target=i.target,
+            pages=None if i.pages is None else PageMap.from_extents(i.pages.extents()))
+
+    copies = [copy(i) for i in fs.inodes.values()]
+    used = fs.pool.used_pages
+    back = Filesystem(fs.kernel, fs.sb, inodes=copies)
+    assert back.check() == [] and back.pool.used_pages == used
+    g = back.lookup(back.lookup(ROOT_INO, b"d").ino, b"f")
+    assert g.ino == f.ino and g.nlink == 2 and back.getxattr(g.ino, b"user.k") == b"v"
+    assert bytes(back.read(g.ino, 0, g.size)) == b"z" * g.size
+    assert [c for c, _, _ in back.readdir(d.ino, 0)] == [c for c, _, _ in fs.readdir(d.ino, 0)]
+    assert back.readlink(back.lookup(d.ino, b"s").ino) == b"../link"
+    with pytest.raises(ValueError):
+        Filesystem(fs.kernel, fs.sb, inodes=[copies[1]])      # no root
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def test_python_memory_per_small_file_inode_is_under_600_bytes(
+        boot_kernel: BootKernel) -> None:
+    fs = Filesystem(boot_kernel(unique_name("fs"), memory=96 * MiB))
+    d = fs.mkdir(ROOT_INO, b"many", DIR, ROOT)
+    ctx = Ctx(uid=1000, gid=1000)
+    n = 10_000
+    page = b"p" * PAGE_SIZE
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        f = fs.create(d.ino, b"file-%06d.txt" % i, 0o644, ctx)
+        fs.write(f.ino, 0, page)
+    per_inode = (tracemalloc.get_traced_memory()[0] - before) / n
+    tracemalloc.stop()
+    print(f"\nPython memory per small-file inode (4 KiB file, 15-byte name): {per_inode:.0f} B")
+    assert per_inode < 600
