@@ -1,0 +1,341 @@
+"""Hand a guestfs filesystem over through KHO, and take it back after kexec.
+
+The outgoing kernel (`GuestfsHandover`, a KHO participant) writes the superblock as the
+properties of a ``guestfs`` sub-FDT (``compatible = "guestfs-v1"``) and every inode into
+the *inode table*: one msgpack document in a chain of preserved pages. Data pages are
+never copied: each file's page map is recorded as extents and its pages and folios are
+preserved where they are. The incoming kernel (`restore`) validates all of it before it
+claims a single page, rebuilds the inodes with page maps pointing at the same PFNs, and
+frees the inode table's pages. The byte layout is specified in docs/handover-abi.md.
+"""
+
+from __future__ import annotations
+
+import operator
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+
+from guestfs.directory import Directory
+from guestfs.filesystem import Filesystem
+from guestfs.inode import ROOT_INO, Inode, intern_int
+from guestfs.pagemap import PageMap
+from guestfs.superblock import Superblock
+from kho_backend.chain import free_chain, walk_chain, write_chain
+from kho_backend.errors import HandoverError
+from kho_backend.fdt import FdtNode, FdtReader, build, u32
+from kho_backend.units import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from kho_backend.boot import Kernel
+    from kho_backend.kho import KHO
+
+COMPATIBLE = "guestfs-v1"
+SUBTREE = "guestfs"
+INODE_TABLE_MAGIC = b"GFIT"
+
+# Attribute columns of the inode table, in `Inode`'s positional order so that a record
+# unpacks straight into the constructor.
+ATTRS = ("ino", "mode", "uid", "gid", "nlink", "atime_ns", "mtime_ns", "ctime_ns",
+         "generation", "size", "rdev")
+_attrs_of = operator.attrgetter(*ATTRS)
+_EXTENT_FIELDS = 4   # file_pgoff, pfn, npages, order
+
+
+@dataclass
+class _Outgoing:
+    """What one finalize did, so that an abort can undo exactly that."""
+
+    table_phys: int = 0
+    preserved: dict[int, np.ndarray] = field(default_factory=dict)
+    subtree_added: bool = False
+
+
+class GuestfsHandover:
+    """The KHO participant that serializes one mounted filesystem at finalize."""
+
+    name = SUBTREE
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self._out: _Outgoing | None = None
+
+    def kho_finalize(self, kho: KHO) -> None:
+        """Write the inode table, preserve every data page, add the ``guestfs`` subtree."""
+        kernel = self.fs.kernel
+        out = self._out = _Outgoing()
+        table = encode_table(self.fs)
+        out.table_phys = write_chain(kernel, table.payload, INODE_TABLE_MAGIC)
+        for order, pfns in table.data_pfns.items():
+            kho.preserve_pfns(pfns, order)
+            out.preserved[order] = pfns
+        kho.add_subtree(SUBTREE, superblock_fdt(self.fs.sb, table, out.table_phys))
+        out.subtree_added = True
+
+    def kho_abort(self, kho: KHO) -> None:
+        """Undo `kho_finalize`: the filesystem goes on as if nothing happened."""
+        out, self._out = self._out, None
+        if out is None:
+            return
+        if out.subtree_added:
+            kho.remove_subtree(SUBTREE)
+        for order, pfns in out.preserved.items():
+            kho.unpreserve_pfns(pfns, order)
+        if out.table_phys:
+            free_chain(self.fs.kernel, out.table_phys, INODE_TABLE_MAGIC)
+
+
+# --- the inode table ------------------------------------------------------------
+
+
+@dataclass
+class EncodedTable:
+    """An encoded inode table and the figures the sub-FDT records about it."""
+
+    payload: bytes
+    inodes: int
+    dirents: int
+    extents: int
+    data_pfns: dict[int, np.ndarray]   # order -> head PFNs to preserve
+
+    @property
+    def data_pages(self) -> int:
+        return sum(len(p) << order for order, p in self.data_pfns.items())
+
+
+def _handed_over(fs: Filesystem) -> list[Inode]:
+    # An unlinked file still open dies with the processes that hold it: they do not
+    # survive a kexec, so neither does it (its pages are simply not preserved).
+    return [i for i in fs.inodes.values() if i.nlink > 0]
+
+
+def encode_table(fs: Filesystem) -> EncodedTable:
+    """The inode table of `fs` as one msgpack document (see handover-abi.md)."""
+    inodes = _handed_over(fs)
+    dirs, links, files, xattrs = [], [], [], []
+    dirents = 0
+    for inode in inodes:
+        if inode.dir is not None:
+            entries = inode.dir.export()
+            dirents += len(entries)
+            dirs.append((inode.ino, inode.parent, inode.dir.next_cookie, entries))
+        elif inode.target is not None:
+            links.append((inode.ino, inode.target))
+        elif inode.pages is not None:
+            files.append((inode.ino, inode.pages.extents()))
+        if inode.xattrs:
+            xattrs.append((inode.ino, inode.xattrs))
+    extents = [e for _, ext in files for e in ext]
+    doc = {"attrs": list(map(_attrs_of, inodes)), "dirs": dirs, "symlinks": links,
+           "files": files, "xattrs": xattrs}
+    return EncodedTable(payload=msgpack.packb(doc, use_bin_type=True), inodes=len(inodes),
+                        dirents=dirents, extents=len(extents),
+                        data_pfns=extent_heads(extents))
+
+
+def extent_heads(extents: list[tuple[int, int, int, int]]) -> dict[int, np.ndarray]:
+    """{order: head PFNs} of every page and folio the extents cover, without a Python
+    loop per page: a run of n pages of order k holds n >> k heads, 1 << k apart."""
+    if not extents:
+        return {}
+    table = np.array(extents, dtype=np.int64).reshape(-1, _EXTENT_FIELDS)
+    out: dict[int, np.ndarray] = {}
+    for order in np.unique(table[:, 3]):
+        rows = table[table[:, 3] == order]
+        step = 1 << int(order)
+        counts = rows[:, 2] // step
+        first = np.cumsum(counts) - counts          # index of each run's first head
+        index = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(first, counts)
+        out[int(order)] = np.repeat(rows[:, 1], counts) + index * step
+    return out
+
+
+# --- the superblock as a sub-FDT ---------------------------------------------------
+
+
+def superblock_fdt(sb: Superblock, table: EncodedTable, table_phys: int) -> bytes:
+    """The ``guestfs`` sub-FDT: superblock fields and where the inode table lies.
+
+    The generation written is the one the next kernel will run: this handover's number.
+    """
+    options = ",".join(f"{k}={v}" for k, v in sorted(sb.options.items()))
+    node = FdtNode("", {
+        "compatible": COMPATIBLE,
+        "uuid": sb.uuid,
+        "generation": sb.generation + 1,
+        "page-size": u32(PAGE_SIZE),
+        "root-ino": ROOT_INO,
+        "next-ino": sb.next_ino,
+        "ino-generation": sb.ino_generation,
+        "max-inodes": sb.max_inodes,
+        "max-file-size": sb.max_file_size,
+        "created-ns": sb.created_ns,
+        "options": options,
+        "inode-count": table.inodes,
+        "dirent-count": table.dirents,
+        "extent-count": table.extents,
+        "data-pages": table.data_pages,
+        "inode-table": table_phys,
+        "inode-table-size": len(table.payload),
+    })
+    return build(node, sealed=True)
+
+
+@dataclass
+class HandedOver:
+    """What the ``guestfs`` sub-FDT says, read and checked."""
+
+    sb: Superblock
+    inode_count: int
+    dirent_count: int
+    extent_count: int
+    data_pages: int
+    table_phys: int
+    table_size: int
+
+
+def read_superblock(blob: bytes) -> HandedOver:
+    """Parse and check the ``guestfs`` sub-FDT; HandoverError naming what is wrong."""
+    r = FdtReader(blob, "the guestfs sub-FDT")
+    r.check_seal()
+    root = r.node("/")
+    r.expect_compatible(root, COMPATIBLE)
+    page_size = r.u32(root, "page-size")
+    if page_size != PAGE_SIZE:
+        raise HandoverError(f"the guestfs handover uses {page_size}-byte pages; this kernel "
+                            f"uses {PAGE_SIZE}")
+    if r.u64(root, "root-ino") != ROOT_INO:
+        raise HandoverError(f"the guestfs handover's root inode is "
+                            f"{r.u64(root, 'root-ino')}, expected {ROOT_INO}")
+    options = r.string(root, "options")
+    sb = Superblock(
+        uuid=r.string(root, "uuid"), max_inodes=r.u64(root, "max-inodes"),
+        max_file_size=r.u64(root, "max-file-size"), generation=r.u64(root, "generation"),
+        next_ino=r.u64(root, "next-ino"), ino_generation=r.u64(root, "ino-generation"),
+        created_ns=r.u64(root, "created-ns"),
+        options=dict(kv.split("=", 1) for kv in options.split(",") if kv))
+    return HandedOver(sb=sb, inode_count=r.u64(root, "inode-count"),
+                      dirent_count=r.u64(root, "dirent-count"),
+                      extent_count=r.u64(root, "extent-count"),
+                      data_pages=r.u64(root, "data-pages"),
+                      table_phys=r.u64(root, "inode-table"),
+                      table_size=r.u64(root, "inode-table-size"))
+
+
+# --- restore ----------------------------------------------------------------------
+
+
+def restore(kernel: Kernel) -> Filesystem | None:
+    """The filesystem handed over to `kernel`, or None when there is none to restore.
+
+    Everything is checked (the sub-FDT's seal and version, the inode table's chain and
+    checksums, the counts, the directory tree, that every mapped page was preserved
+    exactly so) before the filesystem exists; a handover that fails any check raises
+    HandoverError and leaves the arena's data as it was, so that it can be inspected.
+    """
+    kho_in = kernel.kho_in
+    if kho_in is None or SUBTREE not in kho_in.subtrees:
+        return None
+    _, blob = kho_in.retrieve_subtree(SUBTREE)
+    meta = read_superblock(blob)
+    chain = walk_chain(kernel.arena, meta.table_phys, INODE_TABLE_MAGIC)
+    if len(chain.payload) != meta.table_size:
+        raise HandoverError(f"the guestfs inode table holds {len(chain.payload)} bytes; "
+                            f"the sub-FDT says {meta.table_size}")
+    inodes, extents = decode_table(chain.payload, meta)
+    heads = extent_heads(extents)
+    fs = _build(kernel, meta.sb, inodes)
+    for order, pfns in heads.items():
+        kho_in.restore_pfns(pfns, order)
+    kho_in.consume_chain(meta.table_phys, INODE_TABLE_MAGIC)
+    return fs
+
+
+def _build(kernel: Kernel, sb: Superblock, inodes: list[Inode]) -> Filesystem:
+    try:
+        fs = Filesystem(kernel, sb, inodes=inodes)
+    except ValueError as e:
+        raise HandoverError(f"the guestfs inode table is inconsistent: {e}") from None
+    problems = fs.check()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise HandoverError(f"the guestfs inode table is inconsistent: {problems[0]}{more}")
+    return fs
+
+
+def decode_table(payload: bytes, meta: HandedOver) -> tuple[list[Inode], list]:
+    """Inodes (page maps included) and all extents from an inode table."""
+    try:
+        doc = msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=False)
+        inodes = {row[0]: _inode(row) for row in doc["attrs"]}
+        if len(inodes) != len(doc["attrs"]):
+            raise ValueError("an inode number appears twice")
+        dirents = _attach_dirs(inodes, doc["dirs"])
+        _attach(inodes, doc["symlinks"], "target", stat.S_ISLNK)
+        _attach(inodes, doc["xattrs"], "xattrs", None)
+        extents = _attach_files(inodes, doc["files"])
+    except HandoverError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
+        raise HandoverError(f"the guestfs inode table cannot be decoded: {e}") from None
+    data_pages = sum(e[2] for e in extents)
+    _check_counts(meta, len(inodes), dirents, len(extents), data_pages)
+    return list(inodes.values()), extents
+
+
+def _inode(row: tuple) -> Inode:
+    if len(row) != len(ATTRS) or not all(isinstance(v, int) for v in row):
+        raise ValueError(f"inode record {row!r:.80} is not {len(ATTRS)} integers")
+    ino, mode, uid, gid, *rest = row
+    return Inode(ino, intern_int(mode), intern_int(uid), intern_int(gid), *rest)
+
+
+def _owner(inodes: dict[int, Inode], ino: Any, what: str, test) -> Inode:
+    inode = inodes.get(ino)
+    if inode is None:
+        raise ValueError(f"{what} record for inode {ino}, which has no attributes")
+    if test is not None and not test(inode.mode):
+        raise ValueError(f"{what} record for inode {ino} of mode {inode.mode:o}")
+    return inode
+
+
+def _attach_dirs(inodes: dict[int, Inode], dirs: tuple) -> int:
+    count = 0
+    for ino, parent, next_cookie, entries in dirs:
+        inode = _owner(inodes, ino, "directory", stat.S_ISDIR)
+        inode.dir = Directory.from_entries(((bytes(n), i, c) for n, i, c in entries),
+                                           next_cookie)
+        inode.parent = parent
+        count += len(entries)
+    missing = [i.ino for i in inodes.values() if stat.S_ISDIR(i.mode) and i.dir is None]
+    if missing:
+        raise ValueError(f"directory {missing[0]} has no entries record")
+    return count
+
+
+def _attach(inodes: dict[int, Inode], records: tuple, attr: str, test) -> None:
+    for ino, value in records:
+        setattr(_owner(inodes, ino, attr, test), attr, value)
+
+
+def _attach_files(inodes: dict[int, Inode], files: tuple) -> list:
+    extents: list = []
+    for ino, ext in files:
+        inode = _owner(inodes, ino, "page map", stat.S_ISREG)
+        inode.pages = PageMap.from_extents(ext)
+        extents.extend(ext)
+    return extents
+
+
+def _check_counts(meta: HandedOver, inodes: int, dirents: int, extents: int,
+                  data_pages: int) -> None:
+    for what, said, found in (("inodes", meta.inode_count, inodes),
+                              ("directory entries", meta.dirent_count, dirents),
+                              ("extents", meta.extent_count, extents),
+                              ("data pages", meta.data_pages, data_pages)):
+        if said != found:
+            raise HandoverError(f"the guestfs sub-FDT counts {said} {what}; the inode table "
+                                f"holds {found}")
