@@ -182,6 +182,14 @@ class Kexec:
         self.state = KexecState.IDLE
         log.info("kexec aborted; the kernel runs on")
 
+    def record_phase(self, name: str, ns: int) -> None:
+        """Add a phase the caller timed after ``prepare`` (e.g. its unmount) to
+        kexec-metadata, so that the next kernel reports it with the others."""
+        if self.metadata is None:
+            raise KexecError("No kexec is prepared: there is no metadata to add to.",
+                             "prepare")
+        self._rewrite_metadata(phases={**self.metadata.phases, name: ns})
+
     def _generation(self) -> int:
         kho_in = getattr(self.kernel, "kho_in", None)
         previous = kho_in.metadata.kexec_count if kho_in and kho_in.metadata else 0

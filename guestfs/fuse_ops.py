@@ -1,0 +1,414 @@
+"""The pyfuse3 adapter: a thin layer that turns FUSE requests into `Filesystem` calls.
+
+Every handler goes through `_handler`, which
+
+* admits the request through the `RequestGate` (the quiesce point for kexec),
+* answers `FsError` with its errno,
+* logs any other exception with its traceback and answers ``EIO``, because pyfuse3
+  ends ``pyfuse3.main`` on anything that is not a `pyfuse3.FUSEError` and the mount
+  must stay up.
+
+File handles are inode numbers: the core counts opens per inode, so the adapter keeps
+no table of its own (and there is nothing per-open that the core does not know).
+
+Test hook (only when the daemon runs with ``GUESTFS_TEST_HOOKS=1``): setting the
+extended attribute ``user.guestfs.debug-raise`` on the root directory raises a
+`RuntimeError` inside the handler, so tests can check that an unexpected exception
+is answered ``EIO`` and the mount keeps serving.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from guestfs.errors import FsError
+from guestfs.filesystem import Ctx, Filesystem
+from guestfs.inode import Inode
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = pyfuse3.ROOT_INODE
+TEST_HOOKS_ENV = "GUESTFS_TEST_HOOKS"
+DEBUG_RAISE_XATTR = b"user.guestfs.debug-raise"
+
+# Every change goes through this one kernel mount, so the kernel's caches are never
+# stale because of someone else; the timeouts only bound how long attributes the core
+# computes on its own (ctime, st_blocks) may lag. One second keeps `stat` cheap for a
+# burst of calls and still shows other uids (allow_other) fresh figures promptly.
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+
+T = TypeVar("T")
+
+
+class Traffic(enum.Enum):
+    """Which requests a partly frozen gate still lets through."""
+
+    # What syncfs needs to drain the page cache: write, and setattr (writeback of a
+    # dirty inode sends its mtime/ctime as SETATTR), plus flush/fsync/release/forget.
+    WRITEBACK = enum.auto()
+    GENERAL = enum.auto()  # everything else
+
+
+class RequestGate:
+    """Admission control for FUSE requests, the quiesce point of a kexec.
+
+    `freeze` makes new requests wait at the gate (requests already inside go on);
+    `wait_idle` returns once no admitted request is in flight; `thaw` lets the waiting
+    requests in. ``freeze(admit_writeback=True)`` still admits `Traffic.WRITEBACK`, so a
+    ``syncfs`` of the mount (whose requests come through here) can flush the kernel's
+    dirty pages before the full freeze; a full freeze followed by ``syncfs`` would
+    deadlock. The quiesce sequence, from the daemon's trio loop:
+
+    1. open the mount root in a worker thread (the open itself sends OPENDIR);
+    2. ``freeze(admit_writeback=True)``; ``daemon.syncfs(fd)`` in a worker thread;
+    3. ``freeze()``; ``await wait_idle()``.
+
+    Requests held at the gate keep their pyfuse3 worker tasks, so ``pyfuse3.main`` can
+    only return after `thaw`.
+    """
+
+    def __init__(self) -> None:
+        self._admitted: frozenset[Traffic] = frozenset(Traffic)
+        self._in_flight = 0
+        self._changed = trio.Event()
+        self._shut = False
+
+    @property
+    def frozen(self) -> bool:
+        """True while some kind of request is held at the gate."""
+        return self._admitted != frozenset(Traffic)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not finished."""
+        return self._in_flight
+
+    def freeze(self, *, admit_writeback: bool = False) -> None:
+        """Hold new requests (all, or all but writeback) at the gate."""
+        self._admitted = frozenset({Traffic.WRITEBACK}) if admit_writeback else frozenset()
+        self._notify()
+
+    def thaw(self) -> None:
+        """Admit every request again, including those waiting."""
+        self._admitted = frozenset(Traffic)
+        self._notify()
+
+    async def wait_idle(self) -> None:
+        """Wait until no admitted request is in flight."""
+        while self._in_flight:
+            await self._changed.wait()
+
+    def shut(self) -> None:
+        """After a kexec's handover: answer every waiting and later request with EIO,
+        without running it (the state it would change has already been handed over)."""
+        self._shut = True
+        self.thaw()
+
+    async def enter(self, traffic: Traffic) -> None:
+        """Wait until `traffic` is admitted, then count the request as in flight."""
+        while traffic not in self._admitted:
+            await self._changed.wait()
+        if self._shut:
+            raise pyfuse3.FUSEError(errno.EIO)
+        self._in_flight += 1
+
+    def leave(self) -> None:
+        """Count a request admitted by `enter` as finished."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._notify()
+
+    def _notify(self) -> None:
+        # trio events cannot be cleared: wake everybody and start a new one.
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+def _handler(traffic: Traffic = Traffic.GENERAL, *, mutates: bool = False
+             ) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Wrap a handler: gate, read-only check, and errors turned into FUSE errnos."""
+
+    def decorate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def wrapper(self: Operations, *args: Any) -> T:
+            await self.gate.enter(traffic)
+            try:
+                if mutates and self.config.read_only:
+                    raise pyfuse3.FUSEError(errno.EROFS)
+                return await fn(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except FsError as e:
+                raise pyfuse3.FUSEError(e.errno) from None
+            except Exception:
+                log.exception("%s%r failed; answering EIO", fn.__name__, args)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                self.gate.leave()
+
+        return wrapper
+
+    return decorate
+
+
+def _notification(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Wrap a request that gets no answer (forget): pyfuse3 does not catch even
+    FUSEError around it, so every exception is logged and swallowed here."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> None:
+        await self.gate.enter(Traffic.WRITEBACK)
+        try:
+            await fn(self, *args)
+        except Exception:
+            log.exception("%s%r failed", fn.__name__, args)
+        finally:
+            self.gate.leave()
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Behaviour switches of the adapter."""
+
+    read_only: bool = False
+    test_hooks: bool = field(default_factory=lambda: os.environ.get(TEST_HOOKS_ENV) == "1")
+
+
+def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
+    """The kernel's view of an `Inode`."""
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = inode.ino
+    attr.generation = inode.generation
+    attr.st_mode = inode.mode
+    attr.st_nlink = inode.nlink
+    attr.st_uid = inode.uid
+    attr.st_gid = inode.gid
+    attr.st_rdev = inode.rdev
+    attr.st_size = inode.size
+    attr.st_blksize = 4096
+    attr.st_blocks = inode.pages.blocks() if inode.pages is not None else 0
+    attr.st_atime_ns = inode.atime_ns
+    attr.st_mtime_ns = inode.mtime_ns
+    attr.st_ctime_ns = inode.ctime_ns
+    attr.attr_timeout = ATTR_TIMEOUT
+    attr.entry_timeout = ENTRY_TIMEOUT
+    return attr
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    # st_ino 0 lets the kernel cache "no such name"; every create goes through the same
+    # kernel, which drops the negative dentry itself.
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = 0
+    attr.entry_timeout = ENTRY_TIMEOUT
+    return attr
+
+
+def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
+    return Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers over a `Filesystem`."""
+
+    enable_writeback_cache = True
+
+    def __init__(self, fs: Filesystem, gate: RequestGate | None = None,
+                 config: AdapterConfig | None = None) -> None:
+        super().__init__()
+        self.fs = fs
+        self.gate = gate or RequestGate()
+        self.config = config or AdapterConfig()
+        #: Called when the kernel's INIT request arrives: the moment the mount answers.
+        self.on_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        """pyfuse3 calls this on the kernel's INIT request."""
+        if self.on_init is not None:
+            self.on_init()
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """Hand an entry to the kernel: it now holds one more lookup reference."""
+        self.fs.ref(inode.ino)
+        return entry_attributes(inode)
+
+    # --- names -------------------------------------------------------------------
+
+    @_handler()
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            inode = self.fs.lookup(parent_inode, name)
+        except FsError as e:
+            if e.errno == errno.ENOENT:
+                return _negative_entry()
+            raise
+        return self._entry(inode)
+
+    @_notification
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.fs.forget(ino, nlookup)
+
+    @_handler()
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return entry_attributes(self.fs.get(inode))
+
+    @_handler(Traffic.WRITEBACK, mutates=True)
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # UTIME_NOW is already resolved into attr by pyfuse3; ctime is the core's own business.
+        changed = self.fs.setattr(
+            inode, _ctx(ctx),
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return entry_attributes(changed)
+
+    @_handler()
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @_handler(mutates=True)
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, _ctx(ctx)))
+
+    @_handler(mutates=True)
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.mkdir(parent_inode, name, mode, _ctx(ctx)))
+
+    @_handler(mutates=True)
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.symlink(parent_inode, name, target, _ctx(ctx)))
+
+    @_handler(mutates=True)
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.link(inode, new_parent_inode, new_name, _ctx(ctx)))
+
+    @_handler(mutates=True)
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.unlink(parent_inode, name, _ctx(ctx))
+
+    @_handler(mutates=True)
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.rmdir(parent_inode, name, _ctx(ctx))
+
+    @_handler(mutates=True)
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, _ctx(ctx))
+
+    # --- files -------------------------------------------------------------------
+
+    @_handler()
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.config.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self.fs.open(inode, flags)
+        # keep_cache: every write passes through this kernel, so its page cache is never
+        # stale. direct_io stays off: clients (QEMU share=on) need page-cache mmap.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
+
+    @_handler(mutates=True)
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        inode = self.fs.create(parent_inode, name, mode, _ctx(ctx))
+        self.fs.open(inode.ino, flags)
+        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True, direct_io=False), self._entry(inode)
+
+    @_handler()
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        return self.fs.read(fh, off, size)
+
+    @_handler(Traffic.WRITEBACK, mutates=True)
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, off, buf)
+
+    @_handler(Traffic.WRITEBACK)
+    async def flush(self, fh: int) -> None:
+        """Nothing to do: data lives in memory as soon as `write` returns."""
+
+    @_handler(Traffic.WRITEBACK)
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        """Nothing to do: data lives in memory as soon as `write` returns."""
+
+    @_handler(Traffic.WRITEBACK)
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    # --- directories -------------------------------------------------------------
+
+    @_handler()
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return inode
+
+    @_handler()
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for cookie, name, inode in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(inode), cookie):
+                return
+            # The kernel takes a lookup reference for every entry but "." and "..".
+            if name not in (b".", b".."):
+                self.fs.ref(inode.ino)
+
+    @_handler()
+    async def releasedir(self, fh: int) -> None:
+        """Nothing to do: directory handles carry no state."""
+
+    @_handler(Traffic.WRITEBACK)
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Nothing to do: metadata lives in memory."""
+
+    # --- extended attributes ---------------------------------------------------
+
+    @_handler(mutates=True)
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        if self.config.test_hooks and inode == ROOT_INO and name == DEBUG_RAISE_XATTR:
+            raise RuntimeError("exception injected by the test hook " + DEBUG_RAISE_XATTR.decode())
+        self.fs.setxattr(inode, name, value, _ctx(ctx))
+
+    @_handler()
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return bytes(self.fs.getxattr(inode, name))  # pyfuse3 insists on bytes
+
+    @_handler()
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(self.fs.listxattr(inode))
+
+    @_handler(mutates=True)
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.removexattr(inode, name, _ctx(ctx))
+
+    # --- the whole filesystem ----------------------------------------------------
+
+    @_handler()
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                     "f_files", "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, name, getattr(st, name))
+        return out

@@ -1,0 +1,250 @@
+"""The FUSE adapter without a mount: errors become errnos, the gate admits and holds
+requests, lookups are counted. The handlers are called directly inside trio."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from guestfs.errors import FsError
+from guestfs.fuse_ops import (DEBUG_RAISE_XATTR, ROOT_INO, AdapterConfig, Operations,
+                              RequestGate, Traffic, entry_attributes)
+
+
+@dataclass
+class FakeInode:
+    ino: int
+    mode: int = stat.S_IFREG | 0o644
+    generation: int = 7
+    uid: int = 1000
+    gid: int = 100
+    nlink: int = 1
+    size: int = 5000
+    rdev: int = 0
+    atime_ns: int = 1_000_000_001
+    mtime_ns: int = 2_000_000_002
+    ctime_ns: int = 3_000_000_003
+    pages: Any = None
+
+
+class FakePages:
+    def blocks(self) -> int:
+        return 16
+
+
+@dataclass
+class FakeFs:
+    """Answers from a script: `fail` maps a call name to the exception it raises."""
+
+    fail: dict[str, BaseException] = field(default_factory=dict)
+    refs: dict[int, int] = field(default_factory=dict)
+    calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
+
+    def _call(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        if name in self.fail:
+            raise self.fail[name]
+
+    def lookup(self, parent: int, name: bytes) -> FakeInode:
+        self._call("lookup", parent, name)
+        return FakeInode(ino=42)
+
+    def get(self, ino: int) -> FakeInode:
+        self._call("get", ino)
+        return FakeInode(ino=ino, pages=FakePages())
+
+    def setattr(self, ino: int, ctx: Any, **changes: Any) -> FakeInode:
+        self._call("setattr", ino, changes)
+        return FakeInode(ino=ino)
+
+    def write(self, ino: int, off: int, data: bytes) -> int:
+        self._call("write", ino, off, data)
+        return len(data)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._call("setxattr", ino, name, value)
+
+    def readdir(self, ino: int, after: int) -> Iterator[tuple[int, bytes, FakeInode]]:
+        self._call("readdir", ino, after)
+        names = [b".", b"..", b"a", b"b", b"c"]
+        for cookie, name in enumerate(names, start=1):
+            if cookie > after:
+                yield cookie, name, FakeInode(ino=100 + cookie)
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        self.refs[ino] = self.refs.get(ino, 0) + n
+
+    def forget(self, ino: int, n: int) -> None:
+        self.refs[ino] -= n
+
+
+class FakeCtx:
+    uid, gid, pid, umask = 1000, 100, 4242, 0o022
+
+
+def call(ops: Operations, handler: str, *args: Any) -> Any:
+    async def run() -> Any:
+        return await getattr(ops, handler)(*args)
+    return trio.run(run)
+
+
+def test_fs_error_becomes_its_errno() -> None:
+    ops = Operations(FakeFs(fail={"get": FsError(errno.ENOTDIR)}))
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        call(ops, "getattr", 5, FakeCtx())
+    assert info.value.errno == errno.ENOTDIR
+
+
+def test_unexpected_exception_is_logged_and_answered_eio(caplog: pytest.LogCaptureFixture) -> None:
+    ops = Operations(FakeFs(fail={"write": ZeroDivisionError("boom")}))
+    with caplog.at_level(logging.ERROR, logger="guestfs.fuse_ops"):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            call(ops, "write", 5, 0, b"data")
+    assert info.value.errno == errno.EIO
+    assert "ZeroDivisionError" in caplog.text and "Traceback" in caplog.text
+    assert ops.gate.in_flight == 0
+
+
+def test_forget_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    # pyfuse3 awaits forget outside any try: an exception there would end the mount.
+    fs = FakeFs()
+    ops = Operations(fs)
+    with caplog.at_level(logging.ERROR, logger="guestfs.fuse_ops"):
+        call(ops, "forget", [(999, 1)])  # FakeFs.forget of an unknown inode: KeyError
+    assert "KeyError" in caplog.text and ops.gate.in_flight == 0
+
+
+def test_debug_hook_raises_only_when_enabled() -> None:
+    hooked = Operations(FakeFs(), config=AdapterConfig(test_hooks=True))
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        call(hooked, "setxattr", ROOT_INO, DEBUG_RAISE_XATTR, b"1", FakeCtx())
+    assert info.value.errno == errno.EIO
+    plain = Operations(FakeFs(), config=AdapterConfig(test_hooks=False))
+    call(plain, "setxattr", ROOT_INO, DEBUG_RAISE_XATTR, b"1", FakeCtx())
+    assert plain.fs.calls[-1][0] == "setxattr"
+
+
+def test_read_only_refuses_changes() -> None:
+    ops = Operations(FakeFs(), config=AdapterConfig(read_only=True))
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        call(ops, "write", 5, 0, b"x")
+    assert info.value.errno == errno.EROFS
+    assert ops.fs.calls == []
+
+
+def test_lookup_counts_and_negative_entries() -> None:
+    fs = FakeFs()
+    ops = Operations(fs)
+    attr = call(ops, "lookup", ROOT_INO, b"x", FakeCtx())
+    assert attr.st_ino == 42 and fs.refs == {42: 1}
+    call(ops, "forget", [(42, 1)])
+    assert fs.refs == {42: 0}
+    fs.fail["lookup"] = FsError(errno.ENOENT)
+    negative = call(ops, "lookup", ROOT_INO, b"missing", FakeCtx())
+    assert negative.st_ino == 0 and fs.refs == {42: 0}
+
+
+def test_entry_attributes_carry_every_field() -> None:
+    attr = entry_attributes(FakeInode(ino=9, pages=FakePages()))
+    assert (attr.st_ino, attr.generation, attr.st_uid, attr.st_gid) == (9, 7, 1000, 100)
+    assert (attr.st_size, attr.st_blocks, attr.st_blksize) == (5000, 16, 4096)
+    assert (attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns) == (
+        1_000_000_001, 2_000_000_002, 3_000_000_003)
+    assert 0 < attr.attr_timeout <= 5 and 0 < attr.entry_timeout <= 5
+
+
+def test_setattr_passes_only_requested_fields() -> None:
+    fs = FakeFs()
+    ops = Operations(fs)
+    new = pyfuse3.EntryAttributes()
+    new.st_mode = stat.S_IFREG | 0o600
+    new.st_size = 123
+
+    class Fields:
+        update_mode, update_size = True, True
+        update_uid = update_gid = update_atime = update_mtime = update_ctime = False
+
+    call(ops, "setattr", 5, new, Fields(), None, FakeCtx())
+    assert fs.calls[-1] == ("setattr", (5, {"mode": stat.S_IFREG | 0o600, "uid": None, "gid": None,
+                                            "size": 123, "atime_ns": None, "mtime_ns": None}))
+
+
+def test_readdir_refs_only_accepted_entries_and_not_dots(monkeypatch: pytest.MonkeyPatch) -> None:
+    accepted: list[tuple[bytes, int]] = []
+
+    def reply(token: Any, name: bytes, attr: Any, next_id: int) -> bool:
+        if len(accepted) == 4:  # the buffer is full after four entries
+            return False
+        accepted.append((name, next_id))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    fs = FakeFs()
+    call(Operations(fs), "readdir", 1, 0, object())
+    assert accepted == [(b".", 1), (b"..", 2), (b"a", 3), (b"b", 4)]
+    assert fs.refs == {103: 1, 104: 1}
+
+
+def test_gate_holds_new_requests_until_thaw() -> None:
+    async def scenario() -> list[str]:
+        events: list[str] = []
+        gate = RequestGate()
+        ops = Operations(FakeFs(), gate)
+
+        async def request(name: str, traffic_handler: str, *args: Any) -> None:
+            await getattr(ops, traffic_handler)(*args)
+            events.append(name)
+
+        gate.freeze(admit_writeback=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(request, "getattr", "getattr", 5, FakeCtx())
+            nursery.start_soon(request, "write", "write", 5, 0, b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            events.append("frozen")
+            gate.freeze()
+            assert gate.frozen
+            await gate.wait_idle()
+            gate.thaw()
+        return events
+
+    assert trio.run(scenario) == ["write", "frozen", "getattr"]
+
+
+def test_gate_wait_idle_waits_for_requests_in_flight() -> None:
+    async def scenario() -> list[str]:
+        gate, events = RequestGate(), []
+        release = trio.Event()
+
+        async def slow_request() -> None:
+            await gate.enter(Traffic.GENERAL)
+            try:
+                await release.wait()
+            finally:
+                gate.leave()
+            events.append("request done")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow_request)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.freeze()
+            assert gate.in_flight == 1
+            nursery.start_soon(_release_later, release)
+            await gate.wait_idle()
+            events.append("idle")
+        return events
+
+    assert trio.run(scenario) == ["request done", "idle"]
+
+
+async def _release_later(event: trio.Event) -> None:
+    await trio.sleep(0.01)
+    event.set()
