@@ -42,12 +42,13 @@ import trio
 
 from guestfs import control, handover
 from guestfs import kexec as gkexec
+from guestfs.errors import FsError
 from guestfs.filesystem import Filesystem
 from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate
 from kho_backend import boot as kboot
 from kho_backend import machine as kmachine
 from kho_backend.boot import Kernel
-from kho_backend.errors import KexecError, MachineError
+from kho_backend.errors import BootError, HandoverError, KexecError, MachineError
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ class Daemon:
         self.control_ops: dict[str, control.OpHandler] = {
             "status": self._op_status,
             "check": self._op_check,
+            "extents": self._op_extents,
             "umount": self._op_umount,
             "kexec": self._op_kexec,
             "kexec-load": self._op_kexec_load,
@@ -326,8 +328,12 @@ class Daemon:
         try:
             self._start()
         except (StartError, MachineError) as e:
-            log.error("%s", e)
-            self.readiness.fail(str(e))
+            message = str(e)
+            if isinstance(e, (HandoverError, BootError)) and not self.config.format:
+                message += (" The arena is left as it was ('guestfs kho dump' shows it); "
+                            "to discard it and start an empty filesystem, mount with --format.")
+            log.error("%s", message)
+            self.readiness.fail(message)
             self._close_kernel()
             return 1
         except Exception as e:
@@ -446,6 +452,19 @@ class Daemon:
         assert self.fs is not None
         return {"problems": self.fs.check()}
 
+    async def _op_extents(self, request: control.Message) -> control.Message:
+        """The physical extents of a file, by its path inside the mount (filefrag)."""
+        assert self.fs is not None
+        inode = self.fs.get(1)
+        try:
+            for part in Path(str(request.get("path", ""))).parts:
+                inode = self.fs.lookup(inode.ino, os.fsencode(part))
+        except FsError as e:
+            raise control.ControlError(f"{request.get('path')}: {e}") from None
+        extents = inode.pages.extents() if inode.pages is not None else []
+        return {"ino": inode.ino, "size": inode.size,
+                "extents": [list(e) for e in extents]}
+
     async def _op_umount(self, request: control.Message) -> control.Message:
         # A plain (not lazy) unmount, as umount(8): refused while files are open. It
         # runs in a thread because the kernel writes dirty pages back through us first.
@@ -553,8 +572,12 @@ class Daemon:
         root_fd = await trio.to_thread.run_sync(os.open, self.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:
             await self._kexec_hand_over(phases, root_fd, fault)
-        except (KexecError, gkexec.InjectedFault, OSError) as e:
+        except Exception as e:
+            # Whatever failed, the kexec is over: the gate must open again, or every
+            # client of the mount would wait forever.
             self.gate.thaw()
+            if not isinstance(e, (KexecError, gkexec.InjectedFault, OSError)):
+                log.exception("kexec failed")
             phase = getattr(e, "phase", None) or fault or "quiesce"
             raise control.ControlError(
                 f"kexec aborted in phase {phase}: {e}. The filesystem serves as before.") from None
@@ -564,6 +587,9 @@ class Daemon:
         self._poison = bool(request.get("poison")) or self.kernel.cmdline.kho_poison
         # The handover is done: requests still waiting would change what was handed over.
         self.gate.shut()
+        # A process still holding a file (--force) keeps the detached mount's connection
+        # alive, so the session would never end by itself: end it; `run` then execs.
+        pyfuse3.terminate()
         return {"pid": os.getpid(), "generation": kexec.metadata.kexec_count}
 
     async def _kexec_hand_over(self, phases: dict[str, int], root_fd: int,

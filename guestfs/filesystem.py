@@ -291,8 +291,10 @@ class Filesystem:
 
     def setattr(self, ino: int, ctx: Ctx, *, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None, size: int | None = None,
-                atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
-        """Change the given attributes (None: unchanged); any change sets ctime.
+                atime_ns: int | None = None, mtime_ns: int | None = None,
+                ctime_ns: int | None = None) -> Inode:
+        """Change the given attributes (None: unchanged); any change sets ctime, to
+        `ctime_ns` when given (the kernel's own, flushed with a writeback cache) or now.
 
         `size` has truncate semantics; a changed uid or gid clears the set-user-ID bit of
         a non-directory, and its set-group-ID bit when group-execute is set (as Linux's
@@ -303,7 +305,8 @@ class Filesystem:
             self._check_truncate(inode, size)
         now = self._clock()
         changed = False
-        if size is not None:
+        if size is not None and size != inode.size:
+            # A truncate to the current size changes nothing, times included (as tmpfs).
             self._truncate(inode, size, now)
             changed = True
         if uid not in (None, -1) or gid not in (None, -1):
@@ -318,7 +321,9 @@ class Filesystem:
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
             changed = True
-        if changed:
+        if ctime_ns is not None:
+            inode.ctime_ns = ctime_ns
+        elif changed:
             inode.ctime_ns = now
         return inode
 
@@ -353,9 +358,15 @@ class Filesystem:
             return bytes(size)
         return inode.pages.read(self.pool, off, size)
 
-    def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
+    def write(self, ino: int, off: int, data: bytes | memoryview, *,
+              touch_times: bool = True) -> int:
         """Store `data` at `off`; returns the bytes written (short when the arena runs
-        out part-way; ENOSPC when nothing could be stored, EFBIG past the size limit)."""
+        out part-way; ENOSPC when nothing could be stored, EFBIG past the size limit).
+
+        `touch_times` False leaves mtime and ctime alone: under a kernel writeback cache
+        the kernel keeps them and flushes its own values with a setattr, which may arrive
+        before the writes it covers.
+        """
         inode = self._regular(ino)
         if off < 0:
             raise FsError(errno.EINVAL, f"write at {off}")
@@ -374,7 +385,8 @@ class Filesystem:
         inode.pages = pages
         if off + written > inode.size:
             inode.size = off + written
-        inode.touch(self._clock(), mtime=True, ctime=True)
+        if touch_times:
+            inode.touch(self._clock(), mtime=True, ctime=True)
         return written
 
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:

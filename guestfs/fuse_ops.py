@@ -271,7 +271,8 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        # UTIME_NOW is already resolved into attr by pyfuse3; ctime is the core's own business.
+        # UTIME_NOW is already resolved into attr by pyfuse3. With the writeback cache the
+        # kernel keeps mtime and ctime itself and flushes both here: store what it showed.
         changed = self.fs.setattr(
             inode, _ctx(ctx),
             mode=attr.st_mode if fields.update_mode else None,
@@ -280,6 +281,7 @@ class Operations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
         )
         return entry_attributes(changed)
 
@@ -344,7 +346,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler(Traffic.WRITEBACK, mutates=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.fs.write(fh, off, buf)
+        # enable_writeback_cache: the kernel owns mtime/ctime and sends them by setattr.
+        return self.fs.write(fh, off, buf, touch_times=False)
 
     @_handler(Traffic.WRITEBACK)
     async def flush(self, fh: int) -> None:

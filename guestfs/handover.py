@@ -241,7 +241,10 @@ def restore(kernel: Kernel) -> Filesystem | None:
         return None
     _, blob = kho_in.retrieve_subtree(SUBTREE)
     meta = read_superblock(blob)
-    chain = walk_chain(kernel.arena, meta.table_phys, INODE_TABLE_MAGIC)
+    try:
+        chain = walk_chain(kernel.arena, meta.table_phys, INODE_TABLE_MAGIC)
+    except HandoverError as e:
+        raise HandoverError(f"the guestfs inode table cannot be trusted: {e}") from None
     if len(chain.payload) != meta.table_size:
         raise HandoverError(f"the guestfs inode table holds {len(chain.payload)} bytes; "
                             f"the sub-FDT says {meta.table_size}")

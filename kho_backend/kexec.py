@@ -165,6 +165,8 @@ class Kexec:
             phases["boot-params"] = time.perf_counter_ns() - t0
             self._rewrite_metadata(phases=dict(phases))
         except Exception as e:
+            if phase == "finalize" and "serialize" not in kho.timings:
+                phase = "serialize"     # a participant failed before the memory map
             self._undo_prepare()
             raise KexecError(f"kexec failed in phase {phase}: {e}", phase) from e
         self.state = KexecState.PREPARED

@@ -140,6 +140,12 @@ class KHO:
             raise KhoError(f"a KHO participant named {p.name!r} is already registered")
         self.participants.append(p)
 
+    def unregister(self, p: KhoParticipant) -> None:
+        """Remove a participant (not while a finalize is under way or done)."""
+        if self.state is not KhoState.IDLE:
+            raise KhoBusy(f"KHO is {self.state.value}: cannot unregister {p.name!r}")
+        self.participants.remove(p)
+
     # -- preserve / unpreserve ---------------------------------------------------------
 
     def preserve_folio(self, pfn: int, order: int) -> None:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class GuestMount:
     machine: str
     mountpoint: Path
     pid: int = 0
-    kexecs: list[Kexec] = field(default_factory=list)
 
     def __truediv__(self, name: str) -> Path:
         return self.mountpoint / name
@@ -87,7 +86,6 @@ class GuestMount:
                        report.get("phases", {}), (time.perf_counter() - t0) * 1e3)
         if result.pid != self.pid:
             raise Failure(f"kexec changed the daemon's PID from {self.pid} to {result.pid}")
-        self.kexecs.append(result)
         return result
 
 
@@ -117,7 +115,7 @@ def _teardown(gm: GuestMount) -> None:
         except (Failure, subprocess.TimeoutExpired) as e:
             progress(f"clean unmount failed ({e}); detaching {gm.mountpoint}")
             subprocess.run(["fusermount3", "-u", "-z", os.fspath(gm.mountpoint)],
-                           capture_output=True, timeout=60)
+                           capture_output=True)
     if gm.pid:
         _end_daemon(gm.pid)
     try:

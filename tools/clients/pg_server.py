@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clients import Failure, apt
 from clients.libpq import Connection, PgError
@@ -72,7 +73,7 @@ class Cluster:
         """Connection options for the PostgreSQL command-line clients."""
         return ["-h", str(self.rundir), "-p", str(self.port), "-U", USER]
 
-    def as_user(self) -> dict[str, object]:
+    def as_user(self) -> dict[str, Any]:
         """Popen arguments that run a command as the server's user."""
         return {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": [],
                 "cwd": "/", "env": {"PATH": f"{PG_BIN}:/usr/bin:/bin", "LC_ALL": "C"}}
@@ -85,7 +86,7 @@ class Cluster:
         proc = subprocess.run([str(PG_BIN / "initdb"), "-D", str(self.datadir), "-U", USER,
                                "--auth=trust", "--data-checksums", "-E", "UTF8",
                                "--locale=C"], capture_output=True, text=True,
-                              **self.as_user())  # type: ignore[call-overload]
+                              **self.as_user())
         if proc.returncode != 0:
             raise Failure(f"initdb failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
@@ -98,7 +99,7 @@ class Cluster:
                 "-c", "logging_collector=off"]
         log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log, \
-                started("postgres", argv, group=True, stdout=log, stderr=log,
+                started("postgres", argv, session=True, stdout=log, stderr=log,
                         **self.as_user()) as child:
             server = Server(self, child, self._wait_ready(child))
             server.recovered = CRASH_RECOVERY in self.log.read_text()[log_start:]

@@ -33,7 +33,8 @@ def main() -> None:
                 acks.ack(txid)
                 txid += 1
         except PgError as e:
-            print(f"pg_writer: stopped at id {txid}: {e}", file=sys.stderr)
+            reason = " ".join(str(e).split())  # libpq's message spans lines
+            print(f"pg_writer: stopped at id {txid}: {reason}", file=sys.stderr)
 
 
 if __name__ == "__main__":

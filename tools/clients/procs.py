@@ -18,8 +18,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
+
+from clients import Failure
+from clients.report import progress
 
 STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL
+READY_TIMEOUT = 30.0  # seconds a client gets to say it is ready
 TOOLS_DIR = Path(__file__).resolve().parents[1]  # where `python -m clients.X` resolves
 
 
@@ -27,6 +32,7 @@ def exit_on_signals() -> None:
     """Turn SIGTERM and SIGHUP into SystemExit, so every ``finally`` cleans up (SIGINT
     already raises KeyboardInterrupt)."""
     def leave(signum: int, frame: FrameType | None) -> None:
+        progress(f"stopped by {signal.Signals(signum).name}; cleaning up")
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -35,12 +41,12 @@ def exit_on_signals() -> None:
 
 @dataclass
 class Child:
-    """A process we started. With `group` it leads its own session, and signals go to
+    """A process we started. With `session` it leads its own session, and signals go to
     the whole process group it leads (its forks included)."""
 
     name: str
     proc: subprocess.Popen[bytes]
-    group: bool = False
+    session: bool = False
 
     @property
     def pid(self) -> int:
@@ -52,7 +58,7 @@ class Child:
     def signal(self, sig: int) -> None:
         """Send `sig` to the child (or its group); a child already gone is fine."""
         try:
-            if self.group:
+            if self.session:
                 os.killpg(self.proc.pid, sig)
             elif self.running():
                 self.proc.send_signal(sig)
@@ -73,7 +79,7 @@ class Child:
         """SIGKILL, as the old kernel ends every process, and reap it."""
         self.signal(signal.SIGKILL)
         self.proc.wait()
-        if self.group:
+        if self.session:
             wait_group_gone(self.proc.pid)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -111,20 +117,38 @@ def wait_group_gone(pgid: int, timeout: float = STOP_TIMEOUT) -> None:
 
 
 @contextlib.contextmanager
-def started(name: str, argv: Sequence[str], *, group: bool = False,
-            **popen: object) -> Iterator[Child]:
+def started(name: str, argv: Sequence[str], *, session: bool = False,
+            **popen: Any) -> Iterator[Child]:
     """Start `argv`; whatever happens, it is stopped when the block ends."""
-    proc = subprocess.Popen(list(argv), start_new_session=group, **popen)  # type: ignore[call-overload]
-    child = Child(name, proc, group)
+    proc: subprocess.Popen[bytes] = subprocess.Popen(list(argv), start_new_session=session,
+                                                     **popen)
+    child = Child(name, proc, session)
     try:
         yield child
     finally:
-        if child.running() or (group and group_alive(child.pid)):
+        if child.running() or (session and group_alive(child.pid)):
             child.stop()
 
 
-def client(name: str, module: str, *args: str, **popen: object
-           ) -> contextlib.AbstractContextManager[Child]:
-    """`started` for ``python -m clients.<module> ARGS`` with its stdout on a pipe."""
-    return started(name, [sys.executable, "-m", f"clients.{module}", *args],
-                   stdout=subprocess.PIPE, cwd=TOOLS_DIR, **popen)
+@contextlib.contextmanager
+def client(name: str, module: str, *args: str, ready_timeout: float = READY_TIMEOUT
+           ) -> Iterator[Child]:
+    """`started` for ``python -m clients.<module> ARGS``, stdout on a pipe; yields once
+    the client printed its ``ready ...`` line (every client module prints one when it
+    is about to work)."""
+    with started(name, [sys.executable, "-m", f"clients.{module}", *args],
+                 stdout=subprocess.PIPE, cwd=TOOLS_DIR) as child:
+        try:
+            line = child.readline(ready_timeout)
+        except (TimeoutError, EOFError) as e:
+            raise Failure(f"{name} did not start: {e}") from None
+        if not line.startswith("ready"):
+            raise Failure(f"{name} did not start: it said {line!r}")
+        yield child
+
+
+def check_running(*children: Child) -> None:
+    """`Failure` if any of `children` has ended (before we meant to end it)."""
+    for child in children:
+        if not child.running():
+            raise Failure(f"{child.name} ended by itself (exit {child.proc.returncode})")

@@ -19,13 +19,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from clients import Failure
 from clients.acklog import read_acks
 from clients.guestmount import GuestMount, guest_mount
-from clients.procs import client
-from clients.report import progress, table
+from clients.procs import check_running, client
+from clients.report import progress, table, verdict
 
-READY_TIMEOUT = 30.0  # seconds a writer gets to open its database
 MIN_RUN = 0.3  # seconds the writers run at least before the kill
 
 
@@ -108,13 +106,8 @@ def write_until_killed(dbs: list[Database], run_s: float) -> None:
         writers = [stack.enter_context(client(f"sqlite writer ({d.mode})", "sqlite_writer",
                                               str(d.path), str(d.acks), "--mode", d.mode))
                    for d in dbs]
-        for w in writers:
-            if not w.readline(READY_TIMEOUT).startswith("ready"):
-                raise Failure(f"{w.name} did not start")
         time.sleep(run_s)
-        for w in writers:
-            if not w.running():
-                raise Failure(f"{w.name} ended by itself (exit {w.proc.returncode})")
+        check_running(*writers)
         for w in writers:
             w.signal(signal.SIGKILL)
         for w in writers:
@@ -135,6 +128,7 @@ def run_round(number: int, gm: GuestMount, dbs: list[Database], run_s: float) ->
 
 
 def format_rows(rows: list[Row]) -> str:
+    """The result table, one line per database and round."""
     return table(["round", "mode", "commits", "rows", "lost", "check", "blackout ms"],
                  [(r.round, r.mode, r.commits, r.check.rows, len(r.check.missing),
                    "ok" if not r.check.problems() else "FAIL", f"{r.blackout_ms:.1f}")
@@ -144,7 +138,7 @@ def format_rows(rows: list[Row]) -> str:
 def run(settings: Settings) -> int:
     """The whole experiment; prints the table and returns the exit code."""
     rng = random.Random(settings.seed)
-    progress(f"sqlite: {settings.rounds} rounds, modes {', '.join(settings.modes)}, "
+    progress(f"{settings.rounds} rounds, modes {', '.join(settings.modes)}, "
              f"seed {settings.seed}")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="dbexp-acks-") as ackdir, \
@@ -167,9 +161,4 @@ def report(rows: list[Row]) -> int:
     mean = sum(b for _, b in blackouts) / max(len(blackouts), 1)
     print(f"sqlite: {rounds} rounds, {sum(r.commits for r in rows)} transactions, "
           f"lost {lost}, mismatches {len(problems)}, mean blackout {mean:.1f} ms")
-    for p in problems:
-        progress(p)
-    for r in rows:
-        if r.check.missing:
-            progress(f"round {r.round} {r.mode}: lost ids {r.check.missing[:20]}")
-    return 1 if lost or problems else 0
+    return verdict(problems, {f"round {r.round} {r.mode}": r.check.missing for r in rows})

@@ -1,0 +1,182 @@
+"""The VM restart of tools/vm-demo: a QEMU guest whose RAM lives on the mount goes on
+across a guestfs kexec, paused only for the time it takes to save its device state,
+flush, kexec and restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from clients import Failure, apt, initramfs
+from clients.guestmount import Kexec, guest_mount
+from clients.procs import started
+from clients.qemu import Qmp, SerialConsole, VmConfig
+from clients.report import progress
+
+PACKAGES = ["qemu-system-x86", "linux-image-amd64", "busybox-static"]
+TICK = r"^tick (\d+) boot (\S+) uptime ([\d.]+)$"
+BOOT_TIMEOUT = 120.0  # seconds to boot under TCG (about 5 s) plus filling the RAM
+CHECK_TIMEOUT = 300.0  # seconds for the guest to checksum its data (TCG, lazy faults)
+EXIT_TIMEOUT = 120.0  # seconds for QEMU to quit (its exit flushes the guest's RAM)
+MAX_TICK_GAP = 3.0  # seconds of guest uptime between the ticks around the pause
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The command line of tools/vm-demo."""
+
+    ram_mb: int
+    fill_mb: int
+    poison: bool
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One ``tick N boot ID uptime S`` line of the guest."""
+
+    n: int
+    boot: str
+    uptime: float
+
+    @classmethod
+    def parse(cls, match: re.Match[str]) -> Tick:
+        return cls(int(match.group(1)), match.group(2), float(match.group(3)))
+
+
+@dataclass
+class Pause:
+    """The VM pause, from ``stop`` to ``cont``, by phase (milliseconds)."""
+
+    save: float = 0.0  # stop, migrate the device state to the mount
+    flush: float = 0.0  # QEMU's exit: its dirty RAM pages written through FUSE
+    kexec: float = 0.0  # `guestfs kexec` as seen from here
+    restore: float = 0.0  # a new QEMU, migrate_incoming, cont
+
+    @property
+    def total(self) -> float:
+        return self.save + self.flush + self.kexec + self.restore
+
+
+@dataclass
+class Outcome:
+    """What the demo saw."""
+
+    before: Tick  # the last tick before the pause
+    after: Tick  # the first one after it
+    checksum_before: str
+    checksum_after: str
+    state_bytes: int
+    pause: Pause
+    kexec: Kexec
+
+    def problems(self) -> list[str]:
+        """Everything that shows the guest did not simply go on."""
+        found = []
+        if self.after.n != self.before.n + 1:
+            found.append(f"tick {self.after.n} follows tick {self.before.n}")
+        if self.after.boot != self.before.boot:
+            found.append(f"boot id changed: {self.before.boot} -> {self.after.boot}")
+        if not 0 < self.after.uptime - self.before.uptime < MAX_TICK_GAP:
+            found.append(f"uptime went from {self.before.uptime} to {self.after.uptime}")
+        if self.checksum_after != self.checksum_before:
+            found.append(f"RAM checksum changed: {self.checksum_before} -> "
+                         f"{self.checksum_after}")
+        return found
+
+
+def ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+@contextlib.contextmanager
+def qemu(config: VmConfig, console: SerialConsole, qmp_path: Path, *, incoming: bool
+         ) -> Iterator[tuple[subprocess.Popen[bytes], Qmp]]:
+    """A QEMU process on `console`, with its QMP connection; ended with the block."""
+    with started("qemu", config.argv(qmp_path, incoming=incoming), stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE) as child:
+        reader = console.attach(child)
+        qmp = Qmp(qmp_path, child)
+        try:
+            yield child.proc, qmp
+        finally:
+            qmp.close()
+        child.proc.wait(EXIT_TIMEOUT)
+        reader.join()
+
+
+def save_and_quit(config: VmConfig, console: SerialConsole, qmp_path: Path,
+                  pause: Pause) -> tuple[Tick, str]:
+    """Boot the guest, let it fill and checksum its RAM, then stop it, save its device
+    state to the mount and quit. Returns the last tick and the checksum before."""
+    with qemu(config, console, qmp_path, incoming=False) as (proc, qmp):
+        progress(f"booting the guest; it fills {config.fill_mb} MiB of its RAM")
+        index, match = console.expect(r"^checksum before (\w+)$", BOOT_TIMEOUT)
+        console.expect(r"^tick 3 ", 10, index)  # a few ticks, for the record
+        qmp.leave_out_shared_ram()
+        progress("pausing the VM: stop, save the device state")
+        t0 = time.perf_counter()
+        qmp.execute("stop")
+        qmp.execute("migrate", uri=f"exec:cat > {config.state_path}")
+        qmp.wait("query-migrate", "status", "completed")
+        pause.save = ms_since(t0)
+        t0 = time.perf_counter()
+        qmp.execute("quit")
+        proc.wait()
+        pause.flush = ms_since(t0)
+    ticks = [m for line in console.lines if (m := re.match(TICK, line))]
+    return Tick.parse(ticks[-1]), match.group(1)
+
+
+def restore(config: VmConfig, console: SerialConsole, qmp_path: Path,
+            pause: Pause) -> tuple[Tick, str]:
+    """A new QEMU takes the saved state and the RAM on the mount and goes on. Returns
+    the first tick after and the checksum the guest computes then."""
+    seen = len(console.lines)
+    t0 = time.perf_counter()
+    with qemu(config, console, qmp_path, incoming=True) as (proc, qmp):
+        qmp.leave_out_shared_ram()
+        qmp.execute("migrate-incoming", uri=f"exec:cat {config.state_path}")
+        qmp.wait("query-status", "status", "paused")
+        qmp.execute("cont")
+        pause.restore = ms_since(t0)
+        progress("the VM runs again; the guest checksums its RAM")
+        _, tick = console.expect(TICK, 10, seen)
+        console.send("check")
+        _, match = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
+        qmp.execute("quit")
+    return Tick.parse(tick), match.group(1)
+
+
+def find_kernel() -> Path:
+    """The newest Debian kernel image in /boot."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise Failure("no /boot/vmlinuz-* (linux-image-amd64 is installed but has no image?)")
+    return kernels[-1]
+
+
+def run(settings: Settings) -> Outcome:
+    """The whole demo."""
+    apt.ensure(PACKAGES)
+    arena_mb = settings.ram_mb + settings.ram_mb // 4 + 128  # RAM file, state, metadata
+    with tempfile.TemporaryDirectory(prefix="vm-demo-") as tmp, \
+            guest_mount("vmdemo", f"{arena_mb}M") as gm:
+        work = Path(tmp)
+        initramfs.build(work / "initrd.gz")
+        config = VmConfig(find_kernel(), work / "initrd.gz", settings.ram_mb,
+                          gm / "vm0.ram", settings.fill_mb)
+        console, pause = SerialConsole(), Pause()
+        before, sum_before = save_and_quit(config, console, work / "qmp1.sock", pause)
+        state_bytes = config.state_path.stat().st_size
+        progress("guestfs kexec")
+        kexec = gm.kexec(poison=settings.poison)
+        pause.kexec = kexec.wall_ms
+        after, sum_after = restore(config, console, work / "qmp2.sock", pause)
+    return Outcome(before, after, sum_before, sum_after, state_bytes, pause, kexec)
