@@ -66,7 +66,7 @@ class FakeFs:
         self._call("setattr", ino, changes)
         return FakeInode(ino=ino)
 
-    def write(self, ino: int, off: int, data: bytes) -> int:
+    def write(self, ino: int, off: int, data: bytes, *, touch_times: bool = True) -> int:
         self._call("write", ino, off, data)
         return len(data)
 
@@ -175,7 +175,8 @@ def test_setattr_passes_only_requested_fields() -> None:
 
     call(ops, "setattr", 5, new, Fields(), None, FakeCtx())
     assert fs.calls[-1] == ("setattr", (5, {"mode": stat.S_IFREG | 0o600, "uid": None, "gid": None,
-                                            "size": 123, "atime_ns": None, "mtime_ns": None}))
+                                            "size": 123, "atime_ns": None, "mtime_ns": None,
+                                            "ctime_ns": None}))
 
 
 def test_readdir_refs_only_accepted_entries_and_not_dots(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -89,7 +89,7 @@ def test_failed_prepare_leaves_kernel_as_it_was(new_kernel: Callable[..., Kernel
     kernel.kho.register(participant)
     with pytest.raises(KexecError, match="participant exploded") as e:
         kernel.kexec.prepare({})
-    assert e.value.phase == "finalize"
+    assert e.value.phase == "serialize"      # a participant failed, before the memory map
     assert participant.aborted == 1
     assert snapshot(kernel) == before
     assert kernel.arena.view(0).tobytes() == header_before

@@ -178,12 +178,14 @@ class HandoverModel(RuleBasedStateMachine):
     def rename_errno(self, src: str, node: Node, d: str, name: str, flags: int) -> int:
         dparent = self.node(d)
         target = dparent.children.get(name)
+        # In the order the VFS checks (do_renameat2): an existing target under
+        # RENAME_NOREPLACE first (even onto itself), then a directory into itself.
+        if target is not None and flags & RENAME_NOREPLACE:
+            return errno.EEXIST
         if node.is_dir and (d + "/").startswith(src + "/"):
             return errno.EINVAL
         if target is None:
             return 0
-        if flags & RENAME_NOREPLACE:     # even onto itself, as the VFS answers
-            return errno.EEXIST
         if target is node:
             return 0
         if node.is_dir and not target.is_dir:
