@@ -478,6 +478,11 @@ class PageMap:
             n = min(npages, REGION_PAGES - i)
             if isinstance(self._region(r), int):
                 raise ValueError(f"extents overlap in region {r}")
+            if i == 0 and self._region(r) is None:
+                # The usual case (a small file's run): no numpy for a few pages.
+                self._set_region(r, array("I", range(pfn, pfn + n)))
+                pgoff, pfn, npages = pgoff + n, pfn + n, npages - n
+                continue
             view = _pfns(self._page_array(r, i + n))
             if view[i:i + n].any():
                 raise ValueError(f"extents overlap at page {pgoff}")
@@ -500,17 +505,34 @@ def _pfns(entry: array) -> np.ndarray:
     return np.frombuffer(entry, dtype=np.uint32)
 
 
+_SMALL_RUN_SCAN = 64   # below this many pages a plain loop beats numpy's per-call cost
+
+
 def _runs(pfns: np.ndarray) -> list[tuple[int, int, int]]:
     """Split a PFN array into (index, count, first pfn) runs of consecutive PFNs; a run
     of holes has first pfn 0."""
-    if len(pfns) == 1:
-        return [(0, 1, int(pfns[0]))]
+    if len(pfns) <= _SMALL_RUN_SCAN:
+        return _runs_small(pfns.tolist())
     p = pfns.astype(np.int64)
     prev, cur = p[:-1], p[1:]
     joined = ((cur == prev + 1) & (prev != 0)) | ((prev == 0) & (cur == 0))
     starts = np.concatenate(([0], np.flatnonzero(~joined) + 1))
     counts = np.diff(np.append(starts, len(p)))
     return list(zip(starts.tolist(), counts.tolist(), p[starts].tolist(), strict=True))
+
+
+def _runs_small(p: list[int]) -> list[tuple[int, int, int]]:
+    """`_runs` of a short list, the same runs without numpy (the handover of many small
+    files spends its time here)."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(p)):
+        prev, cur = p[i - 1], p[i]
+        if not (cur == prev + 1 and prev) and (prev or cur):
+            out.append((start, i - start, p[start]))
+            start = i
+    out.append((start, len(p) - start, p[start]))
+    return out
 
 
 def _zero_new(pool: PagePool, pfn: int, start: int, size: int, a: int, b: int,

@@ -26,6 +26,7 @@ from .kexec import KexecMetadata
 from .kho import (KHO_COMPATIBLE, METADATA_NODE, PROP_FDT, PROP_FDT_CRC, PROP_FDT_SIZE,
                   PROP_MEM_MAP, split_natural)
 from .kho_mem import PhysMemory, PreservedMap, kho_mem_deserialize
+from .memmap import has_duplicates
 from .units import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ class IncomingHandover:
         if claimed.any():
             pfn = int(pfns[np.flatnonzero(claimed)[0]])
             raise HandoverError(f"the order-{order} folio at pfn {pfn} was already restored")
-        if len(np.unique(idx)) != len(idx):
+        if has_duplicates(idx):
             raise HandoverError(f"restore_pfns was given an order-{order} folio twice")
         return idx
 

@@ -31,7 +31,7 @@ from .memmap import (
     Memmap,
     PageState,
     block_pages,
-    is_strictly_increasing,
+    has_duplicates,
 )
 from .units import MAX_ORDER, PAGE_SHIFT, format_size
 
@@ -176,7 +176,7 @@ class PageAllocator:
         ok = ((state == PageState.ALLOCATED) | (state == PageState.PRESERVED)) & ((heads & ORDER_MASK) == order)
         if not ok.all():
             self._check_block(int(pfns[np.argmin(ok)]), order)  # raises, naming the block
-        if not is_strictly_increasing(pfns) and np.unique(pfns).size != pfns.size:
+        if has_duplicates(pfns):
             raise MachineError(f"The blocks of order {order} to free list some PFN twice.")
         preserved = pfns[state == PageState.PRESERVED]
         if preserved.size:
