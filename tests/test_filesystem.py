@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
+from test_fs_model import copy_inode
 
 from guestfs.directory import Directory
 from guestfs.errors import FsError
@@ -26,7 +27,7 @@ from guestfs.filesystem import (
     Filesystem,
 )
 from guestfs.inode import ROOT_INO, Inode
-from guestfs.pagemap import REGION_SIZE, PageMap
+from guestfs.pagemap import REGION_SIZE
 from guestfs.superblock import Superblock
 from kho_backend.boot import Kernel
 from kho_backend.units import PAGE_SIZE
@@ -646,17 +647,7 @@ def test_filesystem_rebuilt_from_handover_records(fs: Filesystem) -> None:
     d.dir.remove(b"f")
     d.dir.add(b"f", f.ino)                                  # cookies need not start at 3
 
-    def copy(i: Inode) -> Inode:
-        return Inode(
-            ino=i.ino, mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, atime_ns=i.atime_ns,
-            mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, generation=i.generation, size=i.size,
-            rdev=i.rdev, xattrs=dict(i.xattrs) if i.xattrs else None,
-            dir=None if i.dir is None else Directory.from_entries(i.dir.export(),
-                                                                   i.dir.next_cookie),
-            parent=i.parent, target=i.target,
-            pages=None if i.pages is None else PageMap.from_extents(i.pages.extents()))
-
-    copies = [copy(i) for i in fs.inodes.values()]
+    copies = [copy_inode(i) for i in fs.inodes.values()]
     used = fs.pool.used_pages
     back = Filesystem(fs.kernel, fs.sb, inodes=copies)
     assert back.check() == [] and back.pool.used_pages == used

@@ -331,7 +331,7 @@ class FsModel(RuleBasedStateMachine):
         for inode in list(self.fs.inodes.values()):
             if inode.nlink == 0 and inode.pages is not None:
                 inode.pages.release(self.fs.pool)
-        copies = [_copy(i) for i in self.fs.inodes.values() if i.nlink]
+        copies = [copy_inode(i) for i in self.fs.inodes.values() if i.nlink]
         self.fs = Filesystem(self.kernel, self.fs.sb, inodes=copies)
         self.held.clear()
 
@@ -367,7 +367,7 @@ class FsModel(RuleBasedStateMachine):
             assert self.fs.readlink(node.ino) == node.target and inode.size == len(node.target)
 
 
-def _copy(i: Inode) -> Inode:
+def copy_inode(i: Inode) -> Inode:
     """An inode rebuilt from the records a handover writes."""
     return Inode(
         ino=i.ino, mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, atime_ns=i.atime_ns,

@@ -25,7 +25,6 @@ from guestfs.errors import FsError  # noqa: E402
 from guestfs.filesystem import Ctx, Filesystem  # noqa: E402
 from guestfs.handover import GuestfsHandover, restore  # noqa: E402
 from kho_backend.boot import boot  # noqa: E402
-from kho_backend.units import PAGE_SIZE  # noqa: E402
 
 ROOT = Ctx(uid=0, gid=0)
 
@@ -156,14 +155,6 @@ class Server:
         self.kernel.shutdown()
         reply({"ok": True, "value": None})
         sys.exit(0)
-
-    def op_fail_serialize(self) -> None:
-        """Arm a failure inside the next serialization (abort tests)."""
-        def boom(_kho) -> None:
-            raise RuntimeError("injected failure in serialize")
-        self.kernel.kho.register(type("Failing", (), {"name": "failing",
-                                                      "kho_finalize": staticmethod(boom),
-                                                      "kho_abort": staticmethod(lambda k: None)})())
 
     def serve(self) -> None:
         reply({"ok": True, "value": {"pid": os.getpid(), "released": self.released,
