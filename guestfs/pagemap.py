@@ -215,7 +215,7 @@ class PageMap:
             if isinstance(entry, int):
                 _add_extent(out, base, entry, REGION_PAGES, FOLIO_ORDER)
             else:
-                for i, n, pfn in _runs(_pfns(entry)):
+                for i, n, pfn in _runs(entry):
                     if pfn:
                         _add_extent(out, base + i, pfn, n, 0)
         return out
@@ -508,12 +508,12 @@ def _pfns(entry: array) -> np.ndarray:
 _SMALL_RUN_SCAN = 64   # below this many pages a plain loop beats numpy's per-call cost
 
 
-def _runs(pfns: np.ndarray) -> list[tuple[int, int, int]]:
+def _runs(pfns: np.ndarray | array) -> list[tuple[int, int, int]]:
     """Split a PFN array into (index, count, first pfn) runs of consecutive PFNs; a run
     of holes has first pfn 0."""
     if len(pfns) <= _SMALL_RUN_SCAN:
         return _runs_small(pfns.tolist())
-    p = pfns.astype(np.int64)
+    p = (pfns if isinstance(pfns, np.ndarray) else _pfns(pfns)).astype(np.int64)
     prev, cur = p[:-1], p[1:]
     joined = ((cur == prev + 1) & (prev != 0)) | ((prev == 0) & (cur == 0))
     starts = np.concatenate(([0], np.flatnonzero(~joined) + 1))

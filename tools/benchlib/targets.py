@@ -1,0 +1,142 @@
+"""The targets of issues 4 and 5, checked against one run's figures.
+
+A target is *met* or *missed* only where this run measured exactly what it names (a
+``--quick`` run has no 4 GiB tree and no 1 Mi inodes): otherwise it shows the nearest
+figure it did measure, marked "not measured".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from benchlib import analysis
+from benchlib.datapath import workloads
+from benchlib.kexec import TreeResult
+from benchlib.metadata import PHASES
+from benchlib.model import Table
+from benchlib.profiles import Profile
+from benchlib.units import GiB, KiB, MiB
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """One target, the figure it is judged on, and the verdict (None: not measured)."""
+
+    target: str
+    measured: str
+    met: bool | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ratio_target(table: Table, workload: str, other: str, at_least: float,
+                  label: str) -> TargetResult:
+    value = analysis.ratio(table, workload, "guestfs", other)
+    name = f"{label}: guestfs ≥ {at_least:g} × {other}"
+    if value is None:
+        return TargetResult(name, "n/a", None)
+    return TargetResult(name, f"{value:.2f} ×", value >= at_least)
+
+
+def data_targets(profile: Profile, data: Table, meta: Table) -> list[TargetResult]:
+    """Throughput, IOPS and metadata ratios."""
+    titles = {w.key: w.title for w in workloads(profile)}
+    out = [_ratio_target(data, "seq-write", "tmpfs", 0.4, titles["seq-write"]),
+           _ratio_target(data, "seq-read-cold", "tmpfs", 0.3, titles["seq-read-cold"]),
+           _ratio_target(data, "seq-read-warm", "tmpfs", 0.8, titles["seq-read-warm"])]
+    out += [_ratio_target(data, key, "ceiling", 0.7, title)
+            for key, title in titles.items() if key.startswith("rand-")]
+    out += [_ratio_target(meta, phase, "ceiling", 0.7, f"metadata {phase}") for phase in PHASES]
+    out.append(_ratio_target(data, "seq-write-small", "example", 50, titles["seq-write-small"]))
+    return out
+
+
+def _blackout(tree: TreeResult) -> float:
+    summary = tree.blackout.summary
+    assert summary is not None  # sweeps hold measured trees only
+    return summary.median
+
+
+def _judged(name: str, tree: TreeResult, text: str, ok: bool, exact: bool) -> TargetResult:
+    """A verdict on `tree` if it is the tree the target names, else "not measured"."""
+    if exact:
+        return TargetResult(name, text, ok)
+    return TargetResult(name, f"{text} at {tree.spec.label} (target size not measured)", None)
+
+
+def _speedup_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "kexec ≥ 20 × faster than copy-to-disk, 4 GiB tree"
+    found = [t for t in analysis.sweep(trees, "bytes")
+             if t.spec.bytes <= 4 * GiB and analysis.speedup(t) is not None]
+    if not found:
+        return TargetResult(name, "n/a", None)
+    tree = found[-1]
+    speed = analysis.speedup(tree) or 0.0
+    return _judged(name, tree, f"{speed:.1f} ×", speed >= 20, tree.spec.bytes == 4 * GiB)
+
+
+def _headline_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "blackout < 300 ms at 10 Ki files and 1 GiB"
+    found = analysis.sweep(trees, "headline")
+    if not found:
+        return TargetResult(name, "not measured", None)
+    ms = _blackout(found[0])
+    return TargetResult(name, f"{ms:.0f} ms", ms < 300)
+
+
+def _inode_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "blackout < 2 s at 1 Mi inodes"
+    found = analysis.sweep(trees, "inodes")
+    if not found:
+        return TargetResult(name, "n/a", None)
+    tree = found[-1]
+    ms = _blackout(tree)
+    return _judged(name, tree, f"{ms:.0f} ms", ms < 2000, tree.spec.files >= 1 * MiB)
+
+
+def _flatness_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "blackout at 8 GiB ≤ 1.2 × at 8 MiB (fixed file count)"
+    found = analysis.sweep(trees, "bytes")
+    if len(found) < 2:
+        return TargetResult(name, "n/a", None)
+    small, large = found[0], found[-1]
+    value = _blackout(large) / _blackout(small)
+    return _judged(name, large, f"{value:.2f} × the {small.spec.label} tree", value <= 1.2,
+                   small.spec.bytes == 8 * MiB and large.spec.bytes == 8 * GiB)
+
+
+def kexec_targets(trees: Sequence[TreeResult]) -> list[TargetResult]:
+    """Blackout targets, and the speed-up over the copy-to-disk baseline."""
+    return [_speedup_target(trees), _headline_target(trees), _inode_target(trees),
+            _flatness_target(trees)]
+
+
+def _per_inode_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "daemon memory ≤ 600 B per small-file inode"
+    slope = analysis.memory_slope(trees, "inodes", "RssAnon")
+    if slope is None:
+        return TargetResult(name, "n/a", None)
+    return TargetResult(name, f"{slope.per_unit:.0f} B (RssAnon slope over {slope.points} trees)",
+                        slope.per_unit <= 600)
+
+
+def _per_gib_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "daemon memory ≤ 1 MiB per GiB of large-file data"
+    slope = analysis.memory_slope(trees, "bytes", "RssAnon")
+    if slope is None:
+        return TargetResult(name, "n/a", None)
+    largest = analysis.sweep(trees, "bytes")[-1]
+    text = f"{slope.per_unit / KiB:.0f} KiB (RssAnon slope over {slope.points} trees)"
+    # Below a GiB of data the growth is smaller than the heap's own wobble (an MiB or so).
+    return _judged(name, largest, text, slope.per_unit <= 1 * MiB, largest.spec.bytes >= 1 * GiB)
+
+
+def evaluate(profile: Profile, data: Table, meta: Table,
+             trees: Sequence[TreeResult]) -> list[TargetResult]:
+    """Every target, in the issue's order."""
+    return (data_targets(profile, data, meta) + kexec_targets(trees)
+            + [_per_inode_target(trees), _per_gib_target(trees)])
+
