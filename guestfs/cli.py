@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from guestfs import control, daemon
+from guestfs import control, daemon, handover
 from guestfs.kexec import Blackout
 from kho_backend import inspect
+from kho_backend.arena import Arena
+from kho_backend.header import MachineHeader
+from kho_backend.kho_in import IncomingHandover
 from kho_backend import machine as kmachine
 from kho_backend.errors import MachineError
 from kho_backend.units import PAGE_SIZE, format_size, parse_size
@@ -116,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except BrokenPipeError:
+        # The reader went away (``guestfs kho dump | head``): stop quietly, as a
+        # process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # --- mount -------------------------------------------------------------------------------
@@ -281,9 +289,24 @@ def _machine_info(name: str) -> dict[str, Any]:
 
 
 def _offline_status(machine: str) -> dict[str, Any]:
-    return {"machine": machine, "pid": None, "mountpoint": None, "generation": None,
+    return {"machine": machine, "pid": None, "mountpoint": None,
+            "generation": _handed_over_generation(machine),
             "arena": _machine_info(machine), "inodes": None, "boot_timings_ns": None,
             "last_blackout": None}
+
+
+def _handed_over_generation(machine: str) -> int | None:
+    """The generation of the filesystem waiting in the arena's handover, if there is
+    one that can be read (the next mount checks it fully)."""
+    try:
+        with Arena.open(kmachine.machine_path(machine)) as mem:
+            params = MachineHeader.read(mem).boot_params
+            if not params.valid:
+                return None
+            kho = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
+            return handover.read_superblock(kho.retrieve_subtree(handover.SUBTREE)[1]).sb.generation
+    except (MachineError, OSError):
+        return None
 
 
 def _pages(n: int) -> str:
@@ -297,7 +320,7 @@ def _format_status(s: dict[str, Any]) -> str:
     else:
         rows.append(("daemon", f"pid {s['pid']}, mounted at {s['mountpoint']} ({s['options']}), "
                                f"up {s['uptime_s']} s"))
-    rows.append(("generation", str(s["generation"])))
+    rows.append(("generation", "-" if s["generation"] is None else str(s["generation"])))
     arena = s["arena"]
     if s["pid"] is not None:
         rows.append(("arena", f"{arena['path']}, {format_size(arena['size'])}, "
@@ -522,8 +545,9 @@ def run_machine_list(args: argparse.Namespace) -> int:
     else:
         print(f"{'MACHINE':<24} {'SIZE':>8} {'STATE':<12} {'PID':>8}  MOUNTPOINT")
         for r in rows:
+            pid = r["pid"] if r["in_use"] else None     # not the pid of an ended kernel
             print(f"{r['machine']:<24} {format_size(r['size']):>8} {r['state'] or '?':<12} "
-                  f"{r['pid'] or '-':>8}  {r['mountpoint'] or '-'}")
+                  f"{pid or '-':>8}  {r['mountpoint'] or '-'}")
     return 0
 
 

@@ -96,7 +96,10 @@ class Cluster:
         of the block unless it was crashed in it."""
         argv = [str(PG_BIN / "postgres"), "-D", str(self.datadir), "-p", str(self.port),
                 "-k", str(self.rundir), "-c", "listen_addresses=127.0.0.1",
-                "-c", "logging_collector=off"]
+                "-c", "logging_collector=off",
+                # Dynamic shared memory in the data directory (on the mount), not in
+                # /dev/shm, where a SIGKILLed server would leave its segments behind.
+                "-c", "dynamic_shared_memory_type=mmap"]
         log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log, \
                 started("postgres", argv, session=True, stdout=log, stderr=log,
