@@ -3,8 +3,9 @@
 One Unix stream socket per machine, ``<machine dir>/<machine>.sock``, mode 0600.
 Protocol: the client sends one JSON object on one line, ``{"op": NAME, ...}``, and
 reads one JSON line back: ``{"ok": true, ...}`` or ``{"ok": false, "error": MESSAGE}``.
-The daemon answers "status", "check" (an fsck of the live filesystem) and "umount";
-an unknown op is answered with an error. The server runs inside the daemon's trio
+The daemon answers "status", "check" (an fsck of the live filesystem), "extents" (of
+one file), "umount", "kexec", "kexec-load" and "kexec-unload"; an unknown op is
+answered with an error. The server runs inside the daemon's trio
 loop, so it answers while the filesystem serves; the client is plain blocking Python.
 """
 
@@ -31,6 +32,10 @@ OpHandler = Callable[[Message], Awaitable[Message]]
 
 class ControlError(Exception):
     """The daemon could not be reached, or it answered with an error."""
+
+
+class DaemonRefused(ControlError):
+    """The daemon answered, with an error: the request was refused or failed."""
 
 
 def socket_path(machine_dir: Path, machine: str) -> Path:
@@ -129,7 +134,7 @@ def request(path: Path, message: Message, *, timeout: float | None = 10.0) -> Me
     """
     reply = _exchange(path, message, timeout)
     if not reply.get("ok"):
-        raise ControlError(reply.get("error") or "the daemon answered with an unspecified error")
+        raise DaemonRefused(reply.get("error") or "the daemon answered with an unspecified error")
     return reply
 
 

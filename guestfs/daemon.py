@@ -48,6 +48,7 @@ from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate
 from kho_backend import boot as kboot
 from kho_backend import machine as kmachine
 from kho_backend.boot import Kernel
+from kho_backend.cmdline import Cmdline
 from kho_backend.errors import BootError, HandoverError, KexecError, MachineError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ FSNAME_PREFIX = "guestfs-"
 READY_TIMEOUT = 300.0  # seconds; creating and booting a large arena takes a while
 EXIT_TIMEOUT = 30.0  # seconds a daemon that failed to start gets to exit
 MNT_DETACH = 2
+QUIESCE_TIMEOUT = 60.0  # seconds; a quiesce that takes longer aborts the kexec
 
 
 class StartError(Exception):
@@ -311,6 +313,11 @@ class Daemon:
         self._mounted = False
         self._exec_next = False      # set once a kexec has handed over: exec, not stop
         self._poison = False
+        self._unmounted_at = 0
+        self._detached = False       # our own lazy unmount ran: never unmount by path again
+        self._handover_failed = False
+        # kexec, kexec-load/-unload and umount change what the daemon is: one at a time.
+        self._exclusive = trio.Lock()
         self._restore_ns = 0
         self._mount_started = 0
         self.control_ops: dict[str, control.OpHandler] = {
@@ -349,7 +356,7 @@ class Daemon:
                 self._exec()      # returns only if the exec failed
             self._close_kernel()
         log.info("stopped")
-        return 0
+        return 1 if self._handover_failed else 0
 
     # --- start ------------------------------------------------------------------
 
@@ -360,9 +367,9 @@ class Daemon:
         self.kernel = self._boot()
         t0 = time.perf_counter_ns()
         self.fs = self._open_filesystem(self.kernel)
-        self._restore_ns = gkexec.elapsed_ns(t0)
         metadata = self.kernel.kho_in.metadata if self.kernel.kho_in else None
         released = self.kernel.finish_boot()
+        self._restore_ns = gkexec.elapsed_ns(t0)     # with finish_boot's release
         if metadata is not None:
             log.info("exec from: %s (count %d); released %d unclaimed preserved pages",
                      metadata.previous_release, metadata.kexec_count, released)
@@ -465,7 +472,17 @@ class Daemon:
         return {"ino": inode.ino, "size": inode.size,
                 "extents": [list(e) for e in extents]}
 
+    def _claim(self) -> None:
+        """Refuse a state-changing request while another one is under way."""
+        if self._exclusive.locked() or self._exec_next:
+            raise control.ControlError("another kexec or unmount of this machine is under way")
+
     async def _op_umount(self, request: control.Message) -> control.Message:
+        self._claim()
+        async with self._exclusive:
+            return await self._umount()
+
+    async def _umount(self) -> control.Message:
         # A plain (not lazy) unmount, as umount(8): refused while files are open. It
         # runs in a thread because the kernel writes dirty pages back through us first.
         try:
@@ -509,8 +526,9 @@ class Daemon:
     def _unmount(self) -> None:
         if self._mounted:
             # Lazy unmount if still mounted (e.g. the loop ended on an error); a no-op
-            # when the kernel already ended the session.
-            pyfuse3.close(unmount=True)
+            # when the kernel already ended the session. After our own detach the path
+            # may hold another mount by now: then only the session is closed.
+            pyfuse3.close(unmount=not self._detached)
             self._mounted = False
 
     def _close_kernel(self) -> None:
@@ -524,6 +542,7 @@ class Daemon:
                 self.kernel.kexec.prepare({})
                 log.info("handed the filesystem over into the arena")
             except KexecError as e:
+                self._handover_failed = True
                 log.error("could not hand the filesystem over: %s; its files cannot be "
                           "recovered by the next mount", e)
         self.kernel.shutdown()
@@ -533,16 +552,26 @@ class Daemon:
 
     async def _op_kexec_load(self, request: control.Message) -> control.Message:
         """Stage the next kernel (like ``kexec -l``): this daemon's own image."""
+        self._claim()
+        async with self._exclusive:
+            return self._load(request)
+
+    def _load(self, request: control.Message) -> control.Message:
         assert self.kernel is not None
         cmdline = str(request.get("cmdline", ""))
         try:
+            if not Cmdline.parse(cmdline).kho:
+                # That kernel could never hand over: its unmount would lose every file.
+                raise control.ControlError("refusing a next kernel with kho=off: it could "
+                                           "not hand the filesystem over again")
             self.kernel.kexec.load(self._next_image(), cmdline)
-        except KexecError as e:
+        except (KexecError, MachineError) as e:
             raise control.ControlError(str(e)) from None
         return {"loaded": True, "cmdline": cmdline}
 
     async def _op_kexec_unload(self, request: control.Message) -> control.Message:
         assert self.kernel is not None
+        self._claim()
         self.kernel.kexec.unload()
         return {"loaded": False}
 
@@ -554,35 +583,37 @@ class Daemon:
     async def _op_kexec(self, request: control.Message) -> control.Message:
         """Quiesce, hand over, unmount; `run` then poisons and execs the next kernel.
 
-        Any failure before the unmount aborts: the filesystem serves as before and the
-        reply says which phase failed. Refused while other processes use the mount,
-        unless ``force``.
+        Any failure up to and including the unmount aborts: the filesystem serves as
+        before and the reply names the phase. Refused while other processes use the
+        mount (checked again once requests are held), unless ``force``.
         """
+        self._claim()
+        async with self._exclusive:
+            return await self._kexec(request)
+
+    async def _kexec(self, request: control.Message) -> control.Message:
         assert self.kernel is not None
         fault = request.get("fail_phase") if gkexec.hooks_enabled() else None
-        busy = gkexec.holders(self.mountpoint, exclude=os.getpid())
-        if busy and not request.get("force"):
-            raise control.ControlError(
-                f"{self.mountpoint} is busy: in use by pid {gkexec.describe_holders(busy)}; "
-                f"close those files or use --force (those processes then see errors).")
-        kexec = self.kernel.kexec
-        if kexec.loaded is None or "cmdline" in request:
-            await self._op_kexec_load(request)
+        force = bool(request.get("force"))
+        if not force:
+            await self._refuse_if_busy()
+        if self.kernel.kexec.loaded is None or "cmdline" in request:
+            self._load(request)
         phases: dict[str, int] = {}
         root_fd = await trio.to_thread.run_sync(os.open, self.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            await self._kexec_hand_over(phases, root_fd, fault)
+            await self._kexec_hand_over(phases, root_fd, fault, force)
         except Exception as e:
             # Whatever failed, the kexec is over: the gate must open again, or every
             # client of the mount would wait forever.
             self.gate.thaw()
-            if not isinstance(e, (KexecError, gkexec.InjectedFault, OSError)):
+            if not isinstance(e, (KexecError, gkexec.InjectedFault, control.ControlError)):
                 log.exception("kexec failed")
             phase = getattr(e, "phase", None) or fault or "quiesce"
             raise control.ControlError(
-                f"kexec aborted in phase {phase}: {e}. The filesystem serves as before.") from None
+                f"kexec aborted in phase {phase}: {e} The filesystem serves as before.") from None
         finally:
-            await trio.to_thread.run_sync(os.close, root_fd)
+            os.close(root_fd)      # not awaited: this must happen even when cancelled
         self._exec_next = True
         self._poison = bool(request.get("poison")) or self.kernel.cmdline.kho_poison
         # The handover is done: requests still waiting would change what was handed over.
@@ -590,14 +621,26 @@ class Daemon:
         # A process still holding a file (--force) keeps the detached mount's connection
         # alive, so the session would never end by itself: end it; `run` then execs.
         pyfuse3.terminate()
-        return {"pid": os.getpid(), "generation": kexec.metadata.kexec_count}
+        return {"pid": os.getpid(), "kexec_count": self.kernel.kexec.metadata.kexec_count}
+
+    async def _refuse_if_busy(self) -> None:
+        # In a worker thread: reading another process's maps can wait on its mmap lock,
+        # which one of its threads faulting on this mount may hold.
+        busy = await trio.to_thread.run_sync(gkexec.holders, self.mountpoint, os.getpid())
+        if busy:
+            raise control.ControlError(
+                f"{self.mountpoint} is busy: in use by pid {gkexec.describe_holders(busy)}; "
+                f"close those files or use --force (those processes then see errors).")
 
     async def _kexec_hand_over(self, phases: dict[str, int], root_fd: int,
-                               fault: str | None) -> None:
+                               fault: str | None, force: bool) -> None:
         t0 = time.perf_counter_ns()
-        await gkexec.quiesce(self.gate, root_fd, syncfs)
+        with trio.fail_after(QUIESCE_TIMEOUT):
+            await gkexec.quiesce(self.gate, root_fd, syncfs)
         if fault == "quiesce":
             raise gkexec.InjectedFault("injected failure in quiesce")
+        if not force:
+            await self._refuse_if_busy()      # someone may have opened a file meanwhile
         phases["quiesce"] = gkexec.elapsed_ns(t0)
         with gkexec.inject_fault(self.kernel, fault):
             self.kernel.kexec.prepare(phases)
@@ -606,10 +649,19 @@ class Daemon:
             if fault == "unmount":
                 raise gkexec.InjectedFault("injected failure in unmount")
             await trio.to_thread.run_sync(umount2, self.mountpoint, MNT_DETACH)
-        except BaseException:
+        except BaseException as e:
             self.kernel.kexec.abort()
+            if isinstance(e, OSError):
+                raise KexecError(f"cannot unmount {self.mountpoint}: {e.strerror}.",
+                                 "unmount") from e
             raise
-        self.kernel.kexec.record_phase("unmount", gkexec.elapsed_ns(t0))
+        self._detached = True
+        self._unmounted_at = time.perf_counter_ns()
+        # From here the kexec is committed: a failure to record a timing is only logged.
+        try:
+            self.kernel.kexec.record_phase("unmount", self._unmounted_at - t0)
+        except MachineError:
+            log.exception("could not record the unmount phase")
 
     def _exec(self) -> None:
         """Poison (if asked) and exec the next kernel; on failure log why and return,
@@ -617,13 +669,15 @@ class Daemon:
         assert self.kernel is not None
         kexec = self.kernel.kexec
         try:
+            # Leaving the FUSE loop and closing the session, between unmount and poison.
+            kexec.record_phase("teardown", gkexec.elapsed_ns(self._unmounted_at))
             if self._poison:
                 kexec.poison()
             log.info("kexec: exec %s", " ".join(kexec.loaded.argv))
             kexec.exec()
-        except KexecError as e:
-            log.error("kexec failed at exec: %s; the filesystem stays in the arena for the "
-                      "next 'guestfs mount'", e)
+        except Exception as e:
+            log.exception("kexec failed at exec: %s; the filesystem stays in the arena for "
+                          "the next 'guestfs mount'", e)
 
 
 # --- starting in the background ------------------------------------------------------------

@@ -48,6 +48,8 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 RELATIME_NS = 24 * 3600 * 10**9
+HANDOVER_BYTES_PER_INODE = 256
+HANDOVER_SLACK_PAGES = 16      # FDTs, kexec-metadata, chain headers
 
 _SETID_BITS = stat.S_ISUID | stat.S_ISGID
 
@@ -111,7 +113,7 @@ class Filesystem:
         `clock` gives timestamps in ns (default: a `CoarseClock`).
         """
         self.kernel = kernel
-        self.pool = PagePool(kernel.arena, kernel.pages)
+        self.pool = PagePool(kernel.arena, kernel.pages, reserve=self._handover_reserve)
         self._clock = clock or CoarseClock()
         self._inodes: dict[int, Inode] = {}
         if sb is None:
@@ -120,6 +122,17 @@ class Filesystem:
         else:
             self.sb = sb
             self._install(inodes)
+
+    def _handover_reserve(self) -> int:
+        """Pages kept free for the handover (inode table, KHO memory map, FDTs), so that
+        a full arena answers ENOSPC to writes and can still be unmounted or kexec'd.
+
+        The inode table takes about 100 bytes per inode; 256 covers long names and a few
+        xattrs. Large xattrs on many inodes can exceed it (a README limit).
+        """
+        table = len(self._inodes) * HANDOVER_BYTES_PER_INODE // PAGE_SIZE
+        memory_map = self.pool.used_pages // (512 * 56)      # khoser_mem_chunk pages
+        return HANDOVER_SLACK_PAGES + table + memory_map
 
     # --- introspection (status, handover, tests) -----------------------------
 
@@ -363,13 +376,15 @@ class Filesystem:
         return inode.pages.read(self.pool, off, size)
 
     def write(self, ino: int, off: int, data: bytes | memoryview, *,
-              touch_times: bool = True) -> int:
+              touch_times: bool = True, whole: bool = False) -> int:
         """Store `data` at `off`; returns the bytes written (short when the arena runs
         out part-way; ENOSPC when nothing could be stored, EFBIG past the size limit).
 
         `touch_times` False leaves mtime and ctime alone: under a kernel writeback cache
         the kernel keeps them and flushes its own values with a setattr, which may arrive
-        before the writes it covers.
+        before the writes it covers. `whole` turns a short write into ENOSPC (what was
+        stored stays): the kernel's writeback ignores a short count and would drop the
+        rest without telling the writer.
         """
         inode = self._regular(ino)
         if off < 0:
@@ -391,6 +406,8 @@ class Filesystem:
             inode.size = off + written
         if touch_times:
             inode.touch(self._clock(), mtime=True, ctime=True)
+        if whole and written < len(data):
+            raise FsError(errno.ENOSPC, f"only {written} of {len(data)} bytes fit in inode {ino}")
         return written
 
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
@@ -466,11 +483,13 @@ class Filesystem:
     # --- the whole filesystem ------------------------------------------------
 
     def statfs(self) -> StatFs:
-        """Real figures: blocks are arena pages (held by files + free for files)."""
+        """Real figures: blocks are arena pages (held by files + free for files); the
+        handover's reserve is free but not available, as a filesystem's reserved blocks."""
         free = self.pool.free_pages()
         ffree = max(self.sb.max_inodes - len(self._inodes), 0)
         return StatFs(f_bsize=PAGE_SIZE, f_frsize=PAGE_SIZE,
-                      f_blocks=self.pool.used_pages + free, f_bfree=free, f_bavail=free,
+                      f_blocks=self.pool.used_pages + free, f_bfree=free,
+                      f_bavail=max(free - self.pool.reserve(), 0),
                       f_files=self.sb.max_inodes, f_ffree=ffree, f_favail=ffree,
                       f_namemax=NAME_MAX)
 

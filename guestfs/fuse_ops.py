@@ -168,7 +168,10 @@ def _notification(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> None:
-        await self.gate.enter(Traffic.WRITEBACK)
+        try:
+            await self.gate.enter(Traffic.WRITEBACK)
+        except pyfuse3.FUSEError:
+            return      # the gate is shut after a handover: nothing to do any more
         try:
             await fn(self, *args)
         except Exception:
@@ -346,8 +349,9 @@ class Operations(pyfuse3.Operations):
 
     @_handler(Traffic.WRITEBACK, mutates=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        # enable_writeback_cache: the kernel owns mtime/ctime and sends them by setattr.
-        return self.fs.write(fh, off, buf, touch_times=False)
+        # enable_writeback_cache: the kernel owns mtime/ctime and sends them by setattr,
+        # and it ignores a short count on writeback: all of it, or ENOSPC.
+        return self.fs.write(fh, off, buf, touch_times=False, whole=True)
 
     @_handler(Traffic.WRITEBACK)
     async def flush(self, fh: int) -> None:

@@ -21,8 +21,8 @@ import msgpack
 import numpy as np
 
 from guestfs.directory import Directory
-from guestfs.filesystem import Filesystem
-from guestfs.inode import ROOT_INO, Inode, intern_int
+from guestfs.filesystem import NAME_MAX, SYMLINK_MAX, Filesystem
+from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
 from guestfs.pagemap import PageMap
 from guestfs.superblock import Superblock
 from kho_backend.chain import free_chain, walk_chain, write_chain
@@ -212,6 +212,8 @@ def read_superblock(blob: bytes) -> HandedOver:
         raise HandoverError(f"the guestfs handover's root inode is "
                             f"{r.u64(root, 'root-ino')}, expected {ROOT_INO}")
     options = r.string(root, "options")
+    if any("=" not in kv for kv in options.split(",") if kv):
+        raise HandoverError(f"the guestfs sub-FDT's options {options!r} are not key=value")
     sb = Superblock(
         uuid=r.string(root, "uuid"), max_inodes=r.u64(root, "max-inodes"),
         max_file_size=r.u64(root, "max-file-size"), generation=r.u64(root, "generation"),
@@ -279,13 +281,14 @@ def decode_table(payload: bytes, meta: HandedOver) -> tuple[list[Inode], list]:
         if len(inodes) != len(doc["attrs"]):
             raise ValueError("an inode number appears twice")
         dirents = _attach_dirs(inodes, doc["dirs"])
-        _attach(inodes, doc["symlinks"], "target", stat.S_ISLNK)
-        _attach(inodes, doc["xattrs"], "xattrs", None)
-        extents = _attach_files(inodes, doc["files"])
+        _attach(inodes, doc["symlinks"], "target", stat.S_ISLNK, _valid_target)
+        _attach(inodes, doc["xattrs"], "xattrs", None, _valid_xattrs)
+        extents = _attach_files(inodes, doc["files"], meta.sb.max_file_size)
     except HandoverError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as e:
-        raise HandoverError(f"the guestfs inode table cannot be decoded: {e}") from None
+    except Exception as e:      # any malformed record, whatever it trips over
+        raise HandoverError(f"the guestfs inode table cannot be decoded: "
+                            f"{type(e).__name__}: {e}") from None
     data_pages = sum(e[2] for e in extents)
     _check_counts(meta, len(inodes), dirents, len(extents), data_pages)
     return list(inodes.values()), extents
@@ -301,6 +304,9 @@ def _check_attrs(rows: tuple) -> None:
 
 def _inode(row: tuple) -> Inode:
     ino, mode, uid, gid, *rest = row
+    FileType.of(mode)                     # ValueError for a mode that names no type
+    if min(row) < 0:
+        raise ValueError(f"inode {ino} has a negative field")
     return Inode(ino, intern_int(mode), intern_int(uid), intern_int(gid), *rest)
 
 
@@ -317,8 +323,9 @@ def _attach_dirs(inodes: dict[int, Inode], dirs: tuple) -> int:
     count = 0
     for ino, parent, next_cookie, entries in dirs:
         inode = _owner(inodes, ino, "directory", stat.S_ISDIR)
-        inode.dir = Directory.from_entries(((bytes(n), i, c) for n, i, c in entries),
-                                           next_cookie)
+        for name, _, _ in entries:
+            _check_name(name)
+        inode.dir = Directory.from_entries(entries, next_cookie)
         inode.parent = parent
         count += len(entries)
     missing = [i.ino for i in inodes.values() if stat.S_ISDIR(i.mode) and i.dir is None]
@@ -327,14 +334,35 @@ def _attach_dirs(inodes: dict[int, Inode], dirs: tuple) -> int:
     return count
 
 
-def _attach(inodes: dict[int, Inode], records: tuple, attr: str, test) -> None:
+def _check_name(name: Any) -> None:
+    if (not isinstance(name, bytes) or not 0 < len(name) <= NAME_MAX or b"/" in name
+            or b"\0" in name or name in (b".", b"..")):
+        raise ValueError(f"{name!r:.80} cannot be a file name")
+
+
+def _attach(inodes: dict[int, Inode], records: tuple, attr: str, test, valid) -> None:
     for ino, value in records:
+        if not valid(value):
+            raise ValueError(f"inode {ino} has a malformed {attr} record")
         setattr(_owner(inodes, ino, attr, test), attr, value)
 
 
-def _attach_files(inodes: dict[int, Inode], files: tuple) -> list:
+def _valid_target(value: Any) -> bool:
+    return isinstance(value, bytes) and 0 < len(value) <= SYMLINK_MAX
+
+
+def _valid_xattrs(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, bytes) and isinstance(v, bytes) for k, v in value.items())
+
+
+def _attach_files(inodes: dict[int, Inode], files: tuple, max_file_size: int) -> list:
     extents: list = []
+    last_page = max_file_size // PAGE_SIZE + (1 << 9)   # a folio may pass the end
     for ino, ext in files:
+        if any(pgoff < 0 or npages <= 0 or pgoff + npages > last_page
+               for pgoff, _, npages, _ in ext):
+            raise ValueError(f"inode {ino} maps pages beyond the largest file size")
         inode = _owner(inodes, ino, "page map", stat.S_ISREG)
         inode.pages = PageMap.from_extents(ext)
         extents.extend(ext)

@@ -29,9 +29,9 @@ if TYPE_CHECKING:
     from kho_backend.boot import Kernel
     from kho_backend.kexec import KexecMetadata
 
-# Every phase of a kexec, in the order they happen; the first six run in the old kernel.
-PHASES = ("quiesce", "serialize", "finalize", "boot-params", "unmount", "poison",
-          "exec", "boot", "restore", "mount")
+# Every phase of a kexec, in the order they happen; up to poison in the old kernel.
+PHASES = ("quiesce", "serialize", "finalize", "boot-params", "unmount", "teardown",
+          "poison", "exec", "boot", "restore", "mount")
 FAULT_PHASES = ("quiesce", "serialize", "finalize", "boot-params", "unmount")
 
 
@@ -94,7 +94,8 @@ async def quiesce(gate: RequestGate, root_fd: int, syncfs) -> None:
     a request of its own).
     """
     gate.freeze(admit_writeback=True)
-    await trio.to_thread.run_sync(syncfs, root_fd)
+    # Abandoned (not waited for) if the caller's deadline passes.
+    await trio.to_thread.run_sync(syncfs, root_fd, abandon_on_cancel=True)
     gate.freeze()
     await gate.wait_idle()
 

@@ -34,7 +34,7 @@ so extending a file (by truncate or by a write past EOF) reveals only zeros.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -68,13 +68,19 @@ class PagePool:
     File pages are unmovable allocations (they are preserved across kexec in place).
     """
 
-    def __init__(self, arena: Arena, allocator: PageAllocator) -> None:
+    def __init__(self, arena: Arena, allocator: PageAllocator,
+                 reserve: Callable[[], int] = lambda: 0) -> None:
         self.arena = arena
         self.allocator = allocator
         self.used_pages = 0
+        #: Pages file data may not take (the room a handover needs), asked at each alloc.
+        self.reserve = reserve
 
     def alloc(self, order: int) -> int | None:
-        """Allocate a block of 2**order pages (contents undefined); None when none is free."""
+        """Allocate a block of 2**order pages (contents undefined); None when none is free
+        or when it would eat into the reserve."""
+        if self.free_pages() - (1 << order) < self.reserve():
+            return None
         try:
             pfn = self.allocator.alloc(order)
         except OutOfMemory:

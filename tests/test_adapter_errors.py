@@ -66,7 +66,8 @@ class FakeFs:
         self._call("setattr", ino, changes)
         return FakeInode(ino=ino)
 
-    def write(self, ino: int, off: int, data: bytes, *, touch_times: bool = True) -> int:
+    def write(self, ino: int, off: int, data: bytes, *, touch_times: bool = True,
+              whole: bool = False) -> int:
         self._call("write", ino, off, data)
         return len(data)
 

@@ -81,7 +81,9 @@ def test_round_trip() -> None:
     state=st.sampled_from(MachineState),
     pid=st.integers(0, 2**32 - 1),
     boots=st.integers(0, 2**64 - 1),
-    release=st.text(st.characters(blacklist_characters="\0"), max_size=16),
+    # A release is UTF-8 text: no NUL, no lone surrogates (which cannot be encoded).
+    release=st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                    max_size=16),
     policy=st.one_of(
         st.none(),
         st.builds(ScratchPolicy, percent=st.integers(1, 10_000)),

@@ -60,7 +60,7 @@ class HandoverModel(RuleBasedStateMachine):
         self.kernel = FsKernel(self.machine)
         self.pid = self.kernel.pid
         self.root = Node(ino=1, mode=stat.S_IFDIR | 0o755, children={})
-        self.open: dict[int, tuple[Node, bytes]] = {}   # handle -> (node, data at open)
+        self.open: dict[int, Node] = {}   # handle -> node of a file unlinked while open
         self.generation = 0
 
     def teardown(self) -> None:
@@ -217,15 +217,16 @@ class HandoverModel(RuleBasedStateMachine):
         node = self.node(path)
         if keep_open and stat.S_ISREG(node.mode):
             handle = self.kernel.call("open", path)
-            self.open[handle] = (node, bytes(node.data))
+            self.open[handle] = node
         self.kernel.call("unlink", path)
         parent, name = self.split(path)
         del parent.children[name]
 
     @rule()
     def read_and_close_open_files(self) -> None:
-        for handle, (node, data) in list(self.open.items()):
-            assert self.kernel.call("read_handle", handle) == data
+        for handle, node in list(self.open.items()):
+            # The node, not a copy: another hard link may have changed the data since.
+            assert self.kernel.call("read_handle", handle) == bytes(node.data)
             node.times = None     # the read moved atime (relatime); another link may show it
             self.kernel.call("close", handle)
             del self.open[handle]

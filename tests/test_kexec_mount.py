@@ -7,6 +7,7 @@ FUSE. Every kexec poisons the memory that was not preserved.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -125,6 +126,25 @@ def test_a_failure_before_exec_aborts_and_the_mount_serves_as_before(
     kexec(m)
     assert (m / "after-abort").read_text() == "writes work"
     assert m.fsck() == []
+
+
+def test_a_full_arena_still_hands_over(mount_factory: MountFactory) -> None:
+    """Writes stop with ENOSPC before the room the handover needs is gone."""
+    m = mount_factory(memory="16M")
+    chunk = random.Random(2).randbytes(256 << 10)
+    with pytest.raises(OSError) as full:
+        for i in range(1000):
+            (m / f"fill-{i}").write_bytes(chunk)      # the close reports writeback errors
+    assert full.value.errno == errno.ENOSPC
+    (m / f"fill-{i}").unlink()      # the file whose write failed, as its writer would
+    before = snapshot(m)
+    assert all(rec["size"] == len(chunk) for rec in before.values())
+    m.cli("umount", os.fspath(m.mountpoint))
+    m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
+    m.pid = m.status()["pid"]
+    assert differences(before, snapshot(m)) == {}
+    kexec(m)
+    assert differences(before, snapshot(m)) == {}
 
 
 def test_twenty_kexecs_keep_every_file_and_free_memory(mount_factory: MountFactory) -> None:
