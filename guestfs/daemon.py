@@ -610,8 +610,9 @@ class Daemon:
             if not isinstance(e, (KexecError, gkexec.InjectedFault, control.ControlError)):
                 log.exception("kexec failed")
             phase = getattr(e, "phase", None) or fault or "quiesce"
-            raise control.ControlError(
-                f"kexec aborted in phase {phase}: {e} The filesystem serves as before.") from None
+            reason = str(e).rstrip(".")
+            raise control.ControlError(f"kexec aborted in phase {phase}: {reason}. "
+                                       f"The filesystem serves as before.") from None
         finally:
             os.close(root_fd)      # not awaited: this must happen even when cancelled
         self._exec_next = True
@@ -635,8 +636,12 @@ class Daemon:
     async def _kexec_hand_over(self, phases: dict[str, int], root_fd: int,
                                fault: str | None, force: bool) -> None:
         t0 = time.perf_counter_ns()
-        with trio.fail_after(QUIESCE_TIMEOUT):
-            await gkexec.quiesce(self.gate, root_fd, syncfs)
+        try:
+            with trio.fail_after(QUIESCE_TIMEOUT):
+                await gkexec.quiesce(self.gate, root_fd, syncfs)
+        except trio.TooSlowError:
+            raise KexecError(f"requests did not drain within {QUIESCE_TIMEOUT:.0f} s",
+                             "quiesce") from None
         if fault == "quiesce":
             raise gkexec.InjectedFault("injected failure in quiesce")
         if not force:
