@@ -81,6 +81,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _machine_option(p: argparse.ArgumentParser) -> None:
+    """``--machine NAME``, for the commands that name a machine (default "default")."""
+    p.add_argument("--machine", default="default", type=_machine_name,
+                   help="machine name (default: %(default)s)")
+
+
 # --- subcommand registry -----------------------------------------------------------------
 
 Subparsers = Any  # argparse's private _SubParsersAction
@@ -135,8 +141,7 @@ def _add_mount(sub: Subparsers) -> None:
                        description="Boot a kernel on the machine (creating its arena on first "
                        "use) and mount its filesystem. Returns once the mount is live; the "
                        "daemon runs in the background unless -f.")
-    p.add_argument("--machine", default="default", type=_machine_name,
-                   help="machine name (default: %(default)s)")
+    _machine_option(p)
     p.add_argument("--memory", type=_size, metavar="SIZE",
                    help=f"arena size when the machine is created, e.g. 256M, 4G "
                         f"(default {format_size(daemon.DEFAULT_MEMORY)})")
@@ -252,7 +257,8 @@ def _add_status(sub: Subparsers) -> None:
                        "of a mount, or of a machine (from its header when no daemon runs).")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("mountpoint", type=Path, nargs="?", metavar="MOUNTPOINT")
-    which.add_argument("--machine", type=_machine_name)
+    which.add_argument("--machine", type=_machine_name,
+                       help="a machine, mounted or not (its header when no daemon runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_status)
 
@@ -578,14 +584,12 @@ def _add_kho(sub: Subparsers) -> None:
                             description="Print the pending KHO handover (root FDT and every "
                             "subtree) as device-tree source, and a summary of the preserved "
                             "memory per order and node.")
-    dump.add_argument("--machine", default="default", type=_machine_name,
-                      help="machine name (default: %(default)s)")
+    _machine_option(dump)
     dump.set_defaults(func=run_kho_dump)
     memmap = verbs.add_parser("memmap", help="draw the arena's memory map as a PNG",
                               description="Draw the arena: free, used, preserved, scratch "
                               "and metadata pages, one band per NUMA node.")
-    memmap.add_argument("--machine", default="default", type=_machine_name,
-                        help="machine name (default: %(default)s)")
+    _machine_option(memmap)
     memmap.add_argument("-o", "--output", required=True, type=Path, metavar="FILE.png",
                         help="the PNG file to write")
     memmap.set_defaults(func=run_kho_memmap)

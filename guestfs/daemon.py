@@ -10,7 +10,7 @@ Life of a daemon (`Daemon.run`):
    external ``umount`` / ``fusermount3 -u``; then unmount and hand the filesystem over
    into the arena (`_close_kernel`), so that the next ``guestfs mount`` finds it;
 4. or, on ``guestfs kexec`` (control op ``kexec``): quiesce, serialize, finalize, unmount,
-   poison, and exec the next kernel image in this process (`_op_kexec`, `_exec_next`).
+   poison, and exec the next kernel image in this process (`_op_kexec`, `_exec`).
 
 `start_background` runs the daemon detached (``guestfs mount`` without ``-f``): a new
 session, output to ``<machine dir>/<machine>.log``, and a pipe on which the daemon
@@ -44,7 +44,7 @@ from guestfs import control, handover
 from guestfs import kexec as gkexec
 from guestfs.errors import FsError
 from guestfs.filesystem import Filesystem
-from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate
+from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate, hooks_enabled
 from kho_backend import boot as kboot
 from kho_backend import machine as kmachine
 from kho_backend.boot import Kernel
@@ -593,7 +593,7 @@ class Daemon:
 
     async def _kexec(self, request: control.Message) -> control.Message:
         assert self.kernel is not None
-        fault = request.get("fail_phase") if gkexec.hooks_enabled() else None
+        fault = request.get("fail_phase") if hooks_enabled() else None
         force = bool(request.get("force"))
         if not force:
             await self._refuse_if_busy()

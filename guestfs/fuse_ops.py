@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 ROOT_INO = pyfuse3.ROOT_INODE
 TEST_HOOKS_ENV = "GUESTFS_TEST_HOOKS"
+
+
+def hooks_enabled() -> bool:
+    """True when the daemon may honour test-only requests (GUESTFS_TEST_HOOKS=1)."""
+    return os.environ.get(TEST_HOOKS_ENV) == "1"
 DEBUG_RAISE_XATTR = b"user.guestfs.debug-raise"
 
 # Every change goes through this one kernel mount, so the kernel's caches are never
@@ -187,7 +192,7 @@ class AdapterConfig:
     """Behaviour switches of the adapter."""
 
     read_only: bool = False
-    test_hooks: bool = field(default_factory=lambda: os.environ.get(TEST_HOOKS_ENV) == "1")
+    test_hooks: bool = field(default_factory=hooks_enabled)
 
 
 def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from guestfs.fuse_ops import TEST_HOOKS_ENV, RequestGate
+from guestfs.fuse_ops import RequestGate
 
 if TYPE_CHECKING:
     from kho_backend.boot import Kernel
@@ -134,11 +134,6 @@ class Blackout:
         total = self.total_ms or 1.0
         return "\n".join(f"  {name:<12} {ms:9.1f} ms  {100 * ms / total:5.1f} %"
                          for name, ms in self.phases.items())
-
-
-def hooks_enabled() -> bool:
-    """True when the daemon may honour test-only requests (fault injection)."""
-    return os.environ.get(TEST_HOOKS_ENV) == "1"
 
 
 class InjectedFault(RuntimeError):

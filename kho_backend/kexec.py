@@ -142,7 +142,7 @@ class Kexec:
     def prepare(self, phases: dict[str, int]) -> None:
         """Finalize KHO, add kexec-metadata, write the boot parameters (HANDED_OVER).
 
-        ``phases`` holds the caller's timings so far (ns, e.g. "freeze"); this adds
+        ``phases`` holds the caller's timings so far (ns, e.g. "quiesce"); this adds
         "serialize" (participants), "finalize" (memory map and root FDT) and
         "boot-params" to it, and records them all in kexec-metadata.  On any failure
         everything is undone and KexecError names the phase.
