@@ -1,22 +1,33 @@
 """tools/vm-demo with a small guest: after a guestfs kexec the guest goes on with the
-next tick, the same boot id, unbroken uptime and the same RAM checksum."""
+next tick, the same boot id, unbroken uptime and the same RAM checksum.
+
+QEMU, the guest kernel and busybox come from tools/setup.sh (tools/test runs it first);
+the test is skipped, with set-up's reason, only when set-up recorded that it could not
+get them."""
 
 from __future__ import annotations
 
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.fuse, pytest.mark.slow]
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "vm-demo"
+import setup_status  # noqa: E402
+from bounded import bound, run_bounded  # noqa: E402
+
+SETUP_MISSING = setup_status.skip_reason("vm")
+pytestmark = [pytest.mark.fuse, pytest.mark.slow,
+              pytest.mark.skipif(SETUP_MISSING is not None, reason=str(SETUP_MISSING))]
+
+TOOL = TOOLS / "vm-demo"
+BOUND = bound(1200)  # for a runaway run, not a measure: it takes about 15 s here
 
 
 def test_vm_continues_across_kexec(cli_env: dict[str, str], machine_dir: Path) -> None:
-    # About 15 s on these machines; the first run may install QEMU and a kernel.
-    proc = subprocess.run([str(TOOL), "--memory", "256M"], env=cli_env, capture_output=True,
-                          text=True, timeout=900)
+    proc = run_bounded([str(TOOL), "--memory", "256M"], env=cli_env, timeout=BOUND)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "guest continued: ok" in proc.stdout, proc.stdout
     assert not list(machine_dir.glob("vmdemo-*")), "the demo left its machine behind"

@@ -32,6 +32,7 @@ from benchlib.host import REPO, describe, python_startup_ms
 from benchlib.kexec import run_kexec_suite
 from benchlib.log import say
 from benchlib.metadata import PHASES, UNIT, run_metadata
+from benchlib.model import MISSING
 from benchlib.proc import remove_tree_unless_mounted
 from benchlib.profiles import FULL, QUICK, TINY, Profile
 from benchlib.results import Results
@@ -155,9 +156,10 @@ def _mount_systems(stack: ExitStack, profile: Profile, cli: GuestfsCli, workdir:
         systems.append(PyfuseScript("example", "pyfuse3 tmpfs example", extract_example(workdir),
                                     logs, Caps(profile.example_file_size,
                                                profile.example_meta_files)))
-    except ExampleUnavailable as e:
-        say(f"pyfuse3 example unavailable: {e}")
-        _mark_unavailable(results, profile, "example", f"n/a: {e}")
+    except ExampleUnavailable as e:  # a missing peer: the report says why; no error
+        say(f"pyfuse3 tmpfs example missing: {e}")
+        _mark_unavailable(results, profile, "example",
+                          f"{MISSING}: pyfuse3 tmpfs example: {e}")
     systems.append(guestfs)
     mounted = []
     for system in systems:

@@ -26,6 +26,9 @@ class Summary:
         return 50.0 * (self.high - self.low) / self.median if self.median else 0.0
 
 
+MISSING = "missing"  # how the reason of a figure starts whose system could not be had
+
+
 @dataclass
 class Series:
     """Samples of one figure, or why there are none (``na``)."""

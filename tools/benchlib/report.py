@@ -9,7 +9,7 @@ from benchlib import analysis
 from benchlib.datapath import workloads
 from benchlib.kexec import TreeResult
 from benchlib.metadata import TITLES as META_TITLES
-from benchlib.model import Series, Table
+from benchlib.model import MISSING, Series, Table
 from benchlib.results import SYSTEMS, Results
 from benchlib.targets import TargetResult
 from benchlib.units import size_text
@@ -42,11 +42,13 @@ class Notes:
 
 
 def cell(series: Series | None, notes: Notes) -> str:
-    """``median [low–high]``, or n/a with a footnote."""
+    """``median [low–high]``, or n/a (missing, for a system that could not be had) with
+    a footnote saying why."""
     if series is None:
         return "—"
     if series.na is not None:
-        return "n/a " + notes.ref(series.na)
+        label = MISSING if series.na.startswith(MISSING) else "n/a"
+        return f"{label} " + notes.ref(series.na)
     summary = series.summary
     if summary is None:
         return "—"

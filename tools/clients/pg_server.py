@@ -21,14 +21,15 @@ from clients.procs import Child, started
 from clients.report import progress
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-PACKAGES = ["postgresql", "postgresql-contrib"]
+PACKAGES = apt.PACKAGES["postgres"]
 USER = "guestfs-pg"
 READY_TIMEOUT = 300.0  # seconds for a start, crash recovery included
 CRASH_RECOVERY = "database system was not properly shut down; automatic recovery in progress"
 
 
 def ensure_installed() -> None:
-    """PostgreSQL 15 (and contrib, for amcheck) from Debian's packages."""
+    """PostgreSQL 15 (and contrib, for amcheck) from Debian's packages: installed by
+    tools/setup.sh for the tests, here only when a run on its own finds them missing."""
     if not all((PG_BIN / tool).exists() for tool in ("pg_ctl", "initdb", "pgbench")):
         apt.ensure(PACKAGES)
 
