@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from guestfs import control, daemon, handover
+from guestfs import control, daemon, handover, mounts
 from guestfs.kexec import Blackout
 from kho_backend import inspect
 from kho_backend.arena import Arena
@@ -34,6 +34,11 @@ STATUS_TIMEOUT = 10.0
 
 class CliError(Exception):
     """A failure to report as ``guestfs: <message>`` with exit code 1."""
+
+
+class CarriesOn(Exception):
+    """Ctrl-C after the work was handed to a daemon: it goes on, and this says how to
+    follow it (exit code 130)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,8 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:  # e.g. an output file that cannot be written
         say(f"{e.filename}: {e.strerror}" if e.filename else str(e))
         return 1
+    except CarriesOn as e:
+        say(f"interrupted; {e}")
+        return 130
     except KeyboardInterrupt:
-        say("interrupted")
+        say("interrupted; nothing was changed")
         return 130
     except BrokenPipeError:
         # The reader went away (``guestfs kho dump | head``): stop quietly, as a
@@ -168,9 +176,25 @@ def run_mount(args: argparse.Namespace) -> int:
                                  format=args.format, debug=args.debug)
     if args.foreground or args.debug:
         _log_to_stderr(args.debug)
+        if args.ready_fd is None:
+            daemon.check_machine_files(config)
         return daemon.run_foreground(config, args.ready_fd)
-    daemon.start_background(config, progress=say)
+    _warn_above_ram(config)
+    try:
+        daemon.start_background(config, progress=say)
+    except daemon.StillStarting as e:
+        raise CarriesOn(f"the daemon (pid {e.pid}) goes on mounting {args.mountpoint}; "
+                        f"'guestfs status --machine {args.machine}' shows when it is "
+                        f"live, 'guestfs umount {args.mountpoint}' stops it") from None
     return 0
+
+
+def _warn_above_ram(config: daemon.DaemonConfig) -> None:
+    """An arena larger than RAM works (it is a sparse file) until it is filled."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if config.memory and config.memory > ram and not kmachine.machine_exists(config.machine):
+        say(f"warning: {format_size(config.memory)} of memory is more than this machine's "
+            f"{format_size(ram)} of RAM; filling it will fail")
 
 
 def _log_to_stderr(debug: bool) -> None:
@@ -208,16 +232,21 @@ def run_umount(args: argparse.Namespace) -> int:
                 raise
             # Unmounted, and the daemon left before it could answer: that is fine.
         _wait_exit(pidfd, pid)
+    except KeyboardInterrupt:
+        raise CarriesOn(f"the unmount of {args.mountpoint} carries on in daemon pid {pid}; "
+                        f"'guestfs status --machine {machine}' shows when it is done") from None
     finally:
         os.close(pidfd)
     return 0
 
 
 def _umount_orphan(mountpoint: Path, machine: str) -> int:
-    """Unmount a guestfs mount whose daemon is gone (it answers ENOTCONN)."""
+    """Unmount a guestfs mount whose daemon is gone (it answers ENOTCONN), and the
+    shield under it."""
     say(f"no daemon answers for machine {machine}; unmounting the dead mount {mountpoint}")
     try:
-        daemon.umount2(mountpoint)
+        mounts.umount2(mountpoint)
+        mounts.uncover(mountpoint)
     except OSError as e:
         raise CliError(f"cannot unmount {mountpoint}: {e.strerror}") from None
     return 0
@@ -236,12 +265,12 @@ def _wait_exit(pidfd: int, pid: int) -> None:
 
 
 def _still_mounted(mountpoint: Path, machine: str) -> bool:
-    entry = daemon.mount_at(mountpoint)
+    entry = mounts.mount_at(mountpoint)
     return entry is not None and entry.machine == machine
 
 
 def _machine_at(mountpoint: Path) -> str:
-    entry = daemon.mount_at(mountpoint)
+    entry = mounts.mount_at(mountpoint)
     if entry is None or entry.machine is None:
         raise CliError(f"{mountpoint} is not a guestfs mount")
     return entry.machine
@@ -410,9 +439,16 @@ def run_kexec(args: argparse.Namespace) -> int:
     before = control.request(sock, {"op": "status"}, timeout=STATUS_TIMEOUT)
     started = time.monotonic()
     say(f"kexec of machine {before['machine']} (generation {before['generation']})…")
-    _request_kexec(sock, {"op": "kexec", "poison": args.poison, "force": args.force,
-                          "fail_phase": args.fail_phase, **extra})
-    after = _await_next_kernel(sock, before)
+    try:
+        for warning in _request_kexec(sock, {"op": "kexec", "poison": args.poison,
+                                             "force": args.force, "fail_phase": args.fail_phase,
+                                             **extra}):
+            say(f"warning: {warning}")
+        after = _await_next_kernel(sock, before)
+    except KeyboardInterrupt:
+        raise CarriesOn(f"the kexec of {args.mountpoint} carries on in daemon pid "
+                        f"{before['pid']}; 'guestfs status {args.mountpoint}' shows its "
+                        "generation and last blackout once it is done") from None
     os.stat(args.mountpoint)          # the new mount answers
     after["client_ms"] = round((time.monotonic() - started) * 1e3, 3)
     if args.json:
@@ -425,14 +461,15 @@ def run_kexec(args: argparse.Namespace) -> int:
     return 0
 
 
-def _request_kexec(sock: Path, request: dict[str, Any]) -> None:
+def _request_kexec(sock: Path, request: dict[str, Any]) -> list[str]:
+    """Ask for the kexec; the warnings of its quiesce (none if no answer came)."""
     try:
-        control.request(sock, request, timeout=KEXEC_TIMEOUT)
+        return list(control.request(sock, request, timeout=KEXEC_TIMEOUT).get("warnings", []))
     except control.DaemonRefused:
         raise
     except control.ControlError:
         # The daemon may exec before its answer is out: the next kernel's status tells.
-        pass
+        return []
 
 
 def _await_next_kernel(sock: Path, before: dict[str, Any]) -> dict[str, Any]:
@@ -511,7 +548,7 @@ def _split_mount(path: Path) -> tuple[Path, Path]:
     path inside it."""
     full = Path(os.path.realpath(path.parent)) / path.name
     for top in (full, *full.parents):
-        entry = daemon.mount_at(top)
+        entry = mounts.mount_at(top)
         if entry is not None and entry.machine is not None:
             return top, full.relative_to(top)
     raise CliError(f"{path} is not on a guestfs mount")
@@ -541,7 +578,7 @@ def run_machine_list(args: argparse.Namespace) -> int:
     """``guestfs machine list``."""
     rows = []
     for info in kmachine.list_machines():
-        entry = daemon.mount_of_machine(info.name)
+        entry = mounts.mount_of_machine(info.name)
         rows.append({"machine": info.name, **_info_dict(info),
                      "mountpoint": os.fspath(entry.mountpoint) if entry else None})
     if args.json:
@@ -559,12 +596,15 @@ def run_machine_list(args: argparse.Namespace) -> int:
 
 def run_machine_destroy(args: argparse.Namespace) -> int:
     """``guestfs machine destroy``."""
-    entry = daemon.mount_of_machine(args.name)
+    entry = mounts.mount_of_machine(args.name)
     if entry is not None:
         raise CliError(f"machine {args.name} is mounted at {entry.mountpoint}; "
                        f"run 'guestfs umount {entry.mountpoint}' first")
-    kmachine.destroy_machine(args.name)
-    for leftover in (daemon.log_path(args.name), daemon.control_path(args.name)):
+    leftovers = [p for p in (daemon.log_path(args.name), daemon.control_path(args.name))
+                 if os.path.lexists(p)]
+    if kmachine.machine_exists(args.name) or not leftovers:
+        kmachine.destroy_machine(args.name)
+    for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     say(f"machine {args.name} destroyed")
     return 0

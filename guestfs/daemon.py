@@ -19,13 +19,11 @@ reports success or the reason it failed.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import json
 import logging
 import os
-import re
 import select
 import signal
 import stat
@@ -40,10 +38,10 @@ from typing import Any
 import pyfuse3
 import trio
 
-from guestfs import control, handover
+from guestfs import control, handover, mounts
 from guestfs import kexec as gkexec
 from guestfs.errors import FsError
-from guestfs.filesystem import Filesystem
+from guestfs.filesystem import AtimeMode, AtimePolicy, Filesystem
 from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate, hooks_enabled
 from kho_backend import boot as kboot
 from kho_backend import machine as kmachine
@@ -54,11 +52,8 @@ from kho_backend.errors import BootError, HandoverError, KexecError, MachineErro
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 1 << 30
-FSTYPE = "fuse.guestfs"
-FSNAME_PREFIX = "guestfs-"
 READY_TIMEOUT = 300.0  # seconds; creating and booting a large arena takes a while
 EXIT_TIMEOUT = 30.0  # seconds a daemon that failed to start gets to exit
-MNT_DETACH = 2
 QUIESCE_TIMEOUT = 60.0  # seconds; a quiesce that takes longer aborts the kexec
 
 
@@ -69,10 +64,14 @@ class StartError(Exception):
 # --- mount options -------------------------------------------------------------------
 
 # Options passed to the kernel as they are (generic mount flags libfuse understands).
-_PASSTHROUGH = frozenset({"suid", "nosuid", "dev", "nodev", "exec", "noexec",
-                          "atime", "noatime", "diratime", "nodiratime", "relatime",
-                          "norelatime", "strictatime", "nostrictatime", "sync", "async",
-                          "dirsync"})
+_PASSTHROUGH = frozenset({"suid", "nosuid", "dev", "nodev", "exec", "noexec", "sync",
+                          "async", "dirsync"})
+# atime options: the kernel leaves atime of FUSE files to the filesystem, so the core
+# applies them (libfuse refuses most of them anyway).
+_ATIME_MODES = {"relatime": AtimeMode.RELATIME, "nostrictatime": AtimeMode.RELATIME,
+                "atime": AtimeMode.RELATIME, "strictatime": AtimeMode.STRICTATIME,
+                "norelatime": AtimeMode.STRICTATIME, "noatime": AtimeMode.NOATIME}
+_DIRATIME = {"diratime": True, "nodiratime": False}
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,14 @@ class MountOptions:
     allow_other: bool = False
     read_only: bool = False
     flags: tuple[str, ...] = ()  # from _PASSTHROUGH, in the order given
+    atime: AtimePolicy = AtimePolicy()
 
     @classmethod
     def parse(cls, text: str) -> MountOptions:
         """Parse a comma-separated ``-o`` list; `ValueError` names an unknown option."""
         allow_other = read_only = False
         flags: list[str] = []
+        atime = AtimePolicy()
         for opt in filter(None, (o.strip() for o in text.split(","))):
             if opt == "allow_other":
                 allow_other = True
@@ -95,21 +96,31 @@ class MountOptions:
                 read_only = opt == "ro"
             elif opt in _PASSTHROUGH:
                 flags.append(opt)
+            elif opt in _ATIME_MODES:
+                atime = dataclasses.replace(atime, mode=_ATIME_MODES[opt])
+            elif opt in _DIRATIME:
+                atime = dataclasses.replace(atime, directories=_DIRATIME[opt])
             elif opt != "default_permissions":
-                raise ValueError(
-                    f"unknown mount option {opt!r}; supported: allow_other, ro, rw, "
-                    f"default_permissions, {', '.join(sorted(_PASSTHROUGH))}")
-        return cls(allow_other, read_only, tuple(flags))
+                known = sorted({"allow_other", "ro", "rw", "default_permissions",
+                                *_PASSTHROUGH, *_ATIME_MODES, *_DIRATIME})
+                raise ValueError(f"unknown mount option {opt!r}; supported: "
+                                 f"{', '.join(known)}")
+        return cls(allow_other, read_only, tuple(flags), atime)
 
     def text(self) -> str:
         """The ``-o`` text that parses back into these options."""
         opts = (["allow_other"] if self.allow_other else []) + ["ro" if self.read_only else "rw"]
+        opts.append(self.atime.mode.value)
+        if not self.atime.directories:
+            opts.append("nodiratime")
         return ",".join(opts + list(self.flags))
 
     def fuse_options(self, machine: str, *, debug: bool = False) -> set[str]:
         """The option set for `pyfuse3.init`."""
-        opts = {"default_permissions", f"fsname={FSNAME_PREFIX}{machine}", "subtype=guestfs",
+        opts = {"default_permissions", f"fsname={mounts.FSNAME_PREFIX}{machine}", "subtype=guestfs",
                 "ro" if self.read_only else "rw", *self.flags}
+        if self.atime.mode is AtimeMode.NOATIME:
+            opts.add("noatime")     # only so that the mount table shows it
         if self.allow_other:
             opts.add("allow_other")
         if debug:
@@ -165,86 +176,6 @@ def control_path(machine: str) -> Path:
     return control.socket_path(machine_dir(), machine)
 
 
-# --- the mount table -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo that matters to us."""
-
-    mountpoint: Path
-    fstype: str
-    source: str
-
-    @property
-    def machine(self) -> str | None:
-        """The machine name if this is a guestfs mount."""
-        if self.fstype == FSTYPE and self.source.startswith(FSNAME_PREFIX):
-            return self.source[len(FSNAME_PREFIX):]
-        return None
-
-
-def _unescape(field_: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
-
-
-def mounts() -> list[MountEntry]:
-    """The mount table of this process's mount namespace."""
-    entries = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) >= 5 and len(tail) >= 2:
-            entries.append(MountEntry(Path(_unescape(fields[4])), tail[0], _unescape(tail[1])))
-    return entries
-
-
-def mount_at(path: Path) -> MountEntry | None:
-    """The topmost mount whose mount point is `path` (symlinks resolved)."""
-    path = Path(os.path.realpath(path))
-    found = [m for m in mounts() if m.mountpoint == path]
-    return found[-1] if found else None
-
-
-def mount_of_machine(machine: str) -> MountEntry | None:
-    """Where `machine` is mounted, if anywhere."""
-    found = [m for m in mounts() if m.machine == machine]
-    return found[-1] if found else None
-
-
-# --- system calls the standard library lacks (through ctypes, which drops the GIL) --------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(ret: int, what: str, path: Path) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}", os.fspath(path))
-
-
-def umount2(path: Path, flags: int = 0) -> None:
-    """umount2(2). Blocks while the kernel writes back dirty pages: never call it from
-    the thread that serves FUSE requests."""
-    _check(_libc.umount2(os.fsencode(path), flags), "umount", path)
-
-
-def syncfs(target: Path | int) -> None:
-    """syncfs(2) of the filesystem at a path or an open descriptor (pyfuse3.syncfs keeps
-    the GIL, which would deadlock a daemon calling it on its own mount). Opening the
-    mount root sends OPENDIR: a caller that has frozen the gate passes a descriptor
-    opened before the freeze."""
-    if isinstance(target, int):
-        _check(_libc.syncfs(target), "syncfs", Path(f"/proc/self/fd/{target}"))
-        return
-    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
-
-
 # --- readiness ---------------------------------------------------------------------------
 
 
@@ -293,7 +224,7 @@ def check_mountpoint(path: Path) -> None:
         raise StartError(f"cannot use mount point {path}: {e.strerror}.") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StartError(f"mount point {path} is not a directory.")
-    entry = mount_at(path)
+    entry = mounts.mount_at(path)
     if entry is not None and entry.machine is not None:
         raise StartError(f"{path} is already a guestfs mount (machine {entry.machine}).")
 
@@ -314,8 +245,8 @@ class Daemon:
         self._exec_next = False      # set once a kexec has handed over: exec, not stop
         self._poison = False
         self._unmounted_at = 0
+        self._unmount_ns = 0
         self._detached = False       # our own lazy unmount ran: never unmount by path again
-        self._handover_failed = False
         # kexec, kexec-load/-unload and umount change what the daemon is: one at a time.
         self._exclusive = trio.Lock()
         self._restore_ns = 0
@@ -331,7 +262,8 @@ class Daemon:
         }
 
     def run(self) -> int:
-        """Boot, mount, serve until asked to stop; the process exit code."""
+        """Boot, mount, serve until asked to stop; the process exit code (0 only when
+        the filesystem was handed over into the arena or to the next kernel)."""
         try:
             self._start()
         except (StartError, MachineError) as e:
@@ -340,25 +272,39 @@ class Daemon:
                 message += (" The arena is left as it was ('guestfs kho dump' shows it); "
                             "to discard it and start an empty filesystem, mount with --format.")
             log.error("%s", message)
-            self.readiness.fail(message)
-            self._close_kernel()
-            return 1
+            return self._start_failed(message)
         except Exception as e:
             log.exception("start failed")
-            self.readiness.fail(f"start failed: {e!r}")
-            self._close_kernel()
-            return 1
-        try:
+            return self._start_failed(f"start failed: {e!r}")
+        while True:
             trio.run(self._serve)
-        finally:
             self._unmount()
+            exec_failed = False
             if self._exec_next:
+                self._exec_next = False
                 self._exec()      # returns only if the exec failed
-            self._close_kernel()
-        log.info("stopped")
-        return 1 if self._handover_failed else 0
+                exec_failed = True
+            if self._close_kernel():
+                log.info("stopped")
+                return 1 if exec_failed else 0
+            # The mount went away from outside (an umount, or a failed exec) and the
+            # handover could not be written: mount again, so that nothing is lost.
+            try:
+                self._mount()
+            except StartError as e:
+                log.error("%s", e)
+                self._abandon_kernel()
+                return 1
+            log.error("the filesystem could not be handed over, so it is mounted again at "
+                      "%s and serves as before", self.mountpoint)
 
     # --- start ------------------------------------------------------------------
+
+    def _start_failed(self, message: str) -> int:
+        self.readiness.fail(message)
+        if not self._close_kernel():
+            self._abandon_kernel()
+        return 1
 
     def _start(self) -> None:
         check_mountpoint(self.mountpoint)
@@ -393,6 +339,7 @@ class Daemon:
         else:
             log.info("restored filesystem %s: generation %d, %d inodes", fs.sb.uuid,
                      fs.sb.generation, len(fs.inodes))
+        fs.atime = self.config.options.atime
         kernel.kho.register(handover.GuestfsHandover(fs))
         return fs
 
@@ -406,17 +353,22 @@ class Daemon:
         log.info("kexec blackout %.1f ms:\n%s", blackout.total_ms, blackout.table())
 
     def _mount(self, on_init: Callable[[], None] | None = None) -> None:
+        """Mount the FUSE filesystem at the mount point, over the shield (which a
+        previous kernel of this machine may have left there for us)."""
         assert self.fs is not None
+        self.gate = RequestGate()
         ops = Operations(self.fs, self.gate, AdapterConfig(read_only=self.config.options.read_only))
         ops.on_init = on_init
         self._mount_started = time.perf_counter_ns()
         options = self.config.options.fuse_options(self.config.machine, debug=self.config.debug)
         log.info("mounting at %s with %s", self.mountpoint, ",".join(sorted(options)))
         try:
+            mounts.cover(self.mountpoint)
             pyfuse3.init(ops, os.fspath(self.mountpoint), options)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
             raise StartError(f"cannot mount at {self.mountpoint}: {e}.") from None
         self._mounted = True
+        self._detached = False
 
     # --- serve ------------------------------------------------------------------
 
@@ -428,26 +380,29 @@ class Daemon:
             self.readiness.ok()
             log.info("serving %s at %s (pid %d)", self.config.machine, self.mountpoint, os.getpid())
             # Returns when the session ends: unmounted from outside, by _op_umount, or
-            # pyfuse3.terminate() after a signal.
+            # pyfuse3.terminate() after a handover.
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
+        """SIGTERM, SIGINT and SIGHUP stop the daemon as ``guestfs umount`` does, but
+        also while files are open (a lazy unmount; their processes then see errors).
+        If the handover cannot be written, the daemon says why and serves on."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                log.info("%s: unmounting", signal.Signals(signum).name)
-                await self._detach()
+                name = signal.Signals(signum).name
+                if self._exclusive.locked() or self._exec_next:
+                    log.info("%s: a kexec or unmount is under way; it decides", name)
+                    continue
+                log.info("%s: handing over and unmounting", name)
+                try:
+                    async with self._exclusive:
+                        await self._hand_over({"force": True}, exec_next=False)
+                except control.ControlError as e:
+                    log.error("%s: %s", name, e)
+                    continue
+                self._end_session()
                 return
-
-    async def _detach(self) -> None:
-        """Stop even while clients hold files open: flush, lazy unmount, end the session."""
-        # syncfs first, while we still serve: the kernel's dirty pages come through us.
-        for call in (lambda: syncfs(self.mountpoint), lambda: umount2(self.mountpoint, MNT_DETACH)):
-            try:
-                await trio.to_thread.run_sync(call)
-            except OSError as e:
-                log.warning("%s", e)
-        pyfuse3.terminate()
 
     # --- control ops --------------------------------------------------------------
 
@@ -478,21 +433,12 @@ class Daemon:
             raise control.ControlError("another kexec or unmount of this machine is under way")
 
     async def _op_umount(self, request: control.Message) -> control.Message:
+        """Hand over into the arena, then unmount (refused while files are open, as
+        umount(8)); any failure leaves the filesystem serving as before."""
         self._claim()
         async with self._exclusive:
-            return await self._umount()
-
-    async def _umount(self) -> control.Message:
-        # A plain (not lazy) unmount, as umount(8): refused while files are open. It
-        # runs in a thread because the kernel writes dirty pages back through us first.
-        try:
-            await trio.to_thread.run_sync(umount2, self.mountpoint)
-        except OSError as e:
-            if e.errno == errno.EBUSY:
-                raise control.ControlError(
-                    f"{self.mountpoint} is busy: files are open there or it is some "
-                    f"process's working directory.") from None
-            raise control.ControlError(str(e)) from None
+            await self._hand_over(request, exec_next=False)
+        self._end_session()
         return {"pid": os.getpid()}
 
     def status(self) -> dict[str, Any]:
@@ -523,6 +469,13 @@ class Daemon:
 
     # --- stop ---------------------------------------------------------------------
 
+    def _end_session(self) -> None:
+        """After a handover: requests still waiting would change what was handed over,
+        so they get EIO; and the session ends, even if a process still holds the lazily
+        unmounted mount (it would keep the connection alive)."""
+        self.gate.shut()
+        pyfuse3.terminate()
+
     def _unmount(self) -> None:
         if self._mounted:
             # Lazy unmount if still mounted (e.g. the loop ended on an error); a no-op
@@ -531,22 +484,41 @@ class Daemon:
             pyfuse3.close(unmount=not self._detached)
             self._mounted = False
 
-    def _close_kernel(self) -> None:
-        """Hand the filesystem over into the arena (as an unmount does) and close the
-        kernel. Without a filesystem (a boot that failed or a handover that was refused)
-        nothing is written, so the arena stays as it was for `guestfs kho dump`."""
+    def _abandon_kernel(self) -> None:
+        """Stop without a handover: the last resort when none could be written."""
+        log.error("the files stay in the arena, but no handover describes them: the next "
+                  "mount of machine %s will refuse until --format", self.config.machine)
+        self._shut_down()
+
+    def _close_kernel(self) -> bool:
+        """Hand the filesystem over into the arena, unless that is done (an unmount or a
+        failed exec wrote it), and close the kernel and remove the shield; False, with
+        the kernel still running, when the handover could not be written.
+
+        Without a filesystem (a boot that failed or a handover that was refused)
+        nothing is written, so the arena stays as it was for `guestfs kho dump`.
+        """
         if self.kernel is None:
-            return
+            return True
         if self.fs is not None and not self.kernel.kho.finalized:
             try:
-                self.kernel.kexec.prepare({})
+                self.kernel.kexec.prepare({}, exec=False)
                 log.info("handed the filesystem over into the arena")
             except KexecError as e:
-                self._handover_failed = True
-                log.error("could not hand the filesystem over: %s; its files cannot be "
-                          "recovered by the next mount", e)
+                log.error("could not hand the filesystem over: %s", e)
+                return False
+        self._shut_down()
+        return True
+
+    def _shut_down(self) -> None:
+        """Close the kernel, and remove the shield: no next kernel will mount here."""
+        assert self.kernel is not None
         self.kernel.shutdown()
         self.kernel = None
+        try:
+            mounts.uncover(self.mountpoint)
+        except OSError as e:
+            log.warning("could not remove the shield under %s: %s", self.mountpoint, e)
 
     # --- kexec ----------------------------------------------------------------------
 
@@ -572,6 +544,8 @@ class Daemon:
     async def _op_kexec_unload(self, request: control.Message) -> control.Message:
         assert self.kernel is not None
         self._claim()
+        if self.kernel.kexec.loaded is None:
+            raise control.ControlError("no next kernel is loaded: there is nothing to unload")
         self.kernel.kexec.unload()
         return {"loaded": False}
 
@@ -589,82 +563,107 @@ class Daemon:
         """
         self._claim()
         async with self._exclusive:
-            return await self._kexec(request)
+            assert self.kernel is not None
+            if self.kernel.kexec.loaded is None or "cmdline" in request:
+                self._load(request)
+            warnings = await self._hand_over(request, exec_next=True)
+            self._exec_next = True
+            self._poison = bool(request.get("poison")) or self.kernel.cmdline.kho_poison
+        self._end_session()
+        return {"pid": os.getpid(), "kexec_count": self.kernel.kexec.metadata.kexec_count,
+                "warnings": warnings}
 
-    async def _kexec(self, request: control.Message) -> control.Message:
-        assert self.kernel is not None
-        fault = request.get("fail_phase") if hooks_enabled() else None
-        force = bool(request.get("force"))
-        if not force:
-            await self._refuse_if_busy()
-        if self.kernel.kexec.loaded is None or "cmdline" in request:
-            self._load(request)
-        phases: dict[str, int] = {}
-        root_fd = await trio.to_thread.run_sync(os.open, self.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            await self._kexec_hand_over(phases, root_fd, fault, force)
-        except Exception as e:
-            # Whatever failed, the kexec is over: the gate must open again, or every
-            # client of the mount would wait forever.
-            self.gate.thaw()
-            if not isinstance(e, (KexecError, gkexec.InjectedFault, control.ControlError)):
-                log.exception("kexec failed")
-            phase = getattr(e, "phase", None) or fault or "quiesce"
-            reason = str(e).rstrip(".")
-            raise control.ControlError(f"kexec aborted in phase {phase}: {reason}. "
-                                       f"The filesystem serves as before.") from None
-        finally:
-            os.close(root_fd)      # not awaited: this must happen even when cancelled
-        self._exec_next = True
-        self._poison = bool(request.get("poison")) or self.kernel.cmdline.kho_poison
-        # The handover is done: requests still waiting would change what was handed over.
-        self.gate.shut()
-        # A process still holding a file (--force) keeps the detached mount's connection
-        # alive, so the session would never end by itself: end it; `run` then execs.
-        pyfuse3.terminate()
-        return {"pid": os.getpid(), "kexec_count": self.kernel.kexec.metadata.kexec_count}
-
-    async def _refuse_if_busy(self) -> None:
+    async def _refuse_if_busy(self, what: str) -> None:
         # In a worker thread: reading another process's maps can wait on its mmap lock,
         # which one of its threads faulting on this mount may hold.
         busy = await trio.to_thread.run_sync(gkexec.holders, self.mountpoint, os.getpid())
         if busy:
+            hint = "use --force (those processes then see errors)" if what == "kexec" else \
+                "close those files first"
             raise control.ControlError(
                 f"{self.mountpoint} is busy: in use by pid {gkexec.describe_holders(busy)}; "
-                f"close those files or use --force (those processes then see errors).")
+                f"{hint}.")
 
-    async def _kexec_hand_over(self, phases: dict[str, int], root_fd: int,
-                               fault: str | None, force: bool) -> None:
+    async def _hand_over(self, request: control.Message, *, exec_next: bool) -> list[str]:
+        """Quiesce, write the handover (for the exec of the next kernel, or for a later
+        mount) and unmount (lazily for an exec or with ``force``). Any failure undoes it
+        all: the filesystem serves as before, and ControlError names the mount, the
+        phase and the cause. Returns warnings worth passing on (a failed write-back)."""
+        assert self.kernel is not None
+        what = "kexec" if exec_next else "unmount"
+        force = bool(request.get("force"))
+        fault = request.get("fail_phase") if hooks_enabled() else None
+        phases: dict[str, int] = {}
+        if not force:
+            await self._refuse_if_busy(what)
+        try:
+            warnings = await self._quiesce_and_prepare(phases, fault, force, exec_next, what)
+            await self._unmount_handed_over(lazy=exec_next or force, fault=fault)
+        except Exception as e:
+            # Whatever failed, the handover is off: the gate must open again, or every
+            # client of the mount would wait forever.
+            self.gate.thaw()
+            if not isinstance(e, (KexecError, gkexec.InjectedFault, control.ControlError)):
+                log.exception("%s failed", what)
+            phase = getattr(e, "phase", None) or fault or "quiesce"
+            reason = str(e).rstrip(".")
+            raise control.ControlError(f"{what} of {self.mountpoint} aborted in phase {phase}: "
+                                       f"{reason}. The filesystem serves as before.") from None
+        if exec_next:
+            self._record_unmount_phase()
+        return warnings
+
+    async def _quiesce_and_prepare(self, phases: dict[str, int], fault: str | None,
+                                   force: bool, exec_next: bool, what: str) -> list[str]:
+        assert self.kernel is not None
         t0 = time.perf_counter_ns()
+        root_fd = await trio.to_thread.run_sync(os.open, self.mountpoint,
+                                                os.O_RDONLY | os.O_DIRECTORY)
         try:
             with trio.fail_after(QUIESCE_TIMEOUT):
-                await gkexec.quiesce(self.gate, root_fd, syncfs)
+                warnings = await gkexec.quiesce(self.gate, root_fd, self.mountpoint)
         except trio.TooSlowError:
             raise KexecError(f"requests did not drain within {QUIESCE_TIMEOUT:.0f} s",
                              "quiesce") from None
+        finally:
+            os.close(root_fd)      # not awaited: this must happen even when cancelled
+        for warning in warnings:
+            log.warning("%s: %s", what, warning)
         if fault == "quiesce":
             raise gkexec.InjectedFault("injected failure in quiesce")
         if not force:
-            await self._refuse_if_busy()      # someone may have opened a file meanwhile
+            await self._refuse_if_busy(what)    # someone may have opened a file meanwhile
         phases["quiesce"] = gkexec.elapsed_ns(t0)
         with gkexec.inject_fault(self.kernel, fault):
-            self.kernel.kexec.prepare(phases)
+            self.kernel.kexec.prepare(phases, exec=exec_next)
+        return warnings
+
+    async def _unmount_handed_over(self, *, lazy: bool, fault: str | None) -> None:
+        """Unmount after the handover was written; on failure take the handover back."""
+        assert self.kernel is not None
         t0 = time.perf_counter_ns()
         try:
             if fault == "unmount":
                 raise gkexec.InjectedFault("injected failure in unmount")
-            await trio.to_thread.run_sync(umount2, self.mountpoint, MNT_DETACH)
+            await trio.to_thread.run_sync(mounts.umount2, self.mountpoint,
+                                          mounts.MNT_DETACH if lazy else 0)
         except BaseException as e:
             self.kernel.kexec.abort()
             if isinstance(e, OSError):
-                raise KexecError(f"cannot unmount {self.mountpoint}: {e.strerror}.",
+                reason = "files are open there or it is some process's working " \
+                    "directory" if e.errno == errno.EBUSY else e.strerror
+                raise KexecError(f"cannot unmount {self.mountpoint}: {reason}.",
                                  "unmount") from e
             raise
         self._detached = True
         self._unmounted_at = time.perf_counter_ns()
+        self._unmount_ns = self._unmounted_at - t0
+
+    def _record_unmount_phase(self) -> None:
         # From here the kexec is committed: a failure to record a timing is only logged.
+        assert self.kernel is not None
         try:
-            self.kernel.kexec.record_phase("unmount", self._unmounted_at - t0)
+            self.kernel.kexec.record_phase("unmount", self._unmount_ns)
         except MachineError:
             log.exception("could not record the unmount phase")
 
@@ -697,18 +696,27 @@ def start_background(config: DaemonConfig,
                      progress: Callable[[str], None] = lambda msg: None) -> int:
     """Start the daemon detached and return its PID once the mount is live.
 
-    Raises `StartError` with the daemon's reason (or the tail of its log) otherwise.
+    Raises `StartError` with the daemon's reason (or the tail of its log) otherwise; a
+    first mount of a machine that fails leaves no log behind. A Ctrl-C while waiting
+    raises `StillStarting`: the daemon goes on.
     """
+    check_machine_files(config)
+    kmachine.checked_dir(create=True)
     log_file = log_path(config.machine)
-    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    new_log = not os.path.lexists(log_file)
     read_fd, write_fd = os.pipe()
-    with open(log_file, "ab") as out:
+    out = open_log(log_file)
+    try:
         proc = subprocess.Popen(config.argv(ready_fd=write_fd), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, pass_fds=(write_fd,),
                                 start_new_session=True)
-    os.close(write_fd)  # so that the daemon's exit shows as end-of-file
+    finally:
+        os.close(out)
+        os.close(write_fd)  # so that the daemon's exit shows as end-of-file
     try:
         reply = _await_readiness(read_fd, progress, log_file)
+    except KeyboardInterrupt:
+        raise StillStarting(proc.pid) from None
     finally:
         os.close(read_fd)
     if reply is None or not reply.get("ok"):
@@ -717,12 +725,54 @@ def start_background(config: DaemonConfig,
             code = proc.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
             code = None
+        tail = _log_tail(log_file)
+        if new_log and not kmachine.machine_exists(config.machine):
+            log_file.unlink(missing_ok=True)
         if reply is None:
             raise StartError(f"the daemon ended (exit status {code}) before the mount was "
-                             f"live.{_log_tail(log_file)}")
+                             f"live.{tail}")
         raise StartError(str(reply.get("error")))
-    _check_live(Path(config.mountpoint))
+    entry = mounts.mount_at(Path(config.mountpoint))
+    if entry is None or entry.machine != config.machine:
+        raise StartError(f"the daemon reported success but {config.mountpoint} is not mounted.")
     return proc.pid
+
+
+class StillStarting(Exception):
+    """Ctrl-C while a daemon was starting: it goes on (its pid is `pid`)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+def check_machine_files(config: DaemonConfig) -> None:
+    """Refuse to make a fresh machine in place of one whose arena vanished (its log is
+    still there): that would silently start empty over someone's files."""
+    if config.format or kmachine.machine_exists(config.machine):
+        return
+    log_file = log_path(config.machine)
+    if os.path.lexists(log_file):
+        raise StartError(f"machine {config.machine}'s arena "
+                         f"{kmachine.machine_path(config.machine)} is missing, but its log "
+                         f"{log_file} is still there: the arena was moved or deleted. Mount "
+                         f"with --format to start an empty machine of that name, or run "
+                         f"'guestfs machine destroy {config.machine}' to forget it.")
+
+
+def open_log(path: Path) -> int:
+    """A descriptor appending to the daemon's log (mode 0600), never through a symlink
+    and only to a regular file of our own."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StartError(f"cannot open the log {path}: {e.strerror}.") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise StartError(f"the log {path} is not a regular file of this user; remove it.")
+    return fd
 
 
 def _await_readiness(fd: int, progress: Callable[[str], None],
@@ -748,12 +798,6 @@ def _await_readiness(fd: int, progress: Callable[[str], None],
         return json.loads(data) if data.strip() else None
     except ValueError:
         return None
-
-
-def _check_live(mountpoint: Path) -> None:
-    # A stat served by the daemon, on a device other than the parent directory's.
-    if os.stat(mountpoint).st_dev == os.stat(mountpoint.resolve().parent).st_dev:
-        raise StartError(f"the daemon reported success but {mountpoint} is not mounted.")
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:

@@ -53,6 +53,10 @@ class Directory:
         """The cookie the next added entry will get."""
         return self._next_cookie
 
+    def names(self) -> Iterator[bytes]:
+        """The names of the entries, in no particular order."""
+        return iter(self._index)
+
     def lookup(self, name: bytes) -> int | None:
         """The inode number `name` refers to, or None."""
         cookie = self._index.get(name)
@@ -60,11 +64,15 @@ class Directory:
             return None
         return self._inos[self._position(cookie)]
 
-    def entries_after(self, after: int) -> Iterator[tuple[int, bytes, int]]:
-        """(cookie, name, ino) of the entries with a cookie above `after`, in cookie order.
+    def entries_after(self, after: int, before: int | None = None
+                      ) -> Iterator[tuple[int, bytes, int]]:
+        """(cookie, name, ino) of the entries with a cookie above `after` and below
+        `before` (None: no bound), in cookie order.
 
-        Safe to interleave with changes to the directory: entries added meanwhile are
-        seen, entries removed before they are reached are not.
+        Safe to interleave with changes to the directory: entries removed before they
+        are reached are not seen. A walk that passes `before` = `next_cookie` as it was
+        when the walk began never sees an entry added since, so it ends even while
+        entries are renamed away and back (each such rename adds a new cookie).
         """
         epoch = self._epoch
         i = bisect_right(self._cookies, after)
@@ -76,6 +84,8 @@ class Directory:
                 return
             name = self._names[i]
             cookie, ino = self._cookies[i], self._inos[i]
+            if before is not None and cookie >= before:
+                return
             i += 1
             if name is not None:
                 after = cookie

@@ -13,6 +13,7 @@ may be short; it never reports more than it stored).
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import stat
@@ -24,11 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from guestfs import acl
 from guestfs.directory import DOT_COOKIE, DOTDOT_COOKIE, Directory
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
 from guestfs.pagemap import PageMap, PagePool
-from guestfs.superblock import Superblock
+from guestfs.reserve import DIRENT_BYTES, INODE_BYTES, HandoverReserve, dirent_bytes, xattr_bytes
+from guestfs.superblock import MAX_FILE_SIZE, Superblock
 from kho_backend.units import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -46,33 +49,32 @@ SYMLINK_MAX = 4095          # PATH_MAX less the terminating NUL
 LINK_MAX = 65000            # cap on nlink (hard links, subdirectories)
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 RELATIME_NS = 24 * 3600 * 10**9
-HANDOVER_BYTES_PER_INODE = 256
-HANDOVER_SLACK_PAGES = 16      # FDTs, kexec-metadata, chain headers
+#: Times the kernel can hold: signed 64-bit seconds and nanoseconds.
+TIME_MIN_NS = -(1 << 63) * 10**9
+TIME_MAX_NS = ((1 << 63) - 1) * 10**9 + 999_999_999
+#: The mode of a whiteout (renameat2 RENAME_WHITEOUT): a character device 0:0.
+WHITEOUT_MODE = stat.S_IFCHR
 
 _SETID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
-class CoarseClock:
-    """Wall-clock time in nanoseconds, rounded down to a tick (1 ms by default).
+class AtimeMode(enum.Enum):
+    """When reads move atime. The kernel leaves atime of FUSE files to the filesystem
+    (it never updates it itself), so the mount's atime options are applied here."""
 
-    Linux stamps files from its coarse clock too (one jiffy, 1 to 10 ms). Here the
-    rounding also saves memory: every inode stamped within one tick shares a single int
-    object instead of holding its own 36-byte one for each timestamp.
-    """
+    RELATIME = "relatime"         # if not newer than mtime or ctime, or a day old
+    STRICTATIME = "strictatime"   # on every read
+    NOATIME = "noatime"           # never
 
-    __slots__ = ("_last", "tick_ns")
 
-    def __init__(self, tick_ns: int = 1_000_000) -> None:
-        self.tick_ns = tick_ns
-        self._last = 0
+@dataclass(frozen=True, slots=True)
+class AtimePolicy:
+    """The atime options of a mount: the mode, and whether directories follow it."""
 
-    def __call__(self) -> int:
-        now = time.time_ns() // self.tick_ns * self.tick_ns
-        if now != self._last:
-            self._last = now
-        return self._last
+    mode: AtimeMode = AtimeMode.RELATIME
+    directories: bool = True      # False: nodiratime
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +107,22 @@ class Filesystem:
 
     def __init__(self, kernel: Kernel, sb: Superblock | None = None, *,
                  inodes: Iterable[Inode] = (),
-                 clock: Callable[[], int] | None = None) -> None:
+                 clock: Callable[[], int] | None = None,
+                 atime: AtimePolicy = AtimePolicy()) -> None:
         """Format a fresh filesystem (`sb` None), or take over `inodes` restored with `sb`.
 
         Restored inodes must include the root; their page maps must point at pages this
         kernel owns (the handover restores them before building the filesystem).
-        `clock` gives timestamps in ns (default: a `CoarseClock`).
+        `clock` gives timestamps in ns (default: the wall clock, CLOCK_REALTIME, in full
+        nanoseconds: never behind the kernel's coarser clock, so a file the filesystem
+        stamps after one the kernel stamped never looks older). `atime` is the mount's
+        atime policy.
         """
         self.kernel = kernel
-        self.pool = PagePool(kernel.arena, kernel.pages, reserve=self._handover_reserve)
-        self._clock = clock or CoarseClock()
+        self.reserve = HandoverReserve(kernel.arena.npages)
+        self.pool = PagePool(kernel.arena, kernel.pages, self.reserve)
+        self.atime = atime
+        self._clock = clock or time.time_ns
         self._inodes: dict[int, Inode] = {}
         if sb is None:
             self.sb = Superblock.new(kernel.arena.size)
@@ -122,17 +130,6 @@ class Filesystem:
         else:
             self.sb = sb
             self._install(inodes)
-
-    def _handover_reserve(self) -> int:
-        """Pages kept free for the handover (inode table, KHO memory map, FDTs), so that
-        a full arena answers ENOSPC to writes and can still be unmounted or kexec'd.
-
-        The inode table takes about 100 bytes per inode; 256 covers long names and a few
-        xattrs. Large xattrs on many inodes can exceed it (a README limit).
-        """
-        table = len(self._inodes) * HANDOVER_BYTES_PER_INODE // PAGE_SIZE
-        memory_map = self.pool.used_pages // (512 * 56)      # khoser_mem_chunk pages
-        return HANDOVER_SLACK_PAGES + table + memory_map
 
     # --- introspection (status, handover, tests) -----------------------------
 
@@ -159,10 +156,14 @@ class Filesystem:
     # --- names ---------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> Inode:
-        """The inode `name` refers to in directory `parent` (``.`` and ``..`` too)."""
-        d = self._dir(parent)
+        """The inode `name` refers to in directory `parent` (``.`` and ``..`` too).
+
+        ``.`` is answered for an inode of any type: the kernel resolves an NFS-style file
+        handle (open_by_handle_at) by looking up ``.`` in the inode it names.
+        """
         if name == b".":
-            return d
+            return self.get(parent)
+        d = self._dir(parent)
         if name == b"..":
             return self._inodes[d.parent]
         _check_name(name)
@@ -214,6 +215,7 @@ class Filesystem:
             raise FsError(errno.ENOENT, f"inode {ino} has been deleted")
         if inode.nlink >= LINK_MAX:
             raise FsError(errno.EMLINK, f"inode {ino} has {inode.nlink} links")
+        self._charge(dirent_bytes(new_name))
         now = self._clock()
         _entries(d).add(bytes(new_name), inode.ino)
         inode.nlink += 1
@@ -231,6 +233,7 @@ class Filesystem:
             raise FsError(errno.EISDIR, f"{name!r} is a directory")
         now = self._clock()
         _entries(d).remove(name)
+        self._uncharge(dirent_bytes(name))
         inode.nlink -= 1
         inode.touch(now, ctime=True)
         d.touch(now, mtime=True, ctime=True)
@@ -250,6 +253,7 @@ class Filesystem:
             raise FsError(errno.ENOTEMPTY, f"directory {name!r} is not empty")
         now = self._clock()
         _entries(d).remove(name)
+        self._uncharge(dirent_bytes(name))
         d.nlink -= 1
         inode.nlink = 0
         inode.touch(now, ctime=True)
@@ -258,9 +262,11 @@ class Filesystem:
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int, ctx: Ctx) -> None:
-        """Move a name, with renameat2 flags RENAME_NOREPLACE or RENAME_EXCHANGE."""
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
-                flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        """Move a name, with renameat2 flags RENAME_NOREPLACE, RENAME_EXCHANGE or
+        RENAME_WHITEOUT (which leaves a whiteout, a character device 0:0, at the old
+        name; the kernel lets only a caller with CAP_MKNOD ask for one)."""
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or \
+                (flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
             raise FsError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
         od, nd = self._dir(old_parent), self._dir(new_parent)
         for name in (old_name, new_name):
@@ -280,6 +286,14 @@ class Filesystem:
         if dst is src:
             return  # two names of one inode: POSIX says rename does nothing
         self._check_move(src, nd, dst)
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        # The table keeps the old name only for a whiteout, and the new one only if it
+        # did not replace an entry (which keeps its place and cookie).
+        grows = (dirent_bytes(new_name) if dst is None else 0) + \
+            (INODE_BYTES if whiteout else -dirent_bytes(old_name))
+        if whiteout:
+            self._check_inode_room()
+        self._charge(grows)
         now = self._clock()
         _entries(od).remove(old_name)
         if dst is None:
@@ -291,6 +305,8 @@ class Filesystem:
             od.nlink -= 1
             nd.nlink += 1
             src.parent = nd.ino
+        if whiteout:
+            self._new_inode(od, bytes(old_name), WHITEOUT_MODE, ctx.uid, ctx.gid, now)
         src.touch(now, ctime=True)
         od.touch(now, mtime=True, ctime=True)
         nd.touch(now, mtime=True, ctime=True)
@@ -311,11 +327,12 @@ class Filesystem:
                 atime_ns: int | None = None, mtime_ns: int | None = None,
                 ctime_ns: int | None = None) -> Inode:
         """Change the given attributes (None: unchanged); any change sets ctime, to
-        `ctime_ns` when given (the kernel's own, flushed with a writeback cache) or now.
+        `ctime_ns` when given or now.
 
         `size` has truncate semantics; a changed uid or gid clears the set-user-ID bit of
         a non-directory, and its set-group-ID bit when group-execute is set (as Linux's
-        chown does, whoever the caller); `mode` replaces the permission bits.
+        chown does, whoever the caller); `mode` replaces the permission bits (and the
+        matching entries of an access ACL).
         """
         inode = self.get(ino)
         if size is not None:
@@ -331,6 +348,7 @@ class Filesystem:
             changed = True
         if mode is not None:
             inode.mode = intern_int(stat.S_IFMT(inode.mode) | stat.S_IMODE(mode))
+            self._chmod_acl(inode)
             changed = True
         if atime_ns is not None:
             inode.atime_ns = atime_ns
@@ -363,7 +381,7 @@ class Filesystem:
 
     def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes at `off` (fewer at the end of the file), zero-copy where the
-        range is one contiguous run of arena pages."""
+        range is one contiguous run of arena pages. Holes read as zeros."""
         inode = self._regular(ino)
         if off < 0 or size < 0:
             raise FsError(errno.EINVAL, f"read at {off} of {size}")
@@ -375,28 +393,21 @@ class Filesystem:
             return bytes(size)
         return inode.pages.read(self.pool, off, size)
 
-    def write(self, ino: int, off: int, data: bytes | memoryview, *,
-              touch_times: bool = True, whole: bool = False) -> int:
-        """Store `data` at `off`; returns the bytes written (short when the arena runs
-        out part-way; ENOSPC when nothing could be stored, EFBIG past the size limit).
-
-        `touch_times` False leaves mtime and ctime alone: under a kernel writeback cache
-        the kernel keeps them and flushes its own values with a setattr, which may arrive
-        before the writes it covers. `whole` turns a short write into ENOSPC (what was
-        stored stays): the kernel's writeback ignores a short count and would drop the
-        rest without telling the writer.
-        """
+    def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
+        """Store `data` at `off`; returns the bytes written, which is fewer than asked
+        when the arena runs out part-way (ENOSPC when nothing could be stored, EFBIG at
+        the largest file size). The file's size only ever covers bytes that are stored
+        or holes that read as zeros."""
         inode = self._regular(ino)
         if off < 0:
             raise FsError(errno.EINVAL, f"write at {off}")
         length = len(data)
         if length == 0:
             return 0
-        limit = self.sb.max_file_size
-        if off >= limit:
-            raise FsError(errno.EFBIG, f"write at {off}: files end at {limit}")
-        if off + length > limit:
-            data = memoryview(data)[:limit - off]
+        if off >= MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"write at {off}: files end at {MAX_FILE_SIZE}")
+        if off + length > MAX_FILE_SIZE:
+            data = memoryview(data)[:MAX_FILE_SIZE - off]
         pages = inode.pages if inode.pages is not None else PageMap()
         written = pages.write(self.pool, off, data)
         if written == 0:
@@ -404,10 +415,7 @@ class Filesystem:
         inode.pages = pages
         if off + written > inode.size:
             inode.size = off + written
-        if touch_times:
-            inode.touch(self._clock(), mtime=True, ctime=True)
-        if whole and written < len(data):
-            raise FsError(errno.ENOSPC, f"only {written} of {len(data)} bytes fit in inode {ino}")
+        inode.touch(self._clock(), mtime=True, ctime=True)
         return written
 
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
@@ -434,31 +442,75 @@ class Filesystem:
 
     # --- directories ---------------------------------------------------------
 
-    def readdir(self, ino: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
+    def readdir(self, ino: int, after: int, before: int | None = None
+                ) -> Iterator[tuple[int, bytes, Inode]]:
         """(cookie, name, inode) of the entries past cookie `after`: ``.`` (1), ``..`` (2),
         then the entries in the order they were added. Lazy: the caller may stop early
-        and resume later from the last cookie it used, even if the directory changed."""
+        and resume later from the last cookie it used, even if the directory changed.
+
+        `before` (from `readdir_end` when the walk began) leaves out entries added
+        since, so that a walk always ends: POSIX lets it skip them.
+        """
         d = self._dir(ino)
         self._accessed(d)
-        return self._listing(d, after)
+        return self._listing(d, after, before)
+
+    def readdir_end(self, ino: int) -> int:
+        """The cookie bound of a directory walk that begins now (see `readdir`)."""
+        return _entries(self._dir(ino)).next_cookie
 
     # --- extended attributes -------------------------------------------------
 
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Ctx) -> None:
-        """Set an extended attribute (create or replace)."""
+        """Set an extended attribute (create or replace). An access ACL also sets the
+        permission bits, and is not kept when those bits say all it says."""
         inode = self.get(ino)
         self._check_xattr_write(inode, name, ctx)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes")
+        name, value = bytes(name), bytes(value)
+        if name in acl.NAMES:
+            value = self._checked_acl(inode, name, value)
+        self._put_xattr(inode, name, value)
+        inode.touch(self._clock(), ctime=True)
+
+    def _checked_acl(self, inode: Inode, name: bytes, value: bytes) -> bytes:
+        """The value to store for an ACL (b"" for none), after applying an access ACL's
+        permission bits to the mode."""
+        if name == acl.DEFAULT and not inode.is_dir:
+            raise FsError(errno.EACCES, "only directories have a default ACL")
+        try:
+            parsed = acl.parse(value)
+        except ValueError as e:
+            raise FsError(errno.EINVAL, f"inode {inode.ino}: {e}") from None
+        if name == acl.DEFAULT:
+            return acl.pack(parsed)
+        bits, equivalent = acl.mode_bits(parsed)
+        inode.mode = intern_int(inode.mode & ~0o777 | bits)
+        return b"" if equivalent else acl.pack(parsed)
+
+    def _put_xattr(self, inode: Inode, name: bytes, value: bytes) -> None:
+        """Store (or, for an empty ACL value, drop) one xattr, within the reserve."""
+        old = inode.xattrs.get(name) if inode.xattrs else None
+        if not value and name in acl.NAMES:
+            if old is not None:
+                self._drop_xattr(inode, name)
+            return
+        self._charge(xattr_bytes(name, value) - (0 if old is None else xattr_bytes(name, old)))
         if inode.xattrs is None:
             inode.xattrs = {}
-        inode.xattrs[bytes(name)] = bytes(value)
-        inode.touch(self._clock(), ctime=True)
+        inode.xattrs[name] = value
+
+    def _drop_xattr(self, inode: Inode, name: bytes) -> None:
+        assert inode.xattrs is not None
+        self._uncharge(xattr_bytes(name, inode.xattrs.pop(name)))
+        if not inode.xattrs:
+            inode.xattrs = None
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """An extended attribute's value; ENODATA if it is not set."""
         inode = self.get(ino)
-        _xattr_namespace(name)
+        xattr_namespace(name)
         value = inode.xattrs.get(name) if inode.xattrs else None
         if value is None:
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
@@ -475,21 +527,20 @@ class Filesystem:
         self._check_xattr_write(inode, name, ctx)
         if not inode.xattrs or name not in inode.xattrs:
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
-        del inode.xattrs[name]
-        if not inode.xattrs:
-            inode.xattrs = None
+        self._drop_xattr(inode, name)
         inode.touch(self._clock(), ctime=True)
 
     # --- the whole filesystem ------------------------------------------------
 
     def statfs(self) -> StatFs:
         """Real figures: blocks are arena pages (held by files + free for files); the
-        handover's reserve is free but not available, as a filesystem's reserved blocks."""
+        handover's reserve and the metadata's headroom are free but not available, as a
+        filesystem's reserved blocks, so `f_bavail` is the room writes still have."""
         free = self.pool.free_pages()
         ffree = max(self.sb.max_inodes - len(self._inodes), 0)
         return StatFs(f_bsize=PAGE_SIZE, f_frsize=PAGE_SIZE,
                       f_blocks=self.pool.used_pages + free, f_bfree=free,
-                      f_bavail=max(free - self.pool.reserve(), 0),
+                      f_bavail=max(free - self.pool.data_floor(), 0),
                       f_files=self.sb.max_inodes, f_ffree=ffree, f_favail=ffree,
                       f_namemax=NAME_MAX)
 
@@ -529,12 +580,13 @@ class Filesystem:
             raise FsError(errno.ENOENT, f"no entry {name!r} in {d.ino}")
         return self._inodes[ino]
 
-    def _listing(self, d: Inode, after: int) -> Iterator[tuple[int, bytes, Inode]]:
+    def _listing(self, d: Inode, after: int, before: int | None
+                 ) -> Iterator[tuple[int, bytes, Inode]]:
         if after < DOT_COOKIE:
             yield DOT_COOKIE, b".", d
         if after < DOTDOT_COOKIE:
             yield DOTDOT_COOKIE, b"..", self._inodes[d.parent]
-        for cookie, name, ino in _entries(d).entries_after(max(after, DOTDOT_COOKIE)):
+        for cookie, name, ino in _entries(d).entries_after(max(after, DOTDOT_COOKIE), before):
             yield cookie, name, self._inodes[ino]
 
     def _is_within(self, d: Inode, top: Inode) -> bool:
@@ -555,6 +607,7 @@ class Filesystem:
                      nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now,
                      generation=self.sb.ino_generation, dir=Directory(), parent=ROOT_INO)
         self._inodes[ROOT_INO] = root
+        self.reserve.meta_bytes += INODE_BYTES
 
     def _install(self, inodes: Iterable[Inode]) -> None:
         for inode in inodes:
@@ -563,9 +616,30 @@ class Filesystem:
             self._inodes[inode.ino] = inode
             if inode.pages is not None:
                 self.pool.used_pages += inode.pages.npages
+                self.pool.allocations += inode.pages.allocations()
         root = self._inodes.get(ROOT_INO)
         if root is None or root.dir is None:
             raise ValueError("restored inodes have no root directory")
+        self.reserve.meta_bytes += sum(map(inode_table_bytes, self._inodes.values()))
+
+    # --- internals: the handover's reserve ------------------------------------
+
+    def _charge(self, nbytes: int) -> None:
+        """The tree grows by `nbytes` of inode table: ENOSPC (nothing changed) if the
+        handover could then no longer be written into the free pages."""
+        if nbytes > 0 and self.pool.free_pages() < self.pool.reserved_pages(extra_bytes=nbytes):
+            raise FsError(errno.ENOSPC, "the arena has no room left for the handover of "
+                                        f"{nbytes} more bytes of metadata")
+        self.reserve.meta_bytes += nbytes
+
+    def _uncharge(self, nbytes: int) -> None:
+        self.reserve.meta_bytes -= nbytes
+
+    def _check_inode_room(self) -> None:
+        if len(self._inodes) >= self.sb.max_inodes:
+            raise FsError(errno.ENOSPC, f"all {self.sb.max_inodes} inodes are in use")
+
+    # --- internals: creating and dropping ------------------------------------
 
     def _check_new_name(self, d: Inode, name: bytes) -> None:
         _check_name(name)
@@ -582,16 +656,29 @@ class Filesystem:
         is_dir = stat.S_ISDIR(mode)
         if is_dir and d.nlink >= LINK_MAX:
             raise FsError(errno.EMLINK, f"directory {parent} has too many subdirectories")
-        if len(self._inodes) >= self.sb.max_inodes:
-            raise FsError(errno.ENOSPC, f"all {self.sb.max_inodes} inodes are in use")
+        self._check_inode_room()
         gid = ctx.gid
         if d.mode & stat.S_ISGID:
             gid = d.gid
             if is_dir:
                 mode |= stat.S_ISGID
-        now = self._clock()
+        xattrs: dict[bytes, bytes] = {}
+        if d.xattrs and target is None:
+            bits, xattrs = self._inherited_acls(d, mode)
+            mode = mode & ~0o777 | bits
+        self._charge(INODE_BYTES + dirent_bytes(name) + len(target or b"")
+                     + sum(xattr_bytes(k, v) for k, v in xattrs.items()))
+        inode = self._new_inode(d, bytes(name), mode, ctx.uid, gid, self._clock(),
+                                rdev=rdev, target=target)
+        inode.xattrs = xattrs or None
+        return inode
+
+    def _new_inode(self, d: Inode, name: bytes, mode: int, uid: int, gid: int, now: int,
+                   *, rdev: int = 0, target: bytes | None = None) -> Inode:
+        """Enter a new inode as `name` in `d` (checks and reserve already done)."""
+        is_dir = stat.S_ISDIR(mode)
         ino = self.sb.allocate_ino()
-        inode = Inode(ino=ino, mode=intern_int(mode), uid=intern_int(ctx.uid),
+        inode = Inode(ino=ino, mode=intern_int(mode), uid=intern_int(uid),
                       gid=intern_int(gid), nlink=2 if is_dir else 1,
                       atime_ns=now, mtime_ns=now, ctime_ns=now,
                       generation=self.sb.ino_generation, rdev=rdev, target=target,
@@ -601,9 +688,24 @@ class Filesystem:
             inode.parent = d.ino
             d.nlink += 1
         self._inodes[ino] = inode
-        _entries(d).add(bytes(name), ino)
+        _entries(d).add(name, ino)
         d.touch(now, mtime=True, ctime=True)
         return inode
+
+    @staticmethod
+    def _inherited_acls(d: Inode, mode: int) -> tuple[int, dict[bytes, bytes]]:
+        """(permission bits, ACL xattrs) of a new inode of `mode` in directory `d`: what
+        d's default ACL gives it (the mode's own bits and nothing without one)."""
+        default = d.xattrs.get(acl.DEFAULT) if d.xattrs else None
+        if default is None:
+            return mode & 0o777, {}
+        access, bits = acl.inherit(acl.parse(default), mode)
+        xattrs = {}
+        if access is not None:
+            xattrs[acl.ACCESS] = acl.pack(access)
+        if stat.S_ISDIR(mode):
+            xattrs[acl.DEFAULT] = default
+        return bits & 0o777, xattrs
 
     def _drop_name(self, d: Inode, inode: Inode, now: int) -> None:
         """`inode` lost its name in `d` to a rename over it."""
@@ -621,6 +723,7 @@ class Filesystem:
         if inode.pages is not None:
             inode.pages.release(self.pool)
             inode.pages = None
+        self._uncharge(inode_table_bytes(inode))
         del self._inodes[inode.ino]
 
     # --- internals: rename ---------------------------------------------------
@@ -712,21 +815,44 @@ class Filesystem:
             inode.size = end
 
     def _accessed(self, inode: Inode) -> None:
-        """relatime: atime moves if it is not newer than mtime or ctime, or a day old."""
+        """A read or readdir: atime moves as the mount's atime policy says (relatime:
+        if it is not newer than mtime or ctime, or a day old)."""
+        policy = self.atime
+        if policy.mode is AtimeMode.NOATIME or (inode.is_dir and not policy.directories):
+            return
         now = self._clock()
         atime = inode.atime_ns
-        if atime <= inode.mtime_ns or atime <= inode.ctime_ns or now - atime >= RELATIME_NS:
+        if (policy.mode is AtimeMode.STRICTATIME or atime <= inode.mtime_ns
+                or atime <= inode.ctime_ns or now - atime >= RELATIME_NS):
             inode.atime_ns = now
+
+    def _chmod_acl(self, inode: Inode) -> None:
+        """Keep an access ACL in step with a new mode (a chmod)."""
+        value = inode.xattrs.get(acl.ACCESS) if inode.xattrs else None
+        if value is not None:
+            inode.xattrs[acl.ACCESS] = acl.pack(acl.chmod(acl.parse(value), inode.mode))
 
     def _check_xattr_write(self, inode: Inode, name: bytes, ctx: Ctx) -> None:
         """The Linux rules for changing an xattr: user.* only on regular files and
         directories, trusted.* only by root. (Write permission on the inode is the
         kernel's check.)"""
-        namespace = _xattr_namespace(name)
+        namespace = xattr_namespace(name)
         if namespace == b"user." and not (inode.is_reg or inode.is_dir):
             raise FsError(errno.EPERM, "user.* xattrs exist only on files and directories")
         if namespace == b"trusted." and ctx.uid != 0:
             raise FsError(errno.EPERM, "trusted.* xattrs need root")
+
+
+def inode_table_bytes(inode: Inode) -> int:
+    """The bound of what `inode` adds to a handover's inode table (`HandoverReserve`):
+    its records, a directory's entries, a symlink's target, its xattrs (the extents are
+    the page pool's to count)."""
+    total = INODE_BYTES + len(inode.target or b"")
+    if inode.dir is not None:
+        total += DIRENT_BYTES * len(inode.dir) + sum(map(len, inode.dir.names()))
+    if inode.xattrs:
+        total += sum(xattr_bytes(k, v) for k, v in inode.xattrs.items())
+    return total
 
 
 def _entries(d: Inode) -> Directory:
@@ -742,7 +868,7 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, f"bad name {name!r}")
 
 
-def _xattr_namespace(name: bytes) -> bytes:
+def xattr_namespace(name: bytes) -> bytes:
     """The namespace prefix of an xattr name, after checking the name."""
     if not name or len(name) > XATTR_NAME_MAX:
         raise FsError(errno.ERANGE, f"xattr name of {len(name)} bytes")
@@ -750,6 +876,8 @@ def _xattr_namespace(name: bytes) -> bytes:
         if name.startswith(prefix):
             if len(name) == len(prefix):
                 raise FsError(errno.EINVAL, f"xattr name {name!r} is only a namespace")
+            if prefix == b"system." and name not in acl.NAMES:
+                break       # of system.*, only the POSIX ACLs exist here
             return prefix
     raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} is not supported")
 

@@ -8,8 +8,9 @@ Every handler goes through `_handler`, which
   ends ``pyfuse3.main`` on anything that is not a `pyfuse3.FUSEError` and the mount
   must stay up.
 
-File handles are inode numbers: the core counts opens per inode, so the adapter keeps
-no table of its own (and there is nothing per-open that the core does not know).
+File and directory handles are numbers into a table of what one open needs beyond the
+inode (the core counts opens per inode): whether a file was opened with ``O_DIRECT``, and
+where a directory walk ends.
 
 Test hook (only when the daemon runs with ``GUESTFS_TEST_HOOKS=1``): setting the
 extended attribute ``user.guestfs.debug-raise`` on the root directory raises a
@@ -22,8 +23,10 @@ from __future__ import annotations
 import enum
 import errno
 import functools
+import itertools
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -48,7 +51,7 @@ DEBUG_RAISE_XATTR = b"user.guestfs.debug-raise"
 
 # Every change goes through this one kernel mount, so the kernel's caches are never
 # stale because of someone else; the timeouts only bound how long attributes the core
-# computes on its own (ctime, st_blocks) may lag. One second keeps `stat` cheap for a
+# computes on its own (times, st_blocks) may lag. One second keeps `stat` cheap for a
 # burst of calls and still shows other uids (allow_other) fresh figures promptly.
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
@@ -59,10 +62,14 @@ T = TypeVar("T")
 class Traffic(enum.Enum):
     """Which requests a partly frozen gate still lets through."""
 
-    # What syncfs needs to drain the page cache: write, and setattr (writeback of a
-    # dirty inode sends its mtime/ctime as SETATTR), plus flush/fsync/release/forget.
+    # What syncfs needs to drain the page cache (dirty pages of shared writable
+    # mappings): write and setattr, plus flush/fsync/release/forget.
     WRITEBACK = enum.auto()
     GENERAL = enum.auto()  # everything else
+    # Requests that touch only the adapter's own handles, never the filesystem (closing
+    # a directory): always admitted, so that the directory the quiesce itself opened
+    # closes while requests are held.
+    HANDLES = enum.auto()
 
 
 class RequestGate:
@@ -101,7 +108,8 @@ class RequestGate:
 
     def freeze(self, *, admit_writeback: bool = False) -> None:
         """Hold new requests (all, or all but writeback) at the gate."""
-        self._admitted = frozenset({Traffic.WRITEBACK}) if admit_writeback else frozenset()
+        admitted = {Traffic.HANDLES, Traffic.WRITEBACK} if admit_writeback else {Traffic.HANDLES}
+        self._admitted = frozenset(admitted)
         self._notify()
 
     def thaw(self) -> None:
@@ -225,14 +233,46 @@ def _negative_entry() -> pyfuse3.EntryAttributes:
     return attr
 
 
+def _quietly(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except OSError as e:
+        log.warning("cache invalidation failed: %s", e)
+
+
 def _ctx(ctx: pyfuse3.RequestContext) -> Ctx:
     return Ctx(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, umask=ctx.umask)
 
 
-class Operations(pyfuse3.Operations):
-    """pyfuse3 request handlers over a `Filesystem`."""
+@dataclass(slots=True)
+class OpenFile:
+    """One open of a regular file (or other non-directory)."""
 
-    enable_writeback_cache = True
+    ino: int
+    direct: bool        # opened with O_DIRECT: its writes bypass the kernel's page cache
+
+
+@dataclass(slots=True)
+class OpenDir:
+    """One open of a directory: the cookie bound of the walk under way (`readdir_end`)."""
+
+    ino: int
+    end: int | None = None
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers over a `Filesystem`.
+
+    No writeback cache: every write(2) reaches `write` before it returns, so a write the
+    arena cannot hold fails with ENOSPC where the writer sees it, and every time is
+    stamped here, from one clock. POSIX ACLs are on (the kernel enforces them, the core
+    keeps them), and lookups of ``.`` make file handles (NFS export, open_by_handle_at)
+    work.
+    """
+
+    enable_writeback_cache = False
+    enable_acl = True
+    supports_dot_lookup = True
 
     def __init__(self, fs: Filesystem, gate: RequestGate | None = None,
                  config: AdapterConfig | None = None) -> None:
@@ -242,6 +282,25 @@ class Operations(pyfuse3.Operations):
         self.config = config or AdapterConfig()
         #: Called when the kernel's INIT request arrives: the moment the mount answers.
         self.on_init: Callable[[], None] | None = None
+        self._handles: dict[int, OpenFile | OpenDir] = {}
+        self._fh_counter = itertools.count(1)
+
+    def _open_handle(self, handle: OpenFile | OpenDir) -> int:
+        fh = next(self._fh_counter)
+        self._handles[fh] = handle
+        return fh
+
+    def _file(self, fh: int) -> OpenFile:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, OpenFile):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    def _dir_handle(self, fh: int) -> OpenDir:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, OpenDir):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
 
     def init(self) -> None:
         """pyfuse3 calls this on the kernel's INIT request."""
@@ -279,8 +338,8 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        # UTIME_NOW is already resolved into attr by pyfuse3. With the writeback cache the
-        # kernel keeps mtime and ctime itself and flushes both here: store what it showed.
+        # UTIME_NOW is already resolved into attr by pyfuse3, from CLOCK_REALTIME (the
+        # core's clock too).
         changed = self.fs.setattr(
             inode, _ctx(ctx),
             mode=attr.st_mode if fields.update_mode else None,
@@ -337,26 +396,53 @@ class Operations(pyfuse3.Operations):
         if self.config.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
         self.fs.open(inode, flags)
-        # keep_cache: every write passes through this kernel, so its page cache is never
-        # stale. direct_io stays off: clients (QEMU share=on) need page-cache mmap.
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
+        return self._file_info(inode, flags)
 
     @_handler(mutates=True)
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         inode = self.fs.create(parent_inode, name, mode, _ctx(ctx))
         self.fs.open(inode.ino, flags)
-        return pyfuse3.FileInfo(fh=inode.ino, keep_cache=True, direct_io=False), self._entry(inode)
+        return self._file_info(inode.ino, flags), self._entry(inode)
+
+    def _file_info(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        # keep_cache: every write passes through this kernel, so its page cache is never
+        # stale. direct_io stays off: clients (QEMU share=on) need page-cache mmap.
+        handle = OpenFile(ino, direct=bool(flags & os.O_DIRECT))
+        return pyfuse3.FileInfo(fh=self._open_handle(handle), keep_cache=True,
+                                direct_io=False)
 
     @_handler()
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        return self.fs.read(fh, off, size)
+        ino = self._file(fh).ino
+        return self.fs.read(ino, off, size)
 
     @_handler(Traffic.WRITEBACK, mutates=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        # enable_writeback_cache: the kernel owns mtime/ctime and sends them by setattr,
-        # and it ignores a short count on writeback: all of it, or ENOSPC.
-        return self.fs.write(fh, off, buf, touch_times=False, whole=True)
+        handle = self._file(fh)
+        written = self.fs.write(handle.ino, off, buf)
+        if handle.direct:
+            await self._drop_cached_pages(handle.ino)
+        return written
+
+    async def _drop_cached_pages(self, ino: int) -> None:
+        """After an O_DIRECT write, before it completes: drop the file's cached pages.
+
+        A buffered reader may have cached the old bytes while the write was in flight,
+        and the kernel does not invalidate after an asynchronous direct write (the new
+        mtime makes it drop them on its next attribute check, but a read can slip in
+        before that). In a worker thread: the kernel waits for pages that reads in
+        flight hold, and those reads need this loop. While a kexec holds requests at
+        the gate such a read may wait there, so then it is not waited for.
+        """
+        invalidate = functools.partial(pyfuse3.invalidate_inode, ino, False)
+        if self.gate.frozen:
+            threading.Thread(target=_quietly, args=(invalidate,), daemon=True).start()
+            return
+        try:
+            await trio.to_thread.run_sync(invalidate)
+        except OSError as e:
+            log.warning("could not drop the cached pages of inode %d: %s", ino, e)
 
     @_handler(Traffic.WRITEBACK)
     async def flush(self, fh: int) -> None:
@@ -368,26 +454,33 @@ class Operations(pyfuse3.Operations):
 
     @_handler(Traffic.WRITEBACK)
     async def release(self, fh: int) -> None:
-        self.fs.release(fh)
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, OpenFile):
+            self.fs.release(handle.ino)
 
     # --- directories -------------------------------------------------------------
 
     @_handler()
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return inode
+        self.fs.readdir_end(inode)          # ENOTDIR, ENOENT
+        return self._open_handle(OpenDir(inode))
 
     @_handler()
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for cookie, name, inode in self.fs.readdir(fh, start_id):
+        handle = self._dir_handle(fh)
+        if start_id == 0 or handle.end is None:
+            # A walk begins (opendir or rewinddir): it ends at the entries there are now.
+            handle.end = self.fs.readdir_end(handle.ino)
+        for cookie, name, inode in self.fs.readdir(handle.ino, start_id, handle.end):
             if not pyfuse3.readdir_reply(token, name, entry_attributes(inode), cookie):
                 return
             # The kernel takes a lookup reference for every entry but "." and "..".
             if name not in (b".", b".."):
                 self.fs.ref(inode.ino)
 
-    @_handler()
+    @_handler(Traffic.HANDLES)
     async def releasedir(self, fh: int) -> None:
-        """Nothing to do: directory handles carry no state."""
+        self._handles.pop(fh, None)
 
     @_handler(Traffic.WRITEBACK)
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -20,11 +20,14 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 
-from guestfs.directory import Directory
-from guestfs.filesystem import NAME_MAX, SYMLINK_MAX, Filesystem
+from guestfs import acl
+from guestfs.directory import FIRST_COOKIE, Directory
+from guestfs.errors import FsError
+from guestfs.filesystem import (LINK_MAX, NAME_MAX, SYMLINK_MAX, TIME_MAX_NS, TIME_MIN_NS,
+                                XATTR_SIZE_MAX, Filesystem, xattr_namespace)
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
-from guestfs.pagemap import PageMap
-from guestfs.superblock import Superblock
+from guestfs.pagemap import FOLIO_ORDER, PageMap
+from guestfs.superblock import MAX_FILE_SIZE, Superblock
 from kho_backend.chain import free_chain, walk_chain, write_chain
 from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
@@ -43,7 +46,17 @@ INODE_TABLE_MAGIC = b"GFIT"
 ATTRS = ("ino", "mode", "uid", "gid", "nlink", "atime_ns", "mtime_ns", "ctime_ns",
          "generation", "size", "rdev")
 _attrs_of = operator.attrgetter(*ATTRS)
+_TIME_COLUMNS = (5, 6, 7)
 _EXTENT_FIELDS = 4   # file_pgoff, pfn, npages, order
+U32_END = 1 << 32
+U63_END = 1 << 63
+# The range of each attribute column: [low, high).
+_ATTR_RANGES = {
+    "ino": (ROOT_INO, U63_END), "mode": (0, 1 << 16), "uid": (0, U32_END),
+    "gid": (0, U32_END), "nlink": (1, LINK_MAX + 1), "atime_ns": (TIME_MIN_NS, TIME_MAX_NS + 1),
+    "mtime_ns": (TIME_MIN_NS, TIME_MAX_NS + 1), "ctime_ns": (TIME_MIN_NS, TIME_MAX_NS + 1),
+    "generation": (0, U32_END), "size": (0, MAX_FILE_SIZE + 1), "rdev": (0, U32_END),
+}
 
 
 @dataclass
@@ -132,9 +145,23 @@ def encode_table(fs: Filesystem) -> EncodedTable:
     extents = [e for _, ext in files for e in ext]
     doc = {"attrs": list(map(_attrs_of, inodes)), "dirs": dirs, "symlinks": links,
            "files": files, "xattrs": xattrs}
-    return EncodedTable(payload=msgpack.packb(doc, use_bin_type=True), inodes=len(inodes),
-                        dirents=dirents, extents=len(extents),
-                        data_pfns=extent_heads(extents))
+    try:
+        payload = msgpack.packb(doc, use_bin_type=True)
+    except OverflowError:
+        # A time beyond what a msgpack integer holds (before 1970 - 292 years or after
+        # 2554): those go as msgpack timestamps. Rare, so only then row by row.
+        doc["attrs"] = [_portable_times(row) for row in doc["attrs"]]
+        payload = msgpack.packb(doc, use_bin_type=True)
+    return EncodedTable(payload=payload, inodes=len(inodes), dirents=dirents,
+                        extents=len(extents), data_pfns=extent_heads(extents))
+
+
+def _portable_times(row: tuple) -> tuple:
+    out = list(row)
+    for i in _TIME_COLUMNS:
+        if not -U63_END <= out[i] < U63_END:
+            out[i] = msgpack.Timestamp.from_unix_nano(out[i])
+    return tuple(out)
 
 
 def extent_heads(extents: list[tuple[int, int, int, int]]) -> dict[int, np.ndarray]:
@@ -220,6 +247,16 @@ def read_superblock(blob: bytes) -> HandedOver:
         next_ino=r.u64(root, "next-ino"), ino_generation=r.u64(root, "ino-generation"),
         created_ns=r.u64(root, "created-ns"),
         options=dict(kv.split("=", 1) for kv in options.split(",") if kv))
+    for name, value, low, end in (("max-inodes", sb.max_inodes, 1, U32_END),
+                                  ("max-file-size", sb.max_file_size, 1, MAX_FILE_SIZE + 1),
+                                  ("next-ino", sb.next_ino, ROOT_INO + 1, U63_END),
+                                  ("ino-generation", sb.ino_generation, 0, U32_END),
+                                  ("generation", sb.generation, 1, U63_END)):
+        if not low <= value < end:
+            raise HandoverError(f"the guestfs sub-FDT's {name} is {value}, outside "
+                                f"[{low}, {end})")
+    # Releases before 0.2 bounded files by the arena size; sparse files need no room.
+    sb.max_file_size = MAX_FILE_SIZE
     return HandedOver(sb=sb, inode_count=r.u64(root, "inode-count"),
                       dirent_count=r.u64(root, "dirent-count"),
                       extent_count=r.u64(root, "extent-count"),
@@ -273,17 +310,19 @@ def _build(kernel: Kernel, sb: Superblock, inodes: list[Inode]) -> Filesystem:
 
 
 def decode_table(payload: bytes, meta: HandedOver) -> tuple[list[Inode], list]:
-    """Inodes (page maps included) and all extents from an inode table."""
+    """Inodes (page maps included) and all extents from an inode table, every value's
+    type and range checked: a handover with valid checksums may still come from a buggy
+    or hostile writer."""
     try:
         doc = msgpack.unpackb(payload, raw=False, use_list=False, strict_map_key=False)
-        _check_attrs(doc["attrs"])
-        inodes = {row[0]: _inode(row) for row in doc["attrs"]}
-        if len(inodes) != len(doc["attrs"]):
+        rows = _checked_attrs(doc["attrs"], meta.sb.next_ino)
+        inodes = {row[0]: _inode(row) for row in rows}
+        if len(inodes) != len(rows):
             raise ValueError("an inode number appears twice")
         dirents = _attach_dirs(inodes, doc["dirs"])
         _attach(inodes, doc["symlinks"], "target", stat.S_ISLNK, _valid_target)
         _attach(inodes, doc["xattrs"], "xattrs", None, _valid_xattrs)
-        extents = _attach_files(inodes, doc["files"], meta.sb.max_file_size)
+        extents = _attach_files(inodes, doc["files"])
     except HandoverError:
         raise
     except Exception as e:      # any malformed record, whatever it trips over
@@ -294,26 +333,45 @@ def decode_table(payload: bytes, meta: HandedOver) -> tuple[list[Inode], list]:
     return list(inodes.values()), extents
 
 
-def _check_attrs(rows: tuple) -> None:
-    # One pass over all records at C speed: this runs for every inode of the machine.
+def _checked_attrs(rows: tuple, next_ino: int) -> list[tuple]:
+    """The attribute rows, times as int nanoseconds, each column within its range."""
+    # One pass per column at C speed: this runs for every inode of the machine.
     if set(map(len, rows)) - {len(ATTRS)}:
         raise ValueError(f"an inode record does not have {len(ATTRS)} fields")
     if set(map(type, itertools.chain.from_iterable(rows))) - {int}:
-        raise ValueError("an inode record holds something other than integers")
+        rows = [_ns_times(row) for row in rows]
+    for (name, (low, end)), column in zip(_ATTR_RANGES.items(), zip(*rows)):
+        if name == "ino":
+            end = next_ino
+        if min(column) < low or max(column) >= end:
+            bad = next(v for v in column if not low <= v < end)
+            raise ValueError(f"an inode's {name} is {bad}, outside [{low}, {end})")
+    return list(rows)
+
+
+def _ns_times(row: tuple) -> tuple:
+    """A row whose times may be msgpack timestamps, with int nanoseconds throughout;
+    ValueError for anything else that is not an int (a bool included)."""
+    out = list(row)
+    for i, value in enumerate(out):
+        if i in _TIME_COLUMNS and type(value) is msgpack.Timestamp:
+            out[i] = value.to_unix_nano()
+        elif type(value) is not int:
+            raise ValueError(f"an inode record holds a {type(value).__name__} as its "
+                             f"{ATTRS[i]}")
+    return tuple(out)
 
 
 def _inode(row: tuple) -> Inode:
     ino, mode, uid, gid, *rest = row
     FileType.of(mode)                     # ValueError for a mode that names no type
-    if min(row) < 0:
-        raise ValueError(f"inode {ino} has a negative field")
     return Inode(ino, intern_int(mode), intern_int(uid), intern_int(gid), *rest)
 
 
 def _owner(inodes: dict[int, Inode], ino: Any, what: str, test) -> Inode:
-    inode = inodes.get(ino)
+    inode = inodes.get(ino) if type(ino) is int else None
     if inode is None:
-        raise ValueError(f"{what} record for inode {ino}, which has no attributes")
+        raise ValueError(f"{what} record for inode {ino!r}, which has no attributes")
     if test is not None and not test(inode.mode):
         raise ValueError(f"{what} record for inode {ino} of mode {inode.mode:o}")
     return inode
@@ -323,8 +381,12 @@ def _attach_dirs(inodes: dict[int, Inode], dirs: tuple) -> int:
     count = 0
     for ino, parent, next_cookie, entries in dirs:
         inode = _owner(inodes, ino, "directory", stat.S_ISDIR)
-        for name, _, _ in entries:
+        _owner(inodes, parent, "parent directory", stat.S_ISDIR)
+        _check_ints("directory", ino, next_cookie, low=FIRST_COOKIE, end=U63_END)
+        for name, child, cookie in entries:
             _check_name(name)
+            _check_ints("directory entry", ino, child, low=ROOT_INO, end=U63_END)
+            _check_ints("directory entry", ino, cookie, low=FIRST_COOKIE, end=U63_END)
         inode.dir = Directory.from_entries(entries, next_cookie)
         inode.parent = parent
         count += len(entries)
@@ -332,6 +394,13 @@ def _attach_dirs(inodes: dict[int, Inode], dirs: tuple) -> int:
     if missing:
         raise ValueError(f"directory {missing[0]} has no entries record")
     return count
+
+
+def _check_ints(what: str, ino: int, *values: Any, low: int, end: int) -> None:
+    for value in values:
+        if type(value) is not int or not low <= value < end:
+            raise ValueError(f"a {what} of inode {ino} holds {value!r}, not an integer in "
+                             f"[{low}, {end})")
 
 
 def _check_name(name: Any) -> None:
@@ -348,21 +417,37 @@ def _attach(inodes: dict[int, Inode], records: tuple, attr: str, test, valid) ->
 
 
 def _valid_target(value: Any) -> bool:
-    return isinstance(value, bytes) and 0 < len(value) <= SYMLINK_MAX
+    return isinstance(value, bytes) and 0 < len(value) <= SYMLINK_MAX and b"\0" not in value
 
 
 def _valid_xattrs(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(k, bytes) and isinstance(v, bytes) for k, v in value.items())
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, bytes) and isinstance(v, bytes) and _valid_xattr(k, v)
+        for k, v in value.items())
 
 
-def _attach_files(inodes: dict[int, Inode], files: tuple, max_file_size: int) -> list:
+def _valid_xattr(name: bytes, value: bytes) -> bool:
+    try:
+        xattr_namespace(name)
+        if name in acl.NAMES:
+            acl.parse(value)
+    except (FsError, ValueError):
+        return False
+    return len(value) <= XATTR_SIZE_MAX
+
+
+def _attach_files(inodes: dict[int, Inode], files: tuple) -> list:
     extents: list = []
-    last_page = max_file_size // PAGE_SIZE + (1 << 9)   # a folio may pass the end
+    last_page = MAX_FILE_SIZE // PAGE_SIZE + (1 << FOLIO_ORDER)   # a folio may pass the end
     for ino, ext in files:
-        if any(pgoff < 0 or npages <= 0 or pgoff + npages > last_page
-               for pgoff, _, npages, _ in ext):
-            raise ValueError(f"inode {ino} maps pages beyond the largest file size")
+        for extent in ext:
+            if len(extent) != _EXTENT_FIELDS or any(type(v) is not int for v in extent):
+                raise ValueError(f"inode {ino} has an extent {extent!r} that is not "
+                                 f"{_EXTENT_FIELDS} integers")
+            pgoff, _, npages, order = extent
+            if pgoff < 0 or npages <= 0 or pgoff + npages > last_page \
+                    or order not in (0, FOLIO_ORDER):
+                raise ValueError(f"inode {ino} has an impossible extent {extent!r}")
         inode = _owner(inodes, ino, "page map", stat.S_ISREG)
         inode.pages = PageMap.from_extents(ext)
         extents.extend(ext)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from guestfs import mounts
 from guestfs.fuse_ops import RequestGate
 
 if TYPE_CHECKING:
@@ -85,19 +86,34 @@ def describe_holders(found: dict[int, str]) -> str:
     return ", ".join(f"{pid} ({name})" for pid, name in sorted(found.items()))
 
 
-async def quiesce(gate: RequestGate, root_fd: int, syncfs) -> None:
+async def quiesce(gate: RequestGate, root_fd: int, mountpoint: Path) -> list[str]:
     """Flush, then freeze: no acknowledged write is lost, no request is half done.
 
-    The kernel's dirty pages reach us as write requests during ``syncfs``, so only
-    writeback is admitted while it runs; then everything waits at the gate and we wait
-    for what is in flight. `root_fd` is opened before the freeze (opening the mount sends
-    a request of its own).
+    The kernel's dirty pages (of shared writable mappings) reach us as write requests
+    during ``syncfs``, so only writeback is admitted while it runs; then everything
+    waits at the gate and we wait for what is in flight. `root_fd` is opened before the
+    freeze (opening the mount sends a request of its own).
+
+    A write-back that failed (the arena was full when a mapped page came back) belongs
+    to the process that wrote the page, whose msync or fsync reports it; it does not
+    hold up the handover of everything that was stored, and comes back as a warning.
     """
     gate.freeze(admit_writeback=True)
     # Abandoned (not waited for) if the caller's deadline passes.
-    await trio.to_thread.run_sync(syncfs, root_fd, abandon_on_cancel=True)
+    warning = await trio.to_thread.run_sync(_flush, root_fd, mountpoint,
+                                            abandon_on_cancel=True)
     gate.freeze()
     await gate.wait_idle()
+    return [warning] if warning else []
+
+
+def _flush(root_fd: int, mountpoint: Path) -> str | None:
+    try:
+        mounts.syncfs(root_fd, mountpoint)
+    except OSError as e:
+        return (f"writing back mapped pages of {mountpoint} failed ({e.strerror}); the "
+                f"processes that wrote them see that error, what was stored is kept")
+    return None
 
 
 @dataclass(frozen=True)

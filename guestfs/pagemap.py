@@ -34,7 +34,7 @@ so extending a file (by truncate or by a write past EOF) reveals only zeros.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +43,7 @@ from kho_backend.errors import OutOfMemory
 from kho_backend.units import PAGE_SIZE
 
 if TYPE_CHECKING:
+    from guestfs.reserve import HandoverReserve
     from kho_backend.arena import Arena
     from kho_backend.page_alloc import PageAllocator
 
@@ -64,37 +65,54 @@ _ZEROS = memoryview(bytes(REGION_SIZE))
 class PagePool:
     """The arena pages files are made of: allocation, freeing and views.
 
-    One pool is shared by all page maps of a filesystem; it counts the pages they hold.
-    File pages are unmovable allocations (they are preserved across kexec in place).
+    One pool is shared by all page maps of a filesystem; it counts the pages and the
+    blocks (pages or folios) they hold. File pages are unmovable allocations (they are
+    preserved across kexec in place). With a `HandoverReserve`, the pages the next
+    handover needs are never given to files.
     """
 
     def __init__(self, arena: Arena, allocator: PageAllocator,
-                 reserve: Callable[[], int] = lambda: 0) -> None:
+                 reserve: HandoverReserve | None = None) -> None:
         self.arena = arena
         self.allocator = allocator
         self.used_pages = 0
-        #: Pages file data may not take (the room a handover needs), asked at each alloc.
+        #: Blocks (pages or folios) allocated: each extent of a page map covers one or more.
+        self.allocations = 0
         self.reserve = reserve
+
+    def reserved_pages(self, extra_blocks: int = 0, extra_bytes: int = 0) -> int:
+        """Pages kept back for the handover (with that much more in the tree)."""
+        if self.reserve is None:
+            return 0
+        return self.reserve.pages(self.allocations + extra_blocks, extra_bytes)
+
+    def data_floor(self, extra_blocks: int = 0) -> int:
+        """Free pages file data leaves alone: the reserve and the metadata's headroom."""
+        if self.reserve is None:
+            return 0
+        return self.reserved_pages(extra_blocks) + self.reserve.headroom_pages
 
     def alloc(self, order: int) -> int | None:
         """Allocate a block of 2**order pages (contents undefined); None when none is free
-        or when it would eat into the reserve."""
-        if self.free_pages() - (1 << order) < self.reserve():
+        or when it would eat into what is kept for the handover and for metadata."""
+        if self.free_pages() - (1 << order) < self.data_floor(extra_blocks=1):
             return None
         try:
             pfn = self.allocator.alloc(order)
         except OutOfMemory:
             return None
         self.used_pages += 1 << order
+        self.allocations += 1
         return pfn
 
     def free(self, pfn: int, order: int) -> None:
         """Give a block back to the allocator."""
         self.allocator.free(pfn, order)
         self.used_pages -= 1 << order
+        self.allocations -= 1
 
     def free_pages(self) -> int:
-        """Pages a file allocation could still get."""
+        """Pages a file allocation could still get, the reserve included."""
         return self.allocator.free_pages(movable=False)
 
     def view(self, pfn: int, offset: int, length: int) -> memoryview:
@@ -113,13 +131,14 @@ class PagePool:
 class PageMap:
     """File page index -> PFN for one regular file (see the module docstring)."""
 
-    # Region 0 lives in its own slot and the rest in a list made only when the file
-    # reaches past 2 MiB: a small file's map is this object and one short PFN array.
+    # Region 0 lives in its own slot and the rest in a dict (region index -> entry, holes
+    # absent) made only when the file reaches past 2 MiB: a small file's map is this
+    # object and one short PFN array, and a sparse file costs only the regions it uses.
     __slots__ = ("_head", "_npages", "_tail")
 
     def __init__(self) -> None:
         self._head: Region = None
-        self._tail: list[Region] | None = None
+        self._tail: dict[int, Region] | None = None
         self._npages = 0
 
     # --- queries ---------------------------------------------------------------
@@ -132,6 +151,11 @@ class PageMap:
     def blocks(self) -> int:
         """Allocated 512-byte blocks, for `st_blocks`."""
         return self._npages * SECTORS_PER_PAGE
+
+    def allocations(self) -> int:
+        """Blocks (order-0 pages and folios) the map holds, as the pool counts them."""
+        folios = sum(isinstance(entry, int) for _, entry in self._entries())
+        return self._npages - folios * (REGION_PAGES - 1)
 
     def read(self, pool: PagePool, off: int, size: int) -> bytes | memoryview:
         """The bytes [off, off + size); holes read as zeros.
@@ -184,28 +208,31 @@ class PageMap:
         """Drop everything past `new_size`: whole pages and folios are freed, the bytes
         past `new_size` in the last kept page (or kept folio) are zeroed."""
         keep = -(-new_size // REGION_SIZE)
-        for r in range(keep, self._nregions()):
-            self._free_region(pool, r)
+        for r in self._region_indexes():
+            if r >= keep:
+                self._free_region(pool, r)
         cut = new_size - (keep - 1) * REGION_SIZE
         if keep and cut < REGION_SIZE:
             self._clear(pool, keep - 1, cut, REGION_SIZE)
-        self._trim()
 
     def punch_hole(self, pool: PagePool, off: int, length: int) -> None:
         """Make [off, off + length) a hole: whole pages and folios inside it are freed,
         the bytes of partly covered ones are zeroed."""
-        for r, a, b in _region_spans(off, min(off + length, self._nregions() * REGION_SIZE)):
+        end = off + length
+        for r in self._region_indexes():
+            base = r * REGION_SIZE
+            a, b = max(off, base) - base, min(end, base + REGION_SIZE) - base
+            if a >= b:
+                continue
             if a == 0 and b == REGION_SIZE:
                 self._free_region(pool, r)
             else:
                 self._clear(pool, r, a, b)
-        self._trim()
 
     def release(self, pool: PagePool) -> None:
         """Free every page; the map is empty afterwards."""
-        for r in range(self._nregions()):
+        for r in self._region_indexes():
             self._free_region(pool, r)
-        self._trim()
 
     # --- the handover's view ---------------------------------------------------
 
@@ -261,50 +288,40 @@ class PageMap:
 
     # --- internals: the region table --------------------------------------------
 
-    def _nregions(self) -> int:
-        """One past the last region that may hold pages."""
-        if self._tail:
-            return 1 + len(self._tail)
-        return 0 if self._head is None else 1
+    def _region_indexes(self) -> list[int]:
+        """The regions that hold pages, in file order."""
+        head = [0] if self._head is not None else []
+        return head + sorted(self._tail) if self._tail else head
 
     def _region(self, r: int) -> Region:
         if r == 0:
             return self._head
-        tail = self._tail
-        return tail[r - 1] if tail is not None and r <= len(tail) else None
+        return self._tail.get(r) if self._tail else None
 
     def _set_region(self, r: int, entry: Region) -> None:
         if r == 0:
             self._head = entry
-            return
-        if self._tail is None:
-            self._tail = []
-        if r > len(self._tail):
-            self._tail.extend([None] * (r - len(self._tail)))
-        self._tail[r - 1] = entry
+        elif entry is not None:
+            if self._tail is None:
+                self._tail = {}
+            self._tail[r] = entry
+        elif self._tail:
+            self._tail.pop(r, None)
+            if not self._tail:
+                self._tail = None
 
     def _entries(self) -> Iterator[tuple[int, int | array]]:
         """(region, entry) of every region that is not a hole, in file order."""
-        if self._head is not None:
-            yield 0, self._head
-        for r, entry in enumerate(self._tail or (), 1):
-            if entry is not None:
-                yield r, entry
-
-    def _trim(self) -> None:
-        """Drop trailing hole regions (and the tail list once it holds nothing)."""
-        tail = self._tail
-        while tail and tail[-1] is None:
-            tail.pop()
-        if not tail:
-            self._tail = None
+        for r in self._region_indexes():
+            entry = self._region(r)
+            assert entry is not None
+            yield r, entry
 
     def _tidy(self, r: int) -> None:
         """Drop what a failed allocation left in region r: trailing holes of its page
-        array, an array with no page at all, trailing hole regions."""
+        array, or the array itself when it holds no page at all."""
         if isinstance(self._region(r), array):
             self._shrink(r)
-        self._trim()
 
     def _pages_of(self, r: int) -> array:
         """Region r, known to be a page array."""
@@ -409,7 +426,6 @@ class PageMap:
                 touched.add(r)
         for r in touched:
             self._tidy(r)
-        self._trim()
 
     # --- internals: data ----------------------------------------------------------
 

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from guestfs.inode import ROOT_INO
 from kho_backend.units import PAGE_SIZE
 
+#: The largest file size, as the kernel's MAX_LFS_FILESIZE (tmpfs has the same): files
+#: are sparse, and only pages actually written need room in the arena.
+MAX_FILE_SIZE = (1 << 63) - 1
+
 
 @dataclass(slots=True)
 class Superblock:
@@ -18,8 +22,8 @@ class Superblock:
     `generation` counts the handovers the filesystem has been through. `next_ino` is
     never lowered, so an inode number is never reused within a filesystem, and every
     inode carries `ino_generation` (random per filesystem) as its generation number.
-    `max_file_size` is the arena size: a file larger than the machine's memory could
-    never be stored, so such sizes answer EFBIG rather than ENOSPC. `options` are the
+    `max_file_size` is `MAX_FILE_SIZE` (handovers from releases before 0.2 recorded the
+    arena size there; a restore lifts it). `options` are the
     mount options the filesystem was made with; ``mode`` (octal), ``uid`` and ``gid``
     set the root directory's when formatting (default 755, the daemon's own ids).
     """
@@ -46,7 +50,7 @@ class Superblock:
         return cls(
             uuid=str(_uuid.uuid4()),
             max_inodes=max_inodes,
-            max_file_size=arena_size,
+            max_file_size=MAX_FILE_SIZE,
             ino_generation=secrets.randbits(31) + 1,
             created_ns=time.time_ns(),
             options=dict(options or {}),

@@ -80,7 +80,8 @@ class Arena:
         """Create a new sparse arena file (mode 0600); ArenaError if it already exists."""
         check_geometry(size, nodes)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600)
         except OSError as e:
             raise ArenaError(f"Cannot create the arena {path}: {e.strerror}.") from e
         try:
@@ -95,7 +96,7 @@ class Arena:
     def open(cls, path: Path, nodes: int = 1) -> Arena:
         """Map an existing arena file read-write (no header check; see machine.py)."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
             raise ArenaError(f"Cannot open the arena {path}: {e.strerror}.") from e
         try:

@@ -139,13 +139,16 @@ class Kexec:
 
     # -- prepare / abort --------------------------------------------------------------------
 
-    def prepare(self, phases: dict[str, int]) -> None:
+    def prepare(self, phases: dict[str, int], *, exec: bool = True) -> None:
         """Finalize KHO, add kexec-metadata, write the boot parameters (HANDED_OVER).
 
         ``phases`` holds the caller's timings so far (ns, e.g. "quiesce"); this adds
         "serialize" (participants), "finalize" (memory map and root FDT) and
         "boot-params" to it, and records them all in kexec-metadata.  On any failure
         everything is undone and KexecError names the phase.
+
+        ``exec=False`` hands over for a later boot instead of an exec (an unmount): that
+        is not a kexec, so kexec-metadata keeps the kexec count and records no exec time.
         """
         if self.state is not KexecState.IDLE:
             raise KexecError(f"A kexec is already {self.state.value}.", "prepare")
@@ -153,8 +156,9 @@ class Kexec:
         if not self.kernel.cmdline.kho:
             raise KexecError("KHO is off on this kernel's command line (kho=off): "
                              "nothing could be handed over.", "finalize")
-        self.metadata = KexecMetadata(self._generation(), self._release(),
-                                      time.time_ns(), dict(phases))
+        count = self._previous_count() + (1 if exec else 0)
+        self.metadata = KexecMetadata(count, self._release(),
+                                      time.time_ns() if exec else 0, dict(phases))
         phase = "finalize"
         try:
             fdt_phys, fdt_size = kho.finalize(metadata=self._metadata_blob)
@@ -192,10 +196,9 @@ class Kexec:
                              "prepare")
         self._rewrite_metadata(phases={**self.metadata.phases, name: ns})
 
-    def _generation(self) -> int:
+    def _previous_count(self) -> int:
         kho_in = getattr(self.kernel, "kho_in", None)
-        previous = kho_in.metadata.kexec_count if kho_in and kho_in.metadata else 0
-        return previous + 1
+        return kho_in.metadata.kexec_count if kho_in and kho_in.metadata else 0
 
     def _release(self) -> str:
         return self.kernel.header.release

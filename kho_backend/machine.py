@@ -1,7 +1,11 @@
 """Machines: named arenas in the machine folder, and the per-machine lock.
 
 A machine ``NAME`` is the arena file ``<dir>/NAME.mem``; ``<dir>`` is
-``$GUESTFS_MACHINE_DIR`` or ``/dev/shm/guestfs`` (created mode 0700).
+``$GUESTFS_MACHINE_DIR`` or ``/dev/shm/guestfs`` (created mode 0700). /dev/shm is open to
+every user, so the folder is trusted only if it is a real directory owned by this user
+and writable by nobody else (`checked_dir`), and files in it are opened without
+following symlinks: otherwise another user could create the folder first and make us
+write or lose files through it.
 
 The lock is an exclusive ``flock`` on the arena's file descriptor, which is close-on-exec:
 when a kernel ``exec``s the next one in the same process, the old image's lock goes away
@@ -15,13 +19,14 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .arena import Arena
 from .errors import ArenaError, MachineError
 from .header import HEADER_SIZE, MachineHeader, MachineState
-from .units import PAGE_SIZE
+from .units import PAGE_SIZE, format_size
 
 ENV_DIR = "GUESTFS_MACHINE_DIR"
 DEFAULT_DIR = Path("/dev/shm/guestfs")
@@ -52,6 +57,48 @@ def machine_dir(override: Path | None = None) -> Path:
     return Path(env) if env else DEFAULT_DIR
 
 
+def checked_dir(directory: Path | None = None, *, create: bool = False) -> Path:
+    """The machine folder, made (mode 0700) if `create` and missing; MachineError if it
+    is a symlink or not a directory, belongs to another user, or others may write to it.
+    """
+    folder = machine_dir(directory)
+    if create:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return folder
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"can be written by others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem:
+        raise MachineError(f"The machine folder {folder} {problem}; it cannot be trusted "
+                           f"with machines. Remove it, or set {ENV_DIR} to a folder of "
+                           "your own.")
+    return folder
+
+
+def check_room(size: int, directory: Path | None = None) -> None:
+    """Refuse an arena of `size` bytes that the machine folder's filesystem (RAM, for
+    /dev/shm) has no room for; ArenaError with the figures."""
+    folder = machine_dir(directory)
+    st = os.statvfs(folder if folder.exists() else folder.parent)
+    room = st.f_bavail * st.f_frsize
+    if size > room:
+        raise ArenaError(f"A machine of {format_size(size)} does not fit: {folder} has "
+                         f"{format_size(room)} free.")
+
+
 def validate_name(name: str) -> str:
     """Return ``name`` if it is a valid machine name, else raise ArenaError."""
     if not _NAME_RE.fullmatch(name) or name in (".", ".."):
@@ -77,8 +124,9 @@ def create_machine(name: str, size: int, nodes: int = 1, directory: Path | None 
     The file is built under a temporary name and linked into place, so no other process
     ever sees a half-made arena, and an existing machine is never overwritten.
     """
+    checked_dir(directory, create=True)
+    check_room(size, directory)
     path = machine_path(name, directory)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     arena = Arena.create(tmp, size, nodes)
@@ -105,9 +153,10 @@ def open_machine(name: str, directory: Path | None = None, *, memory: int | None
     ArenaError if it does not exist, is in use, is not an arena or is not ``memory`` bytes;
     HeaderError if its header is corrupt.
     """
+    checked_dir(directory)
     path = machine_path(name, directory)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ArenaError(f"There is no machine named {name!r} (no file {path}).") from None
     except OSError as e:
@@ -128,7 +177,7 @@ def open_machine(name: str, directory: Path | None = None, *, memory: int | None
 
 def list_machines(directory: Path | None = None) -> list[MachineInfo]:
     """Every machine in the folder, sorted by name, with what its header says."""
-    folder = machine_dir(directory)
+    folder = checked_dir(directory)
     if not folder.is_dir():
         return []
     holders = _lock_holders()
@@ -137,9 +186,10 @@ def list_machines(directory: Path | None = None) -> list[MachineInfo]:
 
 def destroy_machine(name: str, directory: Path | None = None) -> None:
     """Delete machine ``name`` and everything in its memory; refused while it is in use."""
+    checked_dir(directory)
     path = machine_path(name, directory)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise ArenaError(f"There is no machine named {name!r} (no file {path}).") from None
     try:
@@ -203,7 +253,7 @@ def _lock_holders() -> dict[tuple[int, int, int], int]:
 
 def _info(path: Path, holders: dict[tuple[int, int, int], int]) -> MachineInfo:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:
         return MachineInfo(path.stem, path, 0, None, None, None, False, None, e.strerror)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,19 +67,25 @@ class FakeFs:
         self._call("setattr", ino, changes)
         return FakeInode(ino=ino)
 
-    def write(self, ino: int, off: int, data: bytes, *, touch_times: bool = True,
-              whole: bool = False) -> int:
+    def open(self, ino: int, flags: int) -> None:
+        self._call("open", ino, flags)
+
+    def write(self, ino: int, off: int, data: bytes) -> int:
         self._call("write", ino, off, data)
         return len(data)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
         self._call("setxattr", ino, name, value)
 
-    def readdir(self, ino: int, after: int) -> Iterator[tuple[int, bytes, FakeInode]]:
+    def readdir_end(self, ino: int) -> int:
+        return 6
+
+    def readdir(self, ino: int, after: int, before: int | None = None
+                ) -> Iterator[tuple[int, bytes, FakeInode]]:
         self._call("readdir", ino, after)
         names = [b".", b"..", b"a", b"b", b"c"]
         for cookie, name in enumerate(names, start=1):
-            if cookie > after:
+            if after < cookie < (before or 1 << 63):
                 yield cookie, name, FakeInode(ino=100 + cookie)
 
     def ref(self, ino: int, n: int = 1) -> None:
@@ -98,6 +105,11 @@ def call(ops: Operations, handler: str, *args: Any) -> Any:
     return trio.run(run)
 
 
+def open_file(ops: Operations, ino: int) -> int:
+    """A file handle of `ino`, as the kernel gets it from OPEN."""
+    return call(ops, "open", ino, os.O_RDWR, FakeCtx()).fh
+
+
 def test_fs_error_becomes_its_errno() -> None:
     ops = Operations(FakeFs(fail={"get": FsError(errno.ENOTDIR)}))
     with pytest.raises(pyfuse3.FUSEError) as info:
@@ -107,9 +119,10 @@ def test_fs_error_becomes_its_errno() -> None:
 
 def test_unexpected_exception_is_logged_and_answered_eio(caplog: pytest.LogCaptureFixture) -> None:
     ops = Operations(FakeFs(fail={"write": ZeroDivisionError("boom")}))
+    fh = open_file(ops, 5)
     with caplog.at_level(logging.ERROR, logger="guestfs.fuse_ops"):
         with pytest.raises(pyfuse3.FUSEError) as info:
-            call(ops, "write", 5, 0, b"data")
+            call(ops, "write", fh, 0, b"data")
     assert info.value.errno == errno.EIO
     assert "ZeroDivisionError" in caplog.text and "Traceback" in caplog.text
     assert ops.gate.in_flight == 0
@@ -191,9 +204,21 @@ def test_readdir_refs_only_accepted_entries_and_not_dots(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
     fs = FakeFs()
-    call(Operations(fs), "readdir", 1, 0, object())
+    ops = Operations(fs)
+    call(ops, "readdir", call(ops, "opendir", 1, FakeCtx()), 0, object())
     assert accepted == [(b".", 1), (b"..", 2), (b"a", 3), (b"b", 4)]
     assert fs.refs == {103: 1, 104: 1}
+
+
+def test_handles_are_per_open_and_checked() -> None:
+    ops = Operations(FakeFs())
+    first, second = open_file(ops, 5), open_file(ops, 5)
+    assert first != second
+    directory = call(ops, "opendir", 1, FakeCtx())
+    for handler, args in (("read", (directory, 0, 1)), ("readdir", (first, 0, object()))):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            call(ops, handler, *args)
+        assert info.value.errno == errno.EBADF
 
 
 def test_gate_holds_new_requests_until_thaw() -> None:
@@ -201,6 +226,7 @@ def test_gate_holds_new_requests_until_thaw() -> None:
         events: list[str] = []
         gate = RequestGate()
         ops = Operations(FakeFs(), gate)
+        fh = await ops.open(5, os.O_RDWR, FakeCtx())
 
         async def request(name: str, traffic_handler: str, *args: Any) -> None:
             await getattr(ops, traffic_handler)(*args)
@@ -209,7 +235,7 @@ def test_gate_holds_new_requests_until_thaw() -> None:
         gate.freeze(admit_writeback=True)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(request, "getattr", "getattr", 5, FakeCtx())
-            nursery.start_soon(request, "write", "write", 5, 0, b"x")
+            nursery.start_soon(request, "write", "write", fh.fh, 0, b"x")
             await trio.testing.wait_all_tasks_blocked()
             events.append("frozen")
             gate.freeze()

@@ -16,6 +16,7 @@ from conftest import (CLI, Mount, is_mounted, make_mountpoint, run_cli, teardown
                       unique_machine, wait_pid_gone)
 from guestfs import cli
 from guestfs.daemon import MountOptions
+from guestfs.filesystem import AtimeMode, AtimePolicy
 
 HELP_PATHS = [[], ["mount"], ["umount"], ["status"], ["machine"], ["machine", "list"],
               ["machine", "destroy"], ["kho"], ["kho", "dump"], ["kho", "memmap"]]
@@ -74,13 +75,31 @@ def test_mount_reports_the_daemons_reason(cli_env: dict[str, str], tmp_path: Pat
 
 
 def test_mount_options_round_trip() -> None:
-    opts = MountOptions.parse("allow_other,ro,noatime,default_permissions")
-    assert opts.allow_other and opts.read_only and opts.flags == ("noatime",)
+    opts = MountOptions.parse("allow_other,ro,noatime,nosuid,default_permissions")
+    assert opts.allow_other and opts.read_only and opts.flags == ("nosuid",)
+    assert opts.atime == AtimePolicy(AtimeMode.NOATIME)
     assert MountOptions.parse(opts.text()) == opts
     fuse = opts.fuse_options("m1")
     assert {"default_permissions", "allow_other", "ro", "noatime", "fsname=guestfs-m1",
             "subtype=guestfs"} <= fuse
     assert "allow_other" not in MountOptions.parse("").fuse_options("m1")
+
+
+def test_atime_options_are_the_filesystem_s() -> None:
+    """libfuse refuses most atime options and the kernel leaves atime of FUSE files to the
+    filesystem: they become the core's policy, the last mode word winning."""
+    for text, policy in (("", AtimePolicy()),
+                         ("strictatime", AtimePolicy(AtimeMode.STRICTATIME)),
+                         ("norelatime", AtimePolicy(AtimeMode.STRICTATIME)),
+                         ("noatime,relatime", AtimePolicy(AtimeMode.RELATIME)),
+                         ("nostrictatime", AtimePolicy(AtimeMode.RELATIME)),
+                         ("atime,nodiratime", AtimePolicy(AtimeMode.RELATIME, False)),
+                         ("nodiratime,diratime", AtimePolicy())):
+        opts = MountOptions.parse(text)
+        assert opts.atime == policy, text
+        assert MountOptions.parse(opts.text()) == opts
+        assert not {"relatime", "strictatime", "nodiratime", "diratime", "norelatime",
+                    "nostrictatime", "atime"} & opts.fuse_options("m1"), text
 
 
 # --- with a mount ------------------------------------------------------------------------

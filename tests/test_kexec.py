@@ -169,6 +169,24 @@ def test_metadata_generation_and_phases(new_kernel: Callable[..., Kernel]) -> No
         kernel.shutdown()
 
 
+def test_a_handover_for_an_unmount_is_not_a_kexec(new_kernel: Callable[..., Kernel]) -> None:
+    """kexec-count and the exec time change only on a kexec."""
+    name = f"k{uuid.uuid4().hex[:10]}"
+    kernel = new_kernel(name)
+    kernel.finish_boot()
+    kernel.kexec.prepare({})
+    kernel.shutdown()
+    kernel = new_kernel(name)
+    assert kernel.kho_in.metadata.kexec_count == 1
+    kernel.finish_boot()
+    kernel.kexec.prepare({}, exec=False)
+    kernel.shutdown()
+    kernel = new_kernel(name)
+    meta = kernel.kho_in.metadata
+    assert meta.kexec_count == 1 and meta.exec_time_ns == 0
+    kernel.finish_boot()
+
+
 # -- real kexecs into a new process image ------------------------------------------------
 
 def run_chain(machine_dir: Path, patterns: list, generations: int, poison: bool) -> list:

@@ -151,7 +151,7 @@ class Server:
     def op_shutdown(self, handover: bool) -> None:
         """End this kernel: with a handover (a clean unmount), or as a crash."""
         if handover:
-            self.kernel.kexec.prepare({})
+            self.kernel.kexec.prepare({}, exec=False)
         self.kernel.shutdown()
         reply({"ok": True, "value": None})
         sys.exit(0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import json
 import os
 import random
@@ -196,12 +197,19 @@ class CoreSink:
 
 
 def fill_alternately(sink: CoreSink, names: tuple[str, str], pages: int) -> None:
-    """Write `pages` pages alternately into two new files in the root, so that each
-    file holds every other page the allocator hands out (back to front: no folios)."""
+    """Write up to `pages` pages alternately into two new files in the root, so that
+    each file holds every other page the allocator hands out (back to front: no
+    folios); stops early when the filesystem is full."""
+    from guestfs.errors import FsError
     files = [sink.create(sink.root, name) for name in names]
     page = memoryview(_PATTERN)[:PAGE]
     for i in reversed(range(pages)):
-        sink.write(files[i % 2], (i // 2) * PAGE, page)
+        try:
+            sink.write(files[i % 2], (i // 2) * PAGE, page)
+        except FsError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            return
 
 
 def layout_stats(fs: Any) -> dict[str, int]:
@@ -233,13 +241,13 @@ def build_guestfs(machine: str, spec: TreeSpec) -> dict[str, int]:
         fillers = (".filler-kept", ".filler-freed")
         if spec.fragmented:
             # Every page files may take: the filesystem keeps the handover's room back.
-            fill_alternately(sink, fillers, fs.pool.free_pages() - fs.pool.reserve() - 16)
+            fill_alternately(sink, fillers, fs.statfs().f_bavail)
             sink.remove(fillers[1])
         write_tree(spec, sink)
         if spec.fragmented:
             sink.remove(fillers[0])
         stats = layout_stats(fs)
-        kernel.kexec.prepare({})
+        kernel.kexec.prepare({}, exec=False)
     finally:
         kernel.shutdown()
     return stats

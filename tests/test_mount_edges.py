@@ -1,0 +1,351 @@
+"""Nothing acknowledged is lost at the edges, on a real mount: times before 1970 and far
+in the future, an unmount that cannot hand over, a full arena, writes during the
+blackout of a kexec, a failed write-back, Ctrl-C, impossible sizes, an untrusted or
+damaged machine folder."""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI, Mount, MountFactory, is_mounted, make_mountpoint, run_cli, unique_machine
+from guestfs import cli, control, daemon
+
+pytestmark = pytest.mark.fuse
+MiB = 1 << 20
+
+
+def remount(m: Mount) -> None:
+    m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
+    m.pid = m.status()["pid"]
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def times(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_atime_ns, st.st_mtime_ns
+
+
+# --- times -------------------------------------------------------------------------------
+
+EDGE_TIMES = {
+    "before-1970": (-1_000_000_001, -1),                              # 1969-12-31 23:59:58.999…
+    "in-1960": (-315_619_200 * 10**9, 1_700_000_000 * 10**9),
+    "in-2600": (19_880_899_200 * 10**9 + 7, 19_880_899_200 * 10**9),  # past a 64-bit ns count
+    "far-past": (-(1 << 62) * 10**9, -(1 << 40) * 10**9 + 5),
+}
+
+
+def test_times_before_1970_and_after_2262_survive_kexec_and_umount(
+        mount_factory: MountFactory) -> None:
+    m = mount_factory()
+    for name, (atime, mtime) in EDGE_TIMES.items():
+        (m / name).touch()
+        os.utime(m / name, ns=(atime, mtime))
+    m.cli("kexec", os.fspath(m.mountpoint))
+    m.cli("umount", os.fspath(m.mountpoint))
+    remount(m)
+    for name, expected in EDGE_TIMES.items():
+        assert times(m / name) == expected, name
+    assert m.fsck() == []
+
+
+# --- an unmount that cannot hand over ------------------------------------------------------
+
+
+def test_an_unmount_that_cannot_hand_over_aborts_and_the_mount_serves(
+        mount_factory: MountFactory) -> None:
+    m = mount_factory()
+    (m / "kept").write_bytes(b"before")
+    sock = control.socket_path(Path(m.env["GUESTFS_MACHINE_DIR"]), m.machine)
+    for phase in ("quiesce", "serialize", "finalize", "boot-params", "unmount"):
+        with pytest.raises(control.DaemonRefused, match=f"unmount of .* aborted in phase {phase}"):
+            control.request(sock, {"op": "umount", "fail_phase": phase}, timeout=60)
+        (m / f"after-{phase}").write_bytes(b"still serving")
+    assert m.status()["pid"] == m.pid and m.fsck() == []
+    m.cli("umount", os.fspath(m.mountpoint))
+    remount(m)
+    assert (m / "kept").read_bytes() == b"before"
+    assert (m / "after-unmount").read_bytes() == b"still serving"
+
+
+def test_a_busy_umount_exits_1_naming_the_pid_and_changes_nothing(
+        mount_factory: MountFactory) -> None:
+    m = mount_factory()
+    (m / "open").write_text("x")
+    with open(m / "open") as held:
+        proc = m.cli("umount", os.fspath(m.mountpoint), check=False)
+        assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr
+        assert held.read() == "x"
+        (m / "new").write_text("still serving")
+    assert m.status()["pid"] == m.pid
+
+
+# --- a full arena --------------------------------------------------------------------------
+
+
+def test_a_write_the_arena_cannot_hold_fails_at_write_and_loses_nothing(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    """dd of 96 MiB into a 64 MiB machine fails with ENOSPC; then several writers fill
+    what is left: every byte inside every file's size is what was written, also after
+    the kernel drops its cache and after a kexec."""
+    m = mount_factory(memory="64M")
+    source = tmp_path / "random"
+    source.write_bytes(os.urandom(96 * MiB))
+    dd = subprocess.run(["dd", f"if={source}", f"of={m / 'big'}", "bs=1M", "count=96"],
+                        capture_output=True, text=True)
+    assert dd.returncode != 0 and "No space left on device" in dd.stderr
+    attempted: dict[str, bytes] = {}
+    acknowledged: set[str] = set()
+    chunk = 0
+    while True:          # fill with small files and odd-sized writes until ENOSPC
+        name = f"fill-{chunk}"
+        attempted[name] = os.urandom(4096 * (chunk % 7) + 1000 + chunk)
+        try:
+            with open(m / name, "wb") as f:
+                f.write(attempted[name])
+            acknowledged.add(name)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+            break
+        chunk += 1
+    assert os.statvfs(m.mountpoint).f_bavail == 0
+
+    def check() -> None:
+        size = (m / "big").stat().st_size
+        assert 0 < size < 64 * MiB
+        assert (m / "big").read_bytes() == source.read_bytes()[:size]
+        for name, data in attempted.items():
+            stored = (m / name).read_bytes() if (m / name).exists() else b""
+            assert data.startswith(stored), f"{name} holds bytes that were never written"
+            assert name not in acknowledged or stored == data, f"{name} lost acknowledged bytes"
+
+    check()
+    drop_caches()
+    check()
+    m.cli("kexec", os.fspath(m.mountpoint))
+    check()
+
+
+def test_a_failed_write_back_does_not_block_kexec(mount_factory: MountFactory) -> None:
+    """Pages dirtied through a shared mapping that do not fit are the mapper's loss
+    (msync would have told it); they must not keep the machine from a kexec."""
+    m = mount_factory(memory="32M")
+    f = open(m / "mapped", "w+b")
+    try:
+        f.truncate(64 * MiB)
+        with mmap.mmap(f.fileno(), 64 * MiB) as mapping:
+            for off in range(0, 64 * MiB, 4096):
+                mapping[off:off + 5] = b"dirty"
+    finally:
+        try:
+            f.close()       # the writer is told: the pages that did not fit were lost
+        except OSError as e:
+            assert e.errno in (errno.ENOSPC, errno.EIO)
+    for generation in (1, 2):
+        proc = m.cli("kexec", os.fspath(m.mountpoint))
+        warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+        assert all("writing back mapped pages" in w for w in warnings), warnings
+        assert m.status()["generation"] == generation
+    assert m.fsck() == []
+
+
+# --- writes during the blackout of a kexec -----------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import os, sys
+    top, log = sys.argv[1], open(sys.argv[2], "w")
+    n = 0
+    while not os.path.exists(sys.argv[3]):
+        n += 1
+        path = os.path.join(top, "w-%d" % n)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, b"written %d" % n)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError:
+            continue
+        log.write(path + "\\n")
+        log.flush()
+""")
+
+
+def test_no_acknowledged_write_goes_below_the_mount_during_a_kexec(
+        mount_factory: MountFactory, tmp_path: Path) -> None:
+    m = mount_factory()
+    log, stop = tmp_path / "acknowledged", tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, os.fspath(m.mountpoint),
+                               os.fspath(log), os.fspath(stop)])
+    try:
+        while not log.exists() or not log.read_text():
+            time.sleep(0.01)
+        for _ in range(3):
+            m.cli("kexec", "--force", os.fspath(m.mountpoint))
+    finally:
+        stop.touch()
+        writer.wait(timeout=60)
+    acknowledged = log.read_text().split()
+    assert len(acknowledged) > 3
+    for path in acknowledged:
+        n = path.rsplit("-", 1)[1]
+        assert Path(path).read_bytes() == b"written %s" % n.encode()
+    m.cli("umount", os.fspath(m.mountpoint))
+    assert not is_mounted(m.mountpoint), "the shield under the mount was left behind"
+    assert os.listdir(m.mountpoint) == [], "a write landed in the directory below the mount"
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------
+
+
+def test_ctrl_c_during_kexec_says_it_carries_on(mount_factory: MountFactory,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    m = mount_factory()
+    (m / "f").write_text("x")
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_await_next_kernel", interrupted)
+    monkeypatch.setenv("GUESTFS_MACHINE_DIR", m.env["GUESTFS_MACHINE_DIR"])
+    assert cli.main(["kexec", os.fspath(m.mountpoint)]) == 130
+    err = capsys.readouterr().err
+    assert "carries on in daemon pid" in err and "Traceback" not in err
+    deadline = time.monotonic() + 120
+    while True:
+        proc = m.cli("status", "--machine", m.machine, "--json", check=False)
+        status = json.loads(proc.stdout) if proc.returncode == 0 else {}
+        if status.get("pid") and status.get("generation") == 1:
+            break
+        assert time.monotonic() < deadline, "the kexec did not carry on"
+        time.sleep(0.1)
+    assert (m / "f").read_text() == "x"
+
+
+def test_ctrl_c_while_a_mount_starts_says_it_carries_on(
+        cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    machine, mountpoint = unique_machine(), make_mountpoint()
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+    monkeypatch.setattr(daemon, "_await_readiness", interrupted)
+    monkeypatch.setenv("GUESTFS_MACHINE_DIR", cli_env["GUESTFS_MACHINE_DIR"])
+    try:
+        assert cli.main(["mount", "--machine", machine, "--memory", "64M",
+                         os.fspath(mountpoint)]) == 130
+        err = capsys.readouterr().err
+        assert "goes on mounting" in err and f"guestfs umount {mountpoint}" in err
+        deadline = time.monotonic() + 120
+        while daemon.mounts.mount_of_machine(machine) is None:
+            assert time.monotonic() < deadline, "the mount did not carry on"
+            time.sleep(0.1)
+    finally:
+        if is_mounted(mountpoint):
+            run_cli(cli_env, "umount", os.fspath(mountpoint))
+        run_cli(cli_env, "machine", "destroy", machine, check=False)
+        mountpoint.rmdir()
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line() -> None:
+    """The console script's entry catches a Ctrl-C that lands while the heavy imports
+    run (the interrupt fires a millisecond into them)."""
+    code = ("import os, signal, threading\n"
+            "from guestfs import entry\n"
+            "threading.Timer(0.001, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "raise SystemExit(entry.main())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "guestfs: interrupted; nothing was changed\n"
+
+
+# --- sizes and the machine folder -----------------------------------------------------------
+
+
+def test_a_machine_larger_than_the_room_is_refused(cli_env: dict[str, str]) -> None:
+    machine, mountpoint = unique_machine(), make_mountpoint()
+    try:
+        proc = run_cli(cli_env, "mount", "--machine", machine, "--memory", "1T",
+                       os.fspath(mountpoint), check=False)
+        assert proc.returncode == 1 and "does not fit" in proc.stderr and "TiB" in proc.stderr
+        assert not list(Path(cli_env["GUESTFS_MACHINE_DIR"]).glob(f"{machine}.*")), \
+            "a refused first mount left files behind"
+        assert not is_mounted(mountpoint)
+    finally:
+        mountpoint.rmdir()
+
+
+def test_an_arena_that_vanished_is_not_replaced_by_an_empty_one(
+        mount_factory: MountFactory) -> None:
+    m = mount_factory()
+    (m / "precious").write_text("x")
+    m.cli("umount", os.fspath(m.mountpoint))
+    arena = Path(m.env["GUESTFS_MACHINE_DIR"]) / f"{m.machine}.mem"
+    moved = arena.with_name("elsewhere.bin")
+    arena.rename(moved)
+    try:
+        proc = m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint), check=False)
+        assert proc.returncode == 1 and "is missing" in proc.stderr
+        assert not arena.exists() and not is_mounted(m.mountpoint)
+    finally:
+        moved.rename(arena)
+    remount(m)
+    assert (m / "precious").read_text() == "x"
+
+
+@pytest.mark.parametrize("make_bad", ["world-writable", "other-owner", "symlink"])
+def test_an_untrusted_machine_folder_is_refused(tmp_path: Path, make_bad: str) -> None:
+    folder = tmp_path / "machines"
+    if make_bad == "symlink":
+        (tmp_path / "real").mkdir(mode=0o700)
+        folder.symlink_to(tmp_path / "real")
+    else:
+        folder.mkdir(mode=0o700)
+        if make_bad == "world-writable":
+            folder.chmod(0o777)
+        else:
+            os.chown(folder, 65534, 65534)
+    mountpoint = make_mountpoint()
+    try:
+        proc = subprocess.run([*CLI, "mount", "--machine", "m", os.fspath(mountpoint)],
+                              env={**os.environ, "GUESTFS_MACHINE_DIR": os.fspath(folder)},
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "cannot be trusted" in proc.stderr, proc.stderr
+        assert not is_mounted(mountpoint)
+        target = tmp_path / "real" if make_bad == "symlink" else folder
+        assert not [p for p in target.iterdir()], "files were made in an untrusted folder"
+    finally:
+        mountpoint.rmdir()
+
+
+def test_the_log_is_never_written_through_a_symlink(cli_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    machine = unique_machine()
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    log = Path(cli_env["GUESTFS_MACHINE_DIR"]) / f"{machine}.log"
+    log.symlink_to(victim)
+    mountpoint = make_mountpoint()
+    try:
+        proc = run_cli(cli_env, "mount", "--machine", machine, "--format",
+                       os.fspath(mountpoint), check=False)
+        assert proc.returncode == 1 and "log" in proc.stderr
+        assert victim.read_text() == "untouched\n" and not is_mounted(mountpoint)
+    finally:
+        log.unlink()
+        run_cli(cli_env, "machine", "destroy", machine, check=False)
+        mountpoint.rmdir()
