@@ -124,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, MachineError, daemon.StartError, control.ControlError) as e:
         say(str(e))
         return 1
+    except BrokenPipeError:
+        # The reader went away (``guestfs kho dump | head``): stop quietly, as a
+        # process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # e.g. an output file that cannot be written
         say(f"{e.filename}: {e.strerror}" if e.filename else str(e))
         return 1
@@ -133,11 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; nothing was changed")
         return 130
-    except BrokenPipeError:
-        # The reader went away (``guestfs kho dump | head``): stop quietly, as a
-        # process killed by SIGPIPE would.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
 
 
 # --- mount -------------------------------------------------------------------------------
@@ -216,11 +216,17 @@ def _add_umount(sub: Subparsers) -> None:
 
 def run_umount(args: argparse.Namespace) -> int:
     """``guestfs umount``."""
+    entry = mounts.mount_at(args.mountpoint)
+    if entry is not None and entry.shield_of is not None:
+        # A shield whose daemon ended before its next kernel could mount over it.
+        mounts.uncover(args.mountpoint, entry.shield_of)
+        say(f"removed the shield of machine {entry.shield_of} left at {args.mountpoint}")
+        return 0
     machine = _machine_at(args.mountpoint)
     sock = daemon.control_path(machine)
     try:
         pid = control.request(sock, {"op": "status"}, timeout=STATUS_TIMEOUT)["pid"]
-    except control.ControlError:
+    except control.NoDaemon:
         return _umount_orphan(args.mountpoint, machine)
     # Opened before asking, so the wait cannot pick up another process that reuses the PID.
     pidfd = os.pidfd_open(pid)
@@ -246,7 +252,7 @@ def _umount_orphan(mountpoint: Path, machine: str) -> int:
     say(f"no daemon answers for machine {machine}; unmounting the dead mount {mountpoint}")
     try:
         mounts.umount2(mountpoint)
-        mounts.uncover(mountpoint)
+        mounts.uncover(mountpoint, machine)
     except OSError as e:
         raise CliError(f"cannot unmount {mountpoint}: {e.strerror}") from None
     return 0

@@ -38,6 +38,10 @@ class DaemonRefused(ControlError):
     """The daemon answered, with an error: the request was refused or failed."""
 
 
+class NoDaemon(ControlError):
+    """Nothing listens on the control socket: no daemon runs for that machine."""
+
+
 def socket_path(machine_dir: Path, machine: str) -> Path:
     """Where the daemon of `machine` listens."""
     return machine_dir / f"{machine}.sock"
@@ -151,7 +155,7 @@ def _exchange(path: Path, message: Message, timeout: float | None) -> Message:
                     break
                 data += chunk
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise ControlError(f"no daemon listens on {path}") from e
+        raise NoDaemon(f"no daemon listens on {path}") from e
     except TimeoutError as e:
         raise ControlError(f"the daemon on {path} did not answer within {timeout} s") from e
     except OSError as e:

@@ -6,11 +6,17 @@ Life of a daemon (`Daemon.run`):
    use), obtain the filesystem from it (`_open_filesystem`), ``finish_boot``;
 2. mount with pyfuse3 and serve, in one trio loop, the FUSE requests and the control
    socket; tell whoever started us that the mount is live (`Readiness`);
-3. stop on ``guestfs umount`` (control op ``umount``), SIGTERM / SIGINT / SIGHUP, or an
-   external ``umount`` / ``fusermount3 -u``; then unmount and hand the filesystem over
-   into the arena (`_close_kernel`), so that the next ``guestfs mount`` finds it;
-4. or, on ``guestfs kexec`` (control op ``kexec``): quiesce, serialize, finalize, unmount,
-   poison, and exec the next kernel image in this process (`_op_kexec`, `_exec`).
+3. stop on ``guestfs umount`` (control op ``umount``) or SIGTERM / SIGINT / SIGHUP:
+   quiesce, hand the filesystem over into the arena, and only then unmount
+   (`_hand_over`), so that the next ``guestfs mount`` finds it and a failure leaves the
+   mount serving; after an external ``umount`` / ``fusermount3 -u`` the handover comes
+   after the unmount (`_close_kernel`), and if it fails the daemon mounts again;
+4. or, on ``guestfs kexec`` (control op ``kexec``): the same handover for the next
+   kernel, a lazy unmount, poison, and the exec of the next kernel image in this
+   process (`_op_kexec`, `_exec`).
+
+A shield (`mounts.cover`) lies under the FUSE mount from the first kernel's mount to
+the last one's stop, across every kexec.
 
 `start_background` runs the daemon detached (``guestfs mount`` without ``-f``): a new
 session, output to ``<machine dir>/<machine>.log``, and a pipe on which the daemon
@@ -277,7 +283,17 @@ class Daemon:
             log.exception("start failed")
             return self._start_failed(f"start failed: {e!r}")
         while True:
-            trio.run(self._serve)
+            try:
+                trio.run(self._serve)
+            except BaseException as e:
+                # Whatever ended the loop, the files go into the arena before we go.
+                self._unmount()
+                if not self._close_kernel():
+                    self._abandon_kernel()
+                if isinstance(e, KeyboardInterrupt):
+                    log.info("interrupted: the filesystem is handed over into the arena")
+                    return 130
+                raise
             self._unmount()
             exec_failed = False
             if self._exec_next:
@@ -289,6 +305,7 @@ class Daemon:
                 return 1 if exec_failed else 0
             # The mount went away from outside (an umount, or a failed exec) and the
             # handover could not be written: mount again, so that nothing is lost.
+            self.fs.forget_session()
             try:
                 self._mount()
             except StartError as e:
@@ -316,7 +333,7 @@ class Daemon:
         metadata = self.kernel.kho_in.metadata if self.kernel.kho_in else None
         released = self.kernel.finish_boot()
         self._restore_ns = gkexec.elapsed_ns(t0)     # with finish_boot's release
-        if metadata is not None:
+        if metadata is not None and metadata.exec_time_ns:
             log.info("exec from: %s (count %d); released %d unclaimed preserved pages",
                      metadata.previous_release, metadata.kexec_count, released)
         self._mount(on_init=lambda: self._mounted_after_kexec(metadata, started_wall))
@@ -339,7 +356,9 @@ class Daemon:
         else:
             log.info("restored filesystem %s: generation %d, %d inodes", fs.sb.uuid,
                      fs.sb.generation, len(fs.inodes))
-        fs.atime = self.config.options.atime
+        # Linux never moves atime on a read-only mount.
+        fs.atime = AtimePolicy(AtimeMode.NOATIME) if self.config.options.read_only \
+            else self.config.options.atime
         kernel.kho.register(handover.GuestfsHandover(fs))
         return fs
 
@@ -363,7 +382,7 @@ class Daemon:
         options = self.config.options.fuse_options(self.config.machine, debug=self.config.debug)
         log.info("mounting at %s with %s", self.mountpoint, ",".join(sorted(options)))
         try:
-            mounts.cover(self.mountpoint)
+            mounts.cover(self.mountpoint, self.config.machine)
             pyfuse3.init(ops, os.fspath(self.mountpoint), options)
         except (RuntimeError, OSError) as e:
             raise StartError(f"cannot mount at {self.mountpoint}: {e}.") from None
@@ -386,21 +405,22 @@ class Daemon:
 
     async def _watch_signals(self) -> None:
         """SIGTERM, SIGINT and SIGHUP stop the daemon as ``guestfs umount`` does, but
-        also while files are open (a lazy unmount; their processes then see errors).
-        If the handover cannot be written, the daemon says why and serves on."""
+        also while files are open (a lazy unmount; their processes then see errors),
+        once a kexec or unmount under way has ended. If the handover cannot be written,
+        the daemon says why and serves on."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if self._exclusive.locked() or self._exec_next:
-                    log.info("%s: a kexec or unmount is under way; it decides", name)
-                    continue
                 log.info("%s: handing over and unmounting", name)
-                try:
-                    async with self._exclusive:
+                async with self._exclusive:
+                    assert self.kernel is not None
+                    if self._exec_next or self.kernel.kho.finalized:
+                        return      # a kexec or unmount that just ended did it
+                    try:
                         await self._hand_over({"force": True}, exec_next=False)
-                except control.ControlError as e:
-                    log.error("%s: %s", name, e)
-                    continue
+                    except control.ControlError as e:
+                        log.error("%s: %s", name, e)
+                        continue
                 self._end_session()
                 return
 
@@ -491,14 +511,16 @@ class Daemon:
         self._shut_down()
 
     def _close_kernel(self) -> bool:
-        """Hand the filesystem over into the arena, unless that is done (an unmount or a
-        failed exec wrote it), and close the kernel and remove the shield; False, with
-        the kernel still running, when the handover could not be written.
+        """Hand the filesystem over into the arena, unless that is done (by an unmount,
+        or a kexec whose exec failed after poisoning), and close the kernel and remove
+        the shield; False, with the kernel still running, when the handover could not
+        be written.
 
         Without a filesystem (a boot that failed or a handover that was refused)
         nothing is written, so the arena stays as it was for `guestfs kho dump`.
         """
         if self.kernel is None:
+            self._remove_shield()     # a next kernel that failed to boot
             return True
         if self.fs is not None and not self.kernel.kho.finalized:
             try:
@@ -515,8 +537,11 @@ class Daemon:
         assert self.kernel is not None
         self.kernel.shutdown()
         self.kernel = None
+        self._remove_shield()
+
+    def _remove_shield(self) -> None:
         try:
-            mounts.uncover(self.mountpoint)
+            mounts.uncover(self.mountpoint, self.config.machine)
         except OSError as e:
             log.warning("could not remove the shield under %s: %s", self.mountpoint, e)
 
@@ -600,13 +625,22 @@ class Daemon:
             warnings = await self._quiesce_and_prepare(phases, fault, force, exec_next, what)
             await self._unmount_handed_over(lazy=exec_next or force, fault=fault)
         except Exception as e:
-            # Whatever failed, the handover is off: the gate must open again, or every
-            # client of the mount would wait forever.
-            self.gate.thaw()
             if not isinstance(e, (KexecError, gkexec.InjectedFault, control.ControlError)):
                 log.exception("%s failed", what)
             phase = getattr(e, "phase", None) or fault or "quiesce"
             reason = str(e).rstrip(".")
+            if self.kernel.kho.finalized:
+                # The handover could not be taken back: serving on would change what it
+                # describes, so this kernel stops with it, as an unmount would.
+                self._end_session()
+                raise control.ControlError(
+                    f"{what} of {self.mountpoint} failed in phase {phase}: {reason}, and its "
+                    "handover could not be taken back; the daemon stops with the "
+                    "filesystem handed over into the arena ('guestfs mount' brings it "
+                    "back)") from None
+            # The handover is off: the gate must open again, or every client of the
+            # mount would wait forever.
+            self.gate.thaw()
             raise control.ControlError(f"{what} of {self.mountpoint} aborted in phase {phase}: "
                                        f"{reason}. The filesystem serves as before.") from None
         if exec_next:
@@ -648,7 +682,10 @@ class Daemon:
             await trio.to_thread.run_sync(mounts.umount2, self.mountpoint,
                                           mounts.MNT_DETACH if lazy else 0)
         except BaseException as e:
-            self.kernel.kexec.abort()
+            try:
+                self.kernel.kexec.abort()
+            except KexecError:
+                log.exception("the handover could not be taken back")
             if isinstance(e, OSError):
                 reason = "files are open there or it is some process's working " \
                     "directory" if e.errno == errno.EBUSY else e.strerror

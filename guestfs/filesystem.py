@@ -57,8 +57,6 @@ TIME_MAX_NS = ((1 << 63) - 1) * 10**9 + 999_999_999
 #: The mode of a whiteout (renameat2 RENAME_WHITEOUT): a character device 0:0.
 WHITEOUT_MODE = stat.S_IFCHR
 
-_SETID_BITS = stat.S_ISUID | stat.S_ISGID
-
 
 class AtimeMode(enum.Enum):
     """When reads move atime. The kernel leaves atime of FUSE files to the filesystem
@@ -306,7 +304,8 @@ class Filesystem:
             nd.nlink += 1
             src.parent = nd.ino
         if whiteout:
-            self._new_inode(od, bytes(old_name), WHITEOUT_MODE, ctx.uid, ctx.gid, now)
+            gid = od.gid if od.mode & stat.S_ISGID else ctx.gid
+            self._new_inode(od, bytes(old_name), WHITEOUT_MODE, ctx.uid, gid, now)
         src.touch(now, ctime=True)
         od.touch(now, mtime=True, ctime=True)
         nd.touch(now, mtime=True, ctime=True)
@@ -394,10 +393,10 @@ class Filesystem:
         return inode.pages.read(self.pool, off, size)
 
     def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
-        """Store `data` at `off`; returns the bytes written, which is fewer than asked
-        when the arena runs out part-way (ENOSPC when nothing could be stored, EFBIG at
-        the largest file size). The file's size only ever covers bytes that are stored
-        or holes that read as zeros."""
+        """Store `data` at `off`; returns the bytes written: all of them, or fewer only
+        where the file would pass the largest size (EFBIG at it). A write the arena
+        cannot hold whole stores nothing and raises ENOSPC, so a file's size only ever
+        covers bytes that are stored or holes that read as zeros."""
         inode = self._regular(ino)
         if off < 0:
             raise FsError(errno.EINVAL, f"write at {off}")
@@ -409,10 +408,10 @@ class Filesystem:
         if off + length > MAX_FILE_SIZE:
             data = memoryview(data)[:MAX_FILE_SIZE - off]
         pages = inode.pages if inode.pages is not None else PageMap()
-        written = pages.write(self.pool, off, data)
-        if written == 0:
-            raise FsError(errno.ENOSPC, f"no free page for a write to inode {ino}")
+        if not pages.write(self.pool, off, data):
+            raise FsError(errno.ENOSPC, f"no room for {len(data)} bytes in inode {ino}")
         inode.pages = pages
+        written = len(data)
         if off + written > inode.size:
             inode.size = off + written
         inode.touch(self._clock(), mtime=True, ctime=True)
@@ -469,14 +468,18 @@ class Filesystem:
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG, f"xattr value of {len(value)} bytes")
         name, value = bytes(name), bytes(value)
+        bits = None
         if name in acl.NAMES:
-            value = self._checked_acl(inode, name, value)
+            value, bits = self._checked_acl(inode, name, value)
         self._put_xattr(inode, name, value)
+        if bits is not None:
+            inode.mode = intern_int(inode.mode & ~0o777 | bits)
         inode.touch(self._clock(), ctime=True)
 
-    def _checked_acl(self, inode: Inode, name: bytes, value: bytes) -> bytes:
-        """The value to store for an ACL (b"" for none), after applying an access ACL's
-        permission bits to the mode."""
+    @staticmethod
+    def _checked_acl(inode: Inode, name: bytes, value: bytes) -> tuple[bytes, int | None]:
+        """The value to store for an ACL (b"" for none) and, for an access ACL, the
+        permission bits it gives the mode."""
         if name == acl.DEFAULT and not inode.is_dir:
             raise FsError(errno.EACCES, "only directories have a default ACL")
         try:
@@ -484,10 +487,9 @@ class Filesystem:
         except ValueError as e:
             raise FsError(errno.EINVAL, f"inode {inode.ino}: {e}") from None
         if name == acl.DEFAULT:
-            return acl.pack(parsed)
+            return acl.pack(parsed), None
         bits, equivalent = acl.mode_bits(parsed)
-        inode.mode = intern_int(inode.mode & ~0o777 | bits)
-        return b"" if equivalent else acl.pack(parsed)
+        return (b"" if equivalent else acl.pack(parsed)), bits
 
     def _put_xattr(self, inode: Inode, name: bytes, value: bytes) -> None:
         """Store (or, for an empty ACL value, drop) one xattr, within the reserve."""
@@ -540,13 +542,20 @@ class Filesystem:
         ffree = max(self.sb.max_inodes - len(self._inodes), 0)
         return StatFs(f_bsize=PAGE_SIZE, f_frsize=PAGE_SIZE,
                       f_blocks=self.pool.used_pages + free, f_bfree=free,
-                      f_bavail=max(free - self.pool.data_floor(), 0),
+                      f_bavail=max(free - self.pool.data_floor(extra_blocks=1), 0),
                       f_files=self.sb.max_inodes, f_ffree=ffree, f_favail=ffree,
                       f_namemax=NAME_MAX)
 
     def ref(self, ino: int, n: int = 1) -> None:
         """The kernel took `n` more lookup references to `ino`."""
         self.get(ino).lookups += n
+
+    def forget_session(self) -> None:
+        """The kernel's mount of this filesystem ended: its lookups and opens are gone,
+        and inodes no name reaches any more are freed (before mounting again)."""
+        for inode in list(self._inodes.values()):
+            inode.lookups = inode.opens = 0
+            self._maybe_free(inode)
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references; may free an unlinked inode.
@@ -597,7 +606,7 @@ class Filesystem:
             d = self._inodes[d.parent]
         return True
 
-    # --- internals: creating and dropping ------------------------------------
+    # --- internals: the root and a restored tree ------------------------------
 
     def _make_root(self) -> None:
         opts = self.sb.options
@@ -754,6 +763,12 @@ class Filesystem:
             return
         if (src.is_dir and self._is_within(nd, src)) or (dst.is_dir and self._is_within(od, dst)):
             raise FsError(errno.EINVAL, "cannot exchange a directory with its own descendant")
+        if od is not nd and src.is_dir != dst.is_dir:
+            # One directory changes parent: its new parent gains a link.
+            joined = nd if src.is_dir else od
+            if joined.nlink >= LINK_MAX:
+                raise FsError(errno.EMLINK, f"directory {joined.ino} has too many "
+                                            "subdirectories")
         now = self._clock()
         _entries(od).replace(old_name, dst.ino)
         _entries(nd).replace(new_name, src.ino)
@@ -777,8 +792,8 @@ class Filesystem:
             raise FsError(errno.EINVAL, f"inode {inode.ino} is not a regular file")
         if size < 0:
             raise FsError(errno.EINVAL, f"negative size {size}")
-        if size > self.sb.max_file_size:
-            raise FsError(errno.EFBIG, f"size {size} is beyond {self.sb.max_file_size}")
+        if size > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"size {size} is beyond {MAX_FILE_SIZE}")
 
     def _truncate(self, inode: Inode, size: int, now: int, *, always_touch: bool = False) -> None:
         """Set a regular file's size; shrinking frees pages. mtime and ctime change when
@@ -805,8 +820,8 @@ class Filesystem:
 
     def _allocate(self, inode: Inode, off: int, length: int, *, keep_size: bool) -> None:
         end = off + length
-        if end > self.sb.max_file_size:
-            raise FsError(errno.EFBIG, f"fallocate to {end} is beyond {self.sb.max_file_size}")
+        if end > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"fallocate to {end} is beyond {MAX_FILE_SIZE}")
         pages = inode.pages if inode.pages is not None else PageMap()
         if not pages.allocate(self.pool, off, length):
             raise FsError(errno.ENOSPC, f"no room for {length} bytes in inode {inode.ino}")

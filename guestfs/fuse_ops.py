@@ -26,7 +26,6 @@ import functools
 import itertools
 import logging
 import os
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -55,6 +54,8 @@ DEBUG_RAISE_XATTR = b"user.guestfs.debug-raise"
 # burst of calls and still shows other uids (allow_other) fresh figures promptly.
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
+#: Seconds an O_DIRECT write waits for the kernel to drop the file's cached pages.
+INVALIDATE_WAIT = 1.0
 
 T = TypeVar("T")
 
@@ -83,7 +84,8 @@ class RequestGate:
     deadlock. The quiesce sequence, from the daemon's trio loop:
 
     1. open the mount root in a worker thread (the open itself sends OPENDIR);
-    2. ``freeze(admit_writeback=True)``; ``daemon.syncfs(fd)`` in a worker thread;
+    2. ``freeze(admit_writeback=True)``; ``mounts.syncfs(fd, mountpoint)`` in a worker
+       thread;
     3. ``freeze()``; ``await wait_idle()``.
 
     Requests held at the gate keep their pyfuse3 worker tasks, so ``pyfuse3.main`` can
@@ -233,9 +235,9 @@ def _negative_entry() -> pyfuse3.EntryAttributes:
     return attr
 
 
-def _quietly(call: Callable[[], object]) -> None:
+def _quietly(call: Callable[..., object], *args: object) -> None:
     try:
-        call()
+        call(*args)
     except OSError as e:
         log.warning("cache invalidation failed: %s", e)
 
@@ -284,6 +286,9 @@ class Operations(pyfuse3.Operations):
         self.on_init: Callable[[], None] | None = None
         self._handles: dict[int, OpenFile | OpenDir] = {}
         self._fh_counter = itertools.count(1)
+        #: Inodes whose pages the kernel may hold in its page cache: a buffered read or
+        #: write went through since their cache was last dropped.
+        self._cached: set[int] = set()
 
     def _open_handle(self, handle: OpenFile | OpenDir) -> int:
         fh = next(self._fh_counter)
@@ -414,14 +419,19 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        ino = self._file(fh).ino
-        return self.fs.read(ino, off, size)
+        handle = self._file(fh)
+        if not handle.direct:
+            self._cached.add(handle.ino)
+        return self.fs.read(handle.ino, off, size)
 
     @_handler(Traffic.WRITEBACK, mutates=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._file(fh)
         written = self.fs.write(handle.ino, off, buf)
-        if handle.direct:
+        if not handle.direct:
+            self._cached.add(handle.ino)
+        elif handle.ino in self._cached:
+            self._cached.discard(handle.ino)
             await self._drop_cached_pages(handle.ino)
         return written
 
@@ -431,18 +441,18 @@ class Operations(pyfuse3.Operations):
         A buffered reader may have cached the old bytes while the write was in flight,
         and the kernel does not invalidate after an asynchronous direct write (the new
         mtime makes it drop them on its next attribute check, but a read can slip in
-        before that). In a worker thread: the kernel waits for pages that reads in
-        flight hold, and those reads need this loop. While a kexec holds requests at
-        the gate such a read may wait there, so then it is not waited for.
+        before that). Only for files with buffered traffic since their last drop, so
+        that direct I/O alone (a VM image with cache=none, a database) pays nothing.
+
+        In a worker thread: the kernel waits for pages that reads in flight hold, and
+        those reads need this loop. The wait is bounded: a page the kernel holds for a
+        request that cannot go on until this write completes (a read held at the gate
+        of a kexec, the write-back of a mapping through this very handle) would
+        otherwise wait for ever; the pages are dropped once it goes on.
         """
-        invalidate = functools.partial(pyfuse3.invalidate_inode, ino, False)
-        if self.gate.frozen:
-            threading.Thread(target=_quietly, args=(invalidate,), daemon=True).start()
-            return
-        try:
-            await trio.to_thread.run_sync(invalidate)
-        except OSError as e:
-            log.warning("could not drop the cached pages of inode %d: %s", ino, e)
+        invalidate = functools.partial(_quietly, pyfuse3.invalidate_inode, ino, False)
+        with trio.move_on_after(INVALIDATE_WAIT):
+            await trio.to_thread.run_sync(invalidate, abandon_on_cancel=True)
 
     @_handler(Traffic.WRITEBACK)
     async def flush(self, fh: int) -> None:

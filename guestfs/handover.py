@@ -27,7 +27,7 @@ from guestfs.filesystem import (LINK_MAX, NAME_MAX, SYMLINK_MAX, TIME_MAX_NS, TI
                                 XATTR_SIZE_MAX, Filesystem, xattr_namespace)
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
 from guestfs.pagemap import FOLIO_ORDER, PageMap
-from guestfs.superblock import MAX_FILE_SIZE, Superblock
+from guestfs.superblock import MAX_FILE_SIZE, MAX_INODES, Superblock
 from kho_backend.chain import free_chain, walk_chain, write_chain
 from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
@@ -50,13 +50,15 @@ _TIME_COLUMNS = (5, 6, 7)
 _EXTENT_FIELDS = 4   # file_pgoff, pfn, npages, order
 U32_END = 1 << 32
 U63_END = 1 << 63
-# The range of each attribute column: [low, high).
+U64_END = 1 << 64
+# The range of each attribute column, [low, end), in the order of ATTRS.
 _ATTR_RANGES = {
     "ino": (ROOT_INO, U63_END), "mode": (0, 1 << 16), "uid": (0, U32_END),
     "gid": (0, U32_END), "nlink": (1, LINK_MAX + 1), "atime_ns": (TIME_MIN_NS, TIME_MAX_NS + 1),
     "mtime_ns": (TIME_MIN_NS, TIME_MAX_NS + 1), "ctime_ns": (TIME_MIN_NS, TIME_MAX_NS + 1),
     "generation": (0, U32_END), "size": (0, MAX_FILE_SIZE + 1), "rdev": (0, U32_END),
 }
+assert tuple(_ATTR_RANGES) == ATTRS, "one range per attribute column, in order"
 
 
 @dataclass
@@ -148,8 +150,8 @@ def encode_table(fs: Filesystem) -> EncodedTable:
     try:
         payload = msgpack.packb(doc, use_bin_type=True)
     except OverflowError:
-        # A time beyond what a msgpack integer holds (before 1970 - 292 years or after
-        # 2554): those go as msgpack timestamps. Rare, so only then row by row.
+        # A time beyond what a msgpack integer holds (before 1677 or after 2554): those
+        # go as msgpack timestamps. Rare, so only then row by row.
         doc["attrs"] = [_portable_times(row) for row in doc["attrs"]]
         payload = msgpack.packb(doc, use_bin_type=True)
     return EncodedTable(payload=payload, inodes=len(inodes), dirents=dirents,
@@ -159,7 +161,7 @@ def encode_table(fs: Filesystem) -> EncodedTable:
 def _portable_times(row: tuple) -> tuple:
     out = list(row)
     for i in _TIME_COLUMNS:
-        if not -U63_END <= out[i] < U63_END:
+        if not -U63_END <= out[i] < U64_END:
             out[i] = msgpack.Timestamp.from_unix_nano(out[i])
     return tuple(out)
 
@@ -247,7 +249,7 @@ def read_superblock(blob: bytes) -> HandedOver:
         next_ino=r.u64(root, "next-ino"), ino_generation=r.u64(root, "ino-generation"),
         created_ns=r.u64(root, "created-ns"),
         options=dict(kv.split("=", 1) for kv in options.split(",") if kv))
-    for name, value, low, end in (("max-inodes", sb.max_inodes, 1, U32_END),
+    for name, value, low, end in (("max-inodes", sb.max_inodes, 1, MAX_INODES + 1),
                                   ("max-file-size", sb.max_file_size, 1, MAX_FILE_SIZE + 1),
                                   ("next-ino", sb.next_ino, ROOT_INO + 1, U63_END),
                                   ("ino-generation", sb.ino_generation, 0, U32_END),

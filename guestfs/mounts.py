@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 FSTYPE = "fuse.guestfs"
 FSNAME_PREFIX = "guestfs-"
 SHIELD_FSTYPE = "tmpfs"
-SHIELD_SOURCE = "guestfs-shield"
+SHIELD_PREFIX = "guestfs-shield-"
 MNT_DETACH = 2
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 
@@ -44,9 +44,11 @@ class MountEntry:
         return None
 
     @property
-    def is_shield(self) -> bool:
-        """True for the shield a guestfs daemon keeps under its mount."""
-        return self.fstype == SHIELD_FSTYPE and self.source == SHIELD_SOURCE
+    def shield_of(self) -> str | None:
+        """The machine whose shield this is, if it is a guestfs shield."""
+        if self.fstype == SHIELD_FSTYPE and self.source.startswith(SHIELD_PREFIX):
+            return self.source[len(SHIELD_PREFIX):]
+        return None
 
 
 def _unescape(field_: str) -> str:
@@ -110,14 +112,15 @@ def syncfs(fd: int, mountpoint: Path) -> None:
 # --- the shield ----------------------------------------------------------------------------
 
 
-def cover(mountpoint: Path) -> bool:
-    """Mount the shield on `mountpoint` unless it is there already; False (and a
-    warning in the log) when this process may not mount (not root)."""
+def cover(mountpoint: Path, machine: str) -> bool:
+    """Mount `machine`'s shield on `mountpoint` unless it is there already (left by the
+    machine's previous kernel); False (and a warning in the log) when this process may
+    not mount (not root)."""
     entry = mount_at(mountpoint)
-    if entry is not None and entry.is_shield:
+    if entry is not None and entry.shield_of == machine:
         return True
     flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-    ret = _libc.mount(SHIELD_SOURCE.encode(), os.fsencode(mountpoint),
+    ret = _libc.mount((SHIELD_PREFIX + machine).encode(), os.fsencode(mountpoint),
                       SHIELD_FSTYPE.encode(), flags, b"mode=000,size=4k,nr_inodes=1")
     if ret != 0:
         err = ctypes.get_errno()
@@ -129,11 +132,12 @@ def cover(mountpoint: Path) -> bool:
     return True
 
 
-def uncover(mountpoint: Path) -> None:
-    """Remove the shield from `mountpoint` if it is the topmost mount there (lazily, if
-    a process still has its working directory in it)."""
+def uncover(mountpoint: Path, machine: str) -> None:
+    """Remove `machine`'s shield from `mountpoint` if it is the topmost mount there
+    (lazily, if a process still has its working directory in it); another machine's is
+    left alone."""
     entry = mount_at(mountpoint)
-    if entry is None or not entry.is_shield:
+    if entry is None or entry.shield_of != machine:
         return
     try:
         umount2(mountpoint)

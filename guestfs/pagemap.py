@@ -172,34 +172,32 @@ class PageMap:
 
     # --- changes ---------------------------------------------------------------
 
-    def write(self, pool: PagePool, off: int, data: bytes | memoryview) -> int:
-        """Write `data` at `off`, allocating pages for holes; returns the bytes written.
+    def write(self, pool: PagePool, off: int, data: bytes | memoryview) -> bool:
+        """Write `data` at `off`, allocating pages for holes; all or nothing: False, with
+        nothing changed, when the arena cannot hold every page the write needs.
 
-        Pages are allocated before any byte lands in them, so the map only ever points
-        at pages it owns. When the arena runs out, the write stops at the first page it
-        could not get (a short write; 0 if nothing could be written).
+        Every page is allocated before any byte lands, so the map only ever points at
+        pages it owns, and no write is stored in part: the kernel ignores a short count
+        when it writes a mapping's dirty pages back, and would drop the rest unsaid.
         """
         src = memoryview(data).cast("B")
         end = off + len(src)
+        if not self._back_range(pool, off, end, fill=True):
+            return False
         for r, a, b in _region_spans(off, end):
             base = r * REGION_SIZE
-            backed = self._back(pool, r, a, b, fill=True)
-            if backed > a:
-                self._copy_in(pool, r, a, backed, src[base + a - off:base + backed - off])
-            if backed < b:
-                self._tidy(r)
-                return base + backed - off
-        return len(src)
+            self._copy_in(pool, r, a, b, src[base + a - off:base + b - off])
+        return True
 
     def allocate(self, pool: PagePool, off: int, length: int) -> bool:
-        """Back [off, off + length) with zeroed pages (fallocate); all or nothing.
+        """Back [off, off + length) with zeroed pages (fallocate); all or nothing:
+        False, with nothing changed, when the arena cannot hold the whole range."""
+        return self._back_range(pool, off, off + length, fill=False)
 
-        Returns False, with every page this call allocated given back, when the arena
-        cannot hold the whole range.
-        """
+    def _back_range(self, pool: PagePool, off: int, end: int, *, fill: bool) -> bool:
         undo: list[tuple[int, int]] = []
-        for r, a, b in _region_spans(off, off + length):
-            if self._back(pool, r, a, b, fill=False, undo=undo) < b:
+        for r, a, b in _region_spans(off, end):
+            if self._back(pool, r, a, b, fill=fill, undo=undo) < b:
                 self._undo(pool, undo)
                 return False
         return True

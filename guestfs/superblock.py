@@ -13,6 +13,7 @@ from kho_backend.units import PAGE_SIZE
 #: The largest file size, as the kernel's MAX_LFS_FILESIZE (tmpfs has the same): files
 #: are sparse, and only pages actually written need room in the arena.
 MAX_FILE_SIZE = (1 << 63) - 1
+MAX_INODES = (1 << 32) - 1
 
 
 @dataclass(slots=True)
@@ -43,10 +44,11 @@ class Superblock:
         """A fresh superblock for an arena of `arena_size` bytes.
 
         `max_inodes` defaults to one inode per 4 KiB of arena (as tmpfs bounds nr_inodes
-        by memory), but never fewer than 65536 for small arenas.
+        by memory), but never fewer than 65536 for small arenas nor more than a u32
+        holds (the handover's limit).
         """
         if max_inodes is None:
-            max_inodes = max(arena_size // PAGE_SIZE, 1 << 16)
+            max_inodes = min(max(arena_size // PAGE_SIZE, 1 << 16), MAX_INODES)
         return cls(
             uuid=str(_uuid.uuid4()),
             max_inodes=max_inodes,

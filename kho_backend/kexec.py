@@ -159,13 +159,16 @@ class Kexec:
         count = self._previous_count() + (1 if exec else 0)
         self.metadata = KexecMetadata(count, self._release(),
                                       time.time_ns() if exec else 0, dict(phases))
+        # The staged next kernel's command line goes with a kexec only: the kernel that
+        # a later mount boots after an unmount starts with its own.
+        cmdline = self.loaded.cmdline if self.loaded and exec else ""
         phase = "finalize"
         try:
             fdt_phys, fdt_size = kho.finalize(metadata=self._metadata_blob)
             phases.update(kho.timings)
             phase = "boot-params"
             t0 = time.perf_counter_ns()
-            self._write_boot_params(fdt_phys, fdt_size)
+            self._write_boot_params(fdt_phys, fdt_size, cmdline)
             phases["boot-params"] = time.perf_counter_ns() - t0
             self._rewrite_metadata(phases=dict(phases))
         except Exception as e:
@@ -217,9 +220,9 @@ class Kexec:
         self.metadata = replace(self.metadata, **changes)
         self.kernel.kho.update_subtree(METADATA_NODE, self.metadata.to_fdt())
 
-    def _write_boot_params(self, fdt_phys: int, fdt_size: int) -> None:
+    def _write_boot_params(self, fdt_phys: int, fdt_size: int, cmdline: str) -> None:
         header = self.kernel.header
-        header.set_boot_params(fdt_phys, fdt_size, self.loaded.cmdline if self.loaded else "")
+        header.set_boot_params(fdt_phys, fdt_size, cmdline)
         header.state = MachineState.HANDED_OVER
         self.kernel.write_header()
 

@@ -603,7 +603,7 @@ def test_inode_limit(kernel: Kernel) -> None:
 
 def test_fill_the_arena_then_delete_gives_the_space_back(fs: Filesystem) -> None:
     free = fs.pool.free_pages()
-    chunk = bytes(range(256)) * 1024    # 256 KiB
+    chunk = bytes(range(256)) * 16      # a page: a write that does not fit stores nothing
     files, stored = 0, 0
     while True:
         f = mkfile(fs, b"fill-%d" % files)

@@ -23,7 +23,7 @@ def pool(boot_kernel: BootKernel) -> PagePool:
 
 
 def fill(pool: PagePool, pm: PageMap, off: int, data: bytes) -> None:
-    assert pm.write(pool, off, data) == len(data)
+    assert pm.write(pool, off, data)
 
 
 def orders(pm: PageMap) -> set[int]:
@@ -124,15 +124,15 @@ def _hog_folios(pool: PagePool) -> list[int]:
 # --- running out of memory ---------------------------------------------------------
 
 
-def test_out_of_memory_gives_a_short_write_of_owned_pages(pool: PagePool) -> None:
+def test_a_write_that_does_not_fit_stores_nothing(pool: PagePool) -> None:
     free = pool.free_pages()
     pm = PageMap()
-    data = b"q" * (free + 10) * PAGE_SIZE
-    written = pm.write(pool, 100, data)
-    assert 0 < written < len(data) and (100 + written) % PAGE_SIZE == 0
-    assert pool.free_pages() == 0 and pm.npages == pool.used_pages == free
-    assert bytes(pm.read(pool, written + 100 - 5, 5)) == b"qqqqq"
-    assert pm.write(pool, 100 + written, b"more") == 0
+    fill(pool, pm, 0, b"kept")
+    assert not pm.write(pool, 100, b"q" * free * PAGE_SIZE)       # one page too many
+    assert pm.npages == pool.used_pages == 1 and pool.free_pages() == free - 1
+    assert bytes(pm.read(pool, 0, 8)) == b"kept\0\0\0\0" and pm.extents()[0][2] == 1
+    assert pm.write(pool, 100, b"q" * (free - 1) * PAGE_SIZE)     # exactly what is left
+    assert pool.free_pages() == 0 and not pm.write(pool, free * PAGE_SIZE, b"more")
     pm.release(pool)
     assert pool.free_pages() == free and pool.used_pages == 0
 

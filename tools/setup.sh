@@ -185,12 +185,8 @@ get_need() {
     esac
 }
 
-_need_title() {
-    case "$1" in
-        example) echo "pyfuse3's sdist (the tools/bench peer \"pyfuse3 tmpfs example\")" ;;
-        postgres) echo "PostgreSQL" ;;
-        vm) echo "QEMU, the guest kernel and busybox" ;;
-    esac
+_need_title() {  # NEED: what it is, in words (one list, in tools/setup_status.py)
+    _tools_python -c 'import sys, setup_status; print(setup_status.WHAT[sys.argv[1]])' "$1"
 }
 
 guestfs_setup() {
