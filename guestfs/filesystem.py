@@ -118,7 +118,7 @@ class Filesystem:
         """
         self.kernel = kernel
         self.reserve = HandoverReserve(kernel.arena.npages)
-        self.pool = PagePool(kernel.arena, kernel.pages, self.reserve)
+        self.pool = PagePool(kernel.arena, kernel.buddy, self.reserve)
         self.atime = atime
         self._clock = clock or time.time_ns
         self._inodes: dict[int, Inode] = {}

@@ -11,11 +11,6 @@ Every handler goes through `_handler`, which
 File and directory handles are numbers into a table of what one open needs beyond the
 inode (the core counts opens per inode): whether a file was opened with ``O_DIRECT``, and
 where a directory walk ends.
-
-Test hook (only when the daemon runs with ``GUESTFS_TEST_HOOKS=1``): setting the
-extended attribute ``user.guestfs.debug-raise`` on the root directory raises a
-`RuntimeError` inside the handler, so tests can check that an unexpected exception
-is answered ``EIO`` and the mount keeps serving.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -40,13 +35,6 @@ from guestfs.inode import Inode
 log = logging.getLogger(__name__)
 
 ROOT_INO = pyfuse3.ROOT_INODE
-TEST_HOOKS_ENV = "GUESTFS_TEST_HOOKS"
-
-
-def hooks_enabled() -> bool:
-    """True when the daemon may honour test-only requests (GUESTFS_TEST_HOOKS=1)."""
-    return os.environ.get(TEST_HOOKS_ENV) == "1"
-DEBUG_RAISE_XATTR = b"user.guestfs.debug-raise"
 
 # Every change goes through this one kernel mount, so the kernel's caches are never
 # stale because of someone else; the timeouts only bound how long attributes the core
@@ -202,7 +190,6 @@ class AdapterConfig:
     """Behaviour switches of the adapter."""
 
     read_only: bool = False
-    test_hooks: bool = field(default_factory=hooks_enabled)
 
 
 def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
@@ -501,8 +488,6 @@ class Operations(pyfuse3.Operations):
     @_handler(mutates=True)
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        if self.config.test_hooks and inode == ROOT_INO and name == DEBUG_RAISE_XATTR:
-            raise RuntimeError("exception injected by the test hook " + DEBUG_RAISE_XATTR.decode())
         self.fs.setxattr(inode, name, value, _ctx(ctx))
 
     @_handler()

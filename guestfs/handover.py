@@ -81,10 +81,9 @@ class GuestfsHandover:
 
     def kho_finalize(self, kho: KHO) -> None:
         """Write the inode table, preserve every data page, add the ``guestfs`` subtree."""
-        kernel = self.fs.kernel
         out = self._out = _Outgoing()
         table = encode_table(self.fs)
-        out.table_phys = write_chain(kernel, table.payload, INODE_TABLE_MAGIC)
+        out.table_phys = write_chain(kho, table.payload, INODE_TABLE_MAGIC)
         for order, pfns in table.data_pfns.items():
             kho.preserve_pfns(pfns, order)
             out.preserved[order] = pfns
@@ -101,7 +100,7 @@ class GuestfsHandover:
         for order, pfns in out.preserved.items():
             kho.unpreserve_pfns(pfns, order)
         if out.table_phys:
-            free_chain(self.fs.kernel, out.table_phys, INODE_TABLE_MAGIC)
+            free_chain(kho, out.table_phys, INODE_TABLE_MAGIC)
 
 
 # --- the inode table ------------------------------------------------------------

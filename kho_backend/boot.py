@@ -33,24 +33,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import __version__
 from .arena import Arena
 from .cmdline import Cmdline
 from .errors import ArenaError, BootError, OutOfMemory
 from .header import MachineHeader, MachineState
+from .kexec import Kexec
+from .kho import KHO
+from .kho_in import IncomingHandover
 from .machine import create_machine, machine_exists, open_machine, validate_name
 from .memblock import Memblock
 from .memmap import Memmap, check_preserved_ranges
 from .page_alloc import PageAllocator
 from .scratch import low_limit, setup_scratch
 from .units import PAGE_SHIFT, format_size
-
-if TYPE_CHECKING:
-    from .kexec import Kexec
-    from .kho import KHO
-    from .kho_in import IncomingHandover
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +64,10 @@ class Kernel:
     cmdline: Cmdline
     memblock: Memblock
     memmap: Memmap
-    pages: PageAllocator
-    kho: KHO = field(init=False)  # set right after construction: KHO takes the kernel
+    buddy: PageAllocator
+    kho: KHO
+    kexec: Kexec
     kho_in: IncomingHandover | None = None  # None on a cold boot
-    kexec: Kexec = field(init=False)  # likewise
     boot_timings: dict[str, int] = field(default_factory=dict)  # phase -> ns
 
     def finish_boot(self) -> int:
@@ -155,11 +152,6 @@ def _open(name: str, memory: int | None, nodes: int, create: bool,
 
 def _boot(name: str, arena: Arena, header: MachineHeader, cmdline: str, fmt: bool,
           timings: dict[str, int]) -> Kernel:  # fmt: skip
-    # Imported here, not at the top: these modules refer back to Kernel in this module.
-    from .kexec import Kexec
-    from .kho import KHO
-    from .kho_in import IncomingHandover
-
     params = header.boot_params
     handover = params.valid and not fmt
     cmd = Cmdline.parse(params.cmdline if handover else cmdline)
@@ -191,14 +183,15 @@ def _boot(name: str, arena: Arena, header: MachineHeader, cmdline: str, fmt: boo
         for pfns, order in preserved:
             memmap.set_preserved(pfns, order)
     with _phase(timings, "page-alloc"):
-        pages = PageAllocator(arena, memmap)
-
-    kernel = Kernel(name, arena, header, cmd, memblock, memmap, pages, kho_in=kho_in, boot_timings=timings)
+        buddy = PageAllocator(arena, memmap)
     with _phase(timings, "kho"):
-        kernel.kho = KHO(kernel)
-        kernel.kexec = Kexec(kernel)
+        scratch = [(a.start_pfn, a.npages) for a in header.scratch]
+        kho = KHO(arena, buddy, memmap, scratch)
+        kexec = Kexec(arena, header, kho, cmd, scratch, kho_in.metadata if kho_in else None)
         if kho_in is not None:
-            kho_in.attach(kernel)
+            kho_in.attach(buddy)
+    kernel = Kernel(name, arena, header, cmd, memblock, memmap, buddy, kho, kexec, kho_in,
+                    boot_timings=timings)
 
     if not handover:
         header.clear_boot_params()  # a discarded handover must never be picked up later

@@ -25,7 +25,7 @@ from .kho_mem import PhysMemory
 from .units import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
-    from .boot import Kernel
+    from .kho import KHO
 
 CHAIN_VERSION = 1
 CHAIN_HDR = struct.Struct("<4sHHIIQ")   # magic, version, flags, length, crc32, next
@@ -74,8 +74,8 @@ def store_chain(mem: PhysMemory, payload: bytes, magic: bytes, pfns: list[int]) 
         struct.pack_into("<I", page, _CRC_OFFSET, zlib.crc32(page))
 
 
-def write_chain(kernel: Kernel, payload: bytes, magic: bytes) -> int:
-    """Write ``payload`` into freshly allocated, preserved, unmovable pages.
+def write_chain(kho: KHO, payload: bytes, magic: bytes) -> int:
+    """Write ``payload`` into freshly allocated pages that `kho` preserves.
 
     Returns the physical address of the first page.  Undo with :func:`free_chain`.
     """
@@ -83,22 +83,22 @@ def write_chain(kernel: Kernel, payload: bytes, magic: bytes) -> int:
     pfns: list[int] = []
     try:
         for _ in range(chain_pages(len(payload))):
-            pfns.append(kernel.pages.alloc(0))
-        store_chain(kernel.arena, payload, magic, pfns)
-        kernel.kho.preserve_pfns(np.asarray(pfns, np.int64), 0)
+            pfns.append(kho.buddy.alloc(0))
+        store_chain(kho.arena, payload, magic, pfns)
+        kho.preserve_pfns(np.asarray(pfns, np.int64), 0)
     except BaseException:
         for pfn in pfns:
-            kernel.pages.free(pfn, 0)
+            kho.buddy.free(pfn, 0)
         raise
     return pfns[0] << PAGE_SHIFT
 
 
-def free_chain(kernel: Kernel, phys: int, magic: bytes) -> None:
+def free_chain(kho: KHO, phys: int, magic: bytes) -> None:
     """Unpreserve and free a chain this kernel wrote (a participant's ``kho_abort``)."""
-    chain = walk_chain(kernel.arena, phys, magic)
+    chain = walk_chain(kho.arena, phys, magic)
     pfns = np.asarray(chain.pfns, np.int64)
-    kernel.kho.unpreserve_pfns(pfns, 0)
-    kernel.pages.free_pfns(pfns, 0)
+    kho.unpreserve_pfns(pfns, 0)
+    kho.buddy.free_pfns(pfns, 0)
 
 
 def read_chain(mem: PhysMemory, phys: int, magic: bytes,

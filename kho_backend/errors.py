@@ -50,3 +50,7 @@ class KexecError(MachineError):
     def __init__(self, message: str, phase: str) -> None:
         super().__init__(message)
         self.phase = phase
+
+
+class InjectedFault(MachineError):
+    """A failure a test asked for (``Kexec.prepare(fault=...)``), to exercise an abort."""

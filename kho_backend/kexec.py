@@ -12,81 +12,28 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import numpy as np
 
+from .arena import Arena
 from .cmdline import Cmdline
-from .errors import HandoverError, KexecError, MachineError
-from .fdt import FdtNode, FdtReader, build, u32
-from .header import CMDLINE_MAX, MachineState
-from .kho import METADATA_NODE
+from .errors import InjectedFault, KexecError, MachineError
+from .header import CMDLINE_MAX, MachineHeader, MachineState
+from .kexec_metadata import METADATA_NODE, KexecMetadata
+from .kho import KHO
 from .units import PAGE_SIZE
-
-if TYPE_CHECKING:
-    from .boot import Kernel
 
 log = logging.getLogger(__name__)
 
 #: What ``poison`` writes over every page neither preserved nor scratch.
 POISON_BYTE = 0xAA
-METADATA_COMPATIBLE = "kexec-metadata-v1"
-METADATA_VERSION = 1
-_PROP_NAME = re.compile(r"[A-Za-z0-9,._+?#-]{1,31}")
-
-
-@dataclass(frozen=True)
-class KexecMetadata:
-    """The ``kexec-metadata`` subtree: who exec'd this kernel, when, and how long it took.
-
-    ``kexec_count`` is the generation: 1 for the first kernel booted by kexec from a cold
-    boot.  ``exec_time_ns`` is CLOCK_REALTIME at the exec (0 if the previous kernel
-    stopped without exec, e.g. an unmount).  ``phases`` are ns per phase of that kexec.
-    """
-
-    kexec_count: int
-    previous_release: str
-    exec_time_ns: int = 0
-    phases: dict[str, int] = field(default_factory=dict)
-    version: int = METADATA_VERSION
-
-    def to_fdt(self) -> bytes:
-        """The subtree blob (one u64 property per phase, in node ``phases``)."""
-        root = FdtNode("", {"compatible": METADATA_COMPATIBLE, "version": u32(self.version),
-                            "previous-release": self.previous_release,
-                            "kexec-count": self.kexec_count,
-                            "exec-time-ns": self.exec_time_ns})
-        bad = [name for name in self.phases if not _PROP_NAME.fullmatch(name)]
-        if bad:
-            raise ValueError(f"phase names must be devicetree property names: {bad}")
-        root.children.append(FdtNode("phases", dict(self.phases)))
-        return build(root)
-
-    @classmethod
-    def from_fdt(cls, blob: bytes) -> KexecMetadata:
-        """Parse and validate the subtree; HandoverError names what is wrong."""
-        r = FdtReader(blob, f"the KHO subtree {METADATA_NODE!r}")
-        top = r.node("/")
-        r.expect_compatible(top, METADATA_COMPATIBLE)
-        version = r.u32(top, "version")
-        if version != METADATA_VERSION:
-            raise HandoverError(f"{r.what} has version {version}; this kernel reads "
-                                f"version {METADATA_VERSION}")
-        phases_node = r.node("/phases")
-        phases = {name: r.u64(phases_node, name) for name, _ in r.properties(phases_node)}
-        return cls(kexec_count=r.u64(top, "kexec-count"),
-                   previous_release=r.string(top, "previous-release"),
-                   exec_time_ns=r.u64(top, "exec-time-ns"), phases=phases,
-                   version=version)
-
-
 @dataclass(frozen=True)
 class LoadedImage:
     """The staged next kernel: the program to exec, its argv, its command line."""
@@ -103,11 +50,27 @@ class KexecState(Enum):
 
 
 class Kexec:
-    """kexec for one kernel (``kernel.kexec``)."""
+    """kexec for one kernel (``kernel.kexec``).
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
+    It works on the kernel's arena, machine header and KHO, with the kernel's command
+    line (is KHO on, poison?) and the scratch areas, and knows the kexec-metadata the
+    kernel was booted with (None after a cold boot) to count kexecs.  It adds its own
+    ``kexec-metadata`` subtree as a KHO participant, the last one to run.
+    """
+
+    name = METADATA_NODE
+
+    def __init__(self, arena: Arena, header: MachineHeader, kho: KHO, cmdline: Cmdline,
+                 scratch: Sequence[tuple[int, int]],
+                 booted_by: KexecMetadata | None) -> None:
+        self.arena = arena
+        self.header = header
+        self.kho = kho
+        self.cmdline = cmdline
+        self.scratch = list(scratch)
+        self.booted_by = booted_by
         self.loaded: LoadedImage | None = None
+        self._fault: str | None = None
         self.state = KexecState.IDLE
         #: What this kexec records in its kexec-metadata subtree (set by prepare).
         self.metadata: KexecMetadata | None = None
@@ -139,7 +102,8 @@ class Kexec:
 
     # -- prepare / abort --------------------------------------------------------------------
 
-    def prepare(self, phases: dict[str, int], *, exec: bool = True) -> None:
+    def prepare(self, phases: dict[str, int], *, exec: bool = True,
+                fault: str | None = None) -> None:
         """Finalize KHO, add kexec-metadata, write the boot parameters (HANDED_OVER).
 
         ``phases`` holds the caller's timings so far (ns, e.g. "quiesce"); this adds
@@ -149,28 +113,36 @@ class Kexec:
 
         ``exec=False`` hands over for a later boot instead of an exec (an unmount): that
         is not a kexec, so kexec-metadata keeps the kexec count and records no exec time.
+
+        ``fault`` ("serialize", "finalize" or "boot-params") makes that phase fail on
+        purpose once its work is done, so that a test sees the undo of each.
         """
         if self.state is not KexecState.IDLE:
             raise KexecError(f"A kexec is already {self.state.value}.", "prepare")
-        kho = self.kernel.kho
-        if not self.kernel.cmdline.kho:
+        kho = self.kho
+        if not self.cmdline.kho:
             raise KexecError("KHO is off on this kernel's command line (kho=off): "
                              "nothing could be handed over.", "finalize")
-        count = self._previous_count() + (1 if exec else 0)
-        self.metadata = KexecMetadata(count, self._release(),
+        previous = self.booted_by.kexec_count if self.booted_by else 0
+        self.metadata = KexecMetadata(previous + (1 if exec else 0), self.header.release,
                                       time.time_ns() if exec else 0, dict(phases))
         # The staged next kernel's command line goes with a kexec only: the kernel that
         # a later mount boots after an unmount starts with its own.
         cmdline = self.loaded.cmdline if self.loaded and exec else ""
+        if self not in kho.participants:
+            kho.register(self)      # after every subsystem: its subtree comes last
+        self._fault = fault
         phase = "finalize"
         try:
-            fdt_phys, fdt_size = kho.finalize(metadata=self._metadata_blob)
+            fdt_phys, fdt_size = kho.finalize()
             phases.update(kho.timings)
+            self._inject("finalize")
             phase = "boot-params"
             t0 = time.perf_counter_ns()
             self._write_boot_params(fdt_phys, fdt_size, cmdline)
             phases["boot-params"] = time.perf_counter_ns() - t0
             self._rewrite_metadata(phases=dict(phases))
+            self._inject("boot-params")
         except Exception as e:
             if phase == "finalize" and "serialize" not in kho.timings:
                 phase = "serialize"     # a participant failed before the memory map
@@ -199,45 +171,45 @@ class Kexec:
                              "prepare")
         self._rewrite_metadata(phases={**self.metadata.phases, name: ns})
 
-    def _previous_count(self) -> int:
-        kho_in = getattr(self.kernel, "kho_in", None)
-        return kho_in.metadata.kexec_count if kho_in and kho_in.metadata else 0
+    # -- the kexec-metadata subtree (a KHO participant) -----------------------------------
 
-    def _release(self) -> str:
-        return self.kernel.header.release
+    def kho_finalize(self, kho: KHO) -> None:
+        """Add the kexec-metadata subtree; `prepare` rewrites it with every phase."""
+        if self.metadata is not None:
+            kho.add_subtree(METADATA_NODE, self.metadata.to_fdt())
+        self._inject("serialize")
 
-    def _metadata_blob(self) -> bytes:
-        """kexec-metadata as finalize adds it: the participants' time is known by then."""
-        assert self.metadata is not None
-        serialize = self.kernel.kho.timings["serialize"]
-        self.metadata = replace(self.metadata,
-                                phases={**self.metadata.phases, "serialize": serialize})
-        return self.metadata.to_fdt()
+    def _inject(self, phase: str) -> None:
+        if self._fault == phase:
+            self._fault = None
+            raise InjectedFault(f"injected failure in {phase}")
+
+    def kho_abort(self, kho: KHO) -> None:
+        if METADATA_NODE in kho.subtrees:
+            kho.remove_subtree(METADATA_NODE)
 
     def _rewrite_metadata(self, **changes: object) -> None:
         """Rewrite kexec-metadata in place (later phase timings, the exec time)."""
         assert self.metadata is not None
         self.metadata = replace(self.metadata, **changes)
-        self.kernel.kho.update_subtree(METADATA_NODE, self.metadata.to_fdt())
+        self.kho.update_subtree(METADATA_NODE, self.metadata.to_fdt())
 
     def _write_boot_params(self, fdt_phys: int, fdt_size: int, cmdline: str) -> None:
-        header = self.kernel.header
-        header.set_boot_params(fdt_phys, fdt_size, cmdline)
-        header.state = MachineState.HANDED_OVER
-        self.kernel.write_header()
+        self.header.set_boot_params(fdt_phys, fdt_size, cmdline)
+        self.header.state = MachineState.HANDED_OVER
+        self.header.write(self.arena)
 
     def _undo_prepare(self) -> None:
-        if self.kernel.header.boot_params.valid:
+        if self.header.boot_params.valid:
             self._clear_boot_params()
-        if self.kernel.kho.finalized:
-            self.kernel.kho.abort()
+        if self.kho.finalized:
+            self.kho.abort()
         self.metadata = None
 
     def _clear_boot_params(self) -> None:
-        header = self.kernel.header
-        header.clear_boot_params()
-        header.state = MachineState.RUNNING
-        self.kernel.write_header()
+        self.header.clear_boot_params()
+        self.header.state = MachineState.RUNNING
+        self.header.write(self.arena)
 
     # -- poison / exec ----------------------------------------------------------------------
 
@@ -247,9 +219,9 @@ class Kexec:
         if self.state is not KexecState.PREPARED:
             raise KexecError("Poisoning needs a prepared kexec.", "poison")
         t0 = time.perf_counter_ns()
-        mask = poison_mask(self.kernel)
+        mask = poison_mask(self.kho, self.scratch)
         self.state = KexecState.POISONED
-        mem = self.kernel.arena.array()
+        mem = self.arena.array()
         for start, end in runs(mask):
             mem[start * PAGE_SIZE:end * PAGE_SIZE] = POISON_BYTE
         pages = int(np.count_nonzero(mask))
@@ -266,7 +238,7 @@ class Kexec:
         if self.state is KexecState.IDLE:
             raise KexecError("The kexec is not prepared (prepare first).", "exec")
         self._rewrite_metadata(exec_time_ns=time.time_ns())
-        self.kernel.arena.flush()
+        self.arena.flush()
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stdout.flush()
@@ -287,15 +259,15 @@ class Kexec:
         if self.loaded is None:
             raise KexecError("No next kernel is loaded (kexec load first).", "exec")
         self.prepare({})
-        if self.kernel.cmdline.kho_poison if poison is None else poison:
+        if self.cmdline.kho_poison if poison is None else poison:
             self.poison()
         self.exec()
 
 
-def poison_mask(kernel: Kernel) -> np.ndarray:
+def poison_mask(kho: KHO, scratch: Sequence[tuple[int, int]]) -> np.ndarray:
     """Bool per page: poison it? (Not preserved, not scratch, not the header page.)"""
-    mask = ~kernel.kho.track.page_mask()
-    for start, n in kernel.scratch_ranges():
+    mask = ~kho.track.page_mask()
+    for start, n in scratch:
         mask[start:start + n] = False
     mask[0] = False
     return mask

@@ -15,20 +15,20 @@ import logging
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from .arena import Arena
 from .errors import HandoverError, KhoBusy, MachineError
 from .fdt import FdtNode, FdtReader, build, u32
 from .kho_mem import KhoMemTrack, kho_mem_serialize
+from .memmap import Memmap
+from .page_alloc import PageAllocator
 from .units import MAX_ORDER, PAGE_SHIFT, PAGE_SIZE
-
-if TYPE_CHECKING:
-    from .boot import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ PROP_MEM_MAP = "preserved-memory-map"
 PROP_FDT = "fdt"
 PROP_FDT_SIZE = "fdt-size"
 PROP_FDT_CRC = "fdt-crc32"
-METADATA_NODE = "kexec-metadata"
 # Devicetree node names: 1 to 31 characters of this set.
 _NODE_NAME = re.compile(r"[A-Za-z0-9,._+-]{1,31}")
 
@@ -109,11 +108,16 @@ def split_natural(pfn: int, npages: int) -> Iterator[tuple[int, int]]:
 
 
 class KHO:
-    """The outgoing handover of one kernel (``kernel.kho``)."""
+    """The outgoing handover of one kernel (``kernel.kho``): over its arena, with the
+    buddy allocator for the handover's own pages, the memmap to check that a preserved
+    page is allocated, and the scratch areas, where nothing may be preserved."""
 
-    def __init__(self, kernel: Kernel) -> None:
-        self.kernel = kernel
-        self.arena = kernel.arena
+    def __init__(self, arena: Arena, buddy: PageAllocator, memmap: Memmap,
+                 scratch: Sequence[tuple[int, int]]) -> None:
+        self.arena = arena
+        self.buddy = buddy
+        self.memmap = memmap
+        self.scratch = list(scratch)
         self.track = KhoMemTrack(self.arena.npages)
         self.participants: list[KhoParticipant] = []
         self.subtrees: dict[str, Subtree] = {}
@@ -241,7 +245,7 @@ class KHO:
         by_order = self._scratch_by_order.get(order)
         if by_order is None:
             mask = np.zeros(self.arena.npages, bool)
-            for start, n in self.kernel.scratch_ranges():
+            for start, n in self.scratch:
                 mask[start:start + n] = True
             whole = self.arena.npages >> order << order
             by_order = mask[:whole].reshape(-1, 1 << order).any(axis=1)
@@ -250,7 +254,7 @@ class KHO:
 
     def _allocated(self, pfns: np.ndarray, order: int) -> np.ndarray:
         pages = (pfns[:, None] + np.arange(1 << order)).ravel()
-        ok = self.kernel.memmap.allocated_mask(np.clip(pages, 0, self.arena.npages - 1))
+        ok = self.memmap.allocated_mask(np.clip(pages, 0, self.arena.npages - 1))
         return ok.reshape(len(pfns), 1 << order).all(axis=1)
 
     # -- subtrees ----------------------------------------------------------------------
@@ -265,14 +269,14 @@ class KHO:
         self._check_mutable(f"add the subtree {name!r}")
         self._check_subtree(name, fdt)
         order = _order_for(-(-len(fdt) // PAGE_SIZE))
-        pfn = self.kernel.pages.alloc(order)
+        pfn = self.buddy.alloc(order)
         try:
             view = self.arena.view(pfn, 1 << order)
             view[:len(fdt)] = fdt
             view[len(fdt):] = bytes(len(view) - len(fdt))
             self.preserve_folio(pfn, order)
         except BaseException:
-            self.kernel.pages.free(pfn, order)
+            self.buddy.free(pfn, order)
             raise
         self.subtrees[name] = Subtree(name, pfn, order, len(fdt), zlib.crc32(fdt))
         if self.state is KhoState.FINALIZING and self._out is not None:
@@ -297,7 +301,7 @@ class KHO:
         if sub is None:
             raise KhoError(f"there is no KHO subtree {name!r}")
         self.unpreserve_folio(sub.pfn, sub.order)
-        self.kernel.pages.free(sub.pfn, sub.order)
+        self.buddy.free(sub.pfn, sub.order)
 
     def update_subtree(self, name: str, fdt: bytes) -> None:
         """Rewrite a subtree in place after finalize (it must fit its pages).
@@ -320,12 +324,11 @@ class KHO:
 
     # -- finalize / abort -------------------------------------------------------------
 
-    def finalize(self, *, metadata: Callable[[], bytes] | None = None) -> tuple[int, int]:
+    def finalize(self) -> tuple[int, int]:
         """Serialize every participant, then write the memory map and the root FDT.
 
-        ``metadata``, if given (by kexec), is called after the participants and its FDT
-        becomes the ``kexec-metadata`` subtree.  Any failure aborts everything done so
-        far and re-raises.  Returns (phys, size) of the root FDT.
+        Any failure aborts everything done so far and re-raises.  Returns (phys, size)
+        of the root FDT.
         """
         if self.state is not KhoState.IDLE:
             raise KhoBusy(f"KHO is {self.state.value}: cannot finalize again")
@@ -340,8 +343,6 @@ class KHO:
                 p.kho_finalize(self)
             t1 = time.perf_counter_ns()
             self.timings["serialize"] = t1 - t0
-            if metadata is not None:
-                self.add_subtree(METADATA_NODE, metadata())
             self._write_handover()
             self.timings["finalize"] = time.perf_counter_ns() - t1
         except BaseException:
@@ -394,14 +395,14 @@ class KHO:
 
     def _drop_page(self, pfn: int, order: int) -> None:
         self.unpreserve_folio(pfn, order)
-        self.kernel.pages.free(pfn, order)
+        self.buddy.free(pfn, order)
 
     def _alloc_preserved(self, order: int) -> int:
-        pfn = self.kernel.pages.alloc(order)
+        pfn = self.buddy.alloc(order)
         try:
             self.preserve_folio(pfn, order)
         except BaseException:
-            self.kernel.pages.free(pfn, order)
+            self.buddy.free(pfn, order)
             raise
         return pfn
 

@@ -15,22 +15,20 @@ import logging
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .chain import walk_chain
 from .errors import HandoverError
 from .fdt import FdtReader
-from .kexec import KexecMetadata
-from .kho import (KHO_COMPATIBLE, METADATA_NODE, PROP_FDT, PROP_FDT_CRC, PROP_FDT_SIZE,
+from .kexec_metadata import METADATA_NODE, KexecMetadata
+from .kho import (KHO_COMPATIBLE, PROP_FDT, PROP_FDT_CRC, PROP_FDT_SIZE,
                   PROP_MEM_MAP, split_natural)
 from .kho_mem import PhysMemory, PreservedMap, kho_mem_deserialize
 from .memmap import has_duplicates
+from .page_alloc import PageAllocator
 from .units import PAGE_SHIFT, PAGE_SIZE
 
-if TYPE_CHECKING:
-    from .boot import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ class IncomingHandover:
         self.subtrees = subtrees
         #: The kexec-metadata subtree; None if the previous kernel did not write one.
         self.metadata = metadata
-        self.kernel: Kernel | None = None
+        self.buddy: PageAllocator | None = None
         # Per order, parallel to pmap.heads[order]: restored (or released) already?
         self._claimed = {o: np.zeros(len(h), bool) for o, h in pmap.heads.items()}
 
@@ -114,19 +112,20 @@ class IncomingHandover:
         """(head pfns, order) of every preserved folio, per order: what boot reserves."""
         return self.pmap.ranges()
 
-    def attach(self, kernel: Kernel) -> None:
-        """Bind to the booted kernel, whose memmap and allocator the restores use."""
-        self.kernel = kernel
+    def attach(self, buddy: PageAllocator) -> None:
+        """Bind to the booted kernel's buddy allocator, which takes back what the
+        restores free."""
+        self.buddy = buddy
 
     def release_unclaimed(self) -> int:
         """Free every preserved folio nobody restored (end of boot); returns pages freed."""
-        kernel = self._attached()
+        buddy = self._attached()
         freed = 0
         for heads, order in self.pmap.ranges():
             idx = np.flatnonzero(~self._claimed[order])
             if not len(idx):
                 continue
-            kernel.pages.free_pfns(heads[idx], order)
+            buddy.free_pfns(heads[idx], order)
             self._claimed[order][idx] = True
             freed += len(idx) << order
         log.info("KHO: released %d preserved pages that nobody restored", freed)
@@ -176,13 +175,13 @@ class IncomingHandover:
         chain = walk_chain(self.mem, phys, magic)
         pfns = np.asarray(chain.pfns, np.int64)
         self.restore_pfns(pfns, 0)
-        self._attached().pages.free_pfns(pfns, 0)
+        self._attached().free_pfns(pfns, 0)
         return chain.payload
 
-    def _attached(self) -> Kernel:
-        if self.kernel is None:
-            raise RuntimeError("IncomingHandover.attach(kernel) has not been called")
-        return self.kernel
+    def _attached(self) -> PageAllocator:
+        if self.buddy is None:
+            raise RuntimeError("IncomingHandover.attach(buddy) has not been called")
+        return self.buddy
 
     def _claimable(self, pfns: np.ndarray, order: int) -> np.ndarray:
         """Indexes into pmap.heads[order] of ``pfns``; HandoverError naming a bad one."""

@@ -178,7 +178,7 @@ def mount_factory(cli_env: dict[str, str]) -> Iterator[MountFactory]:
     made: list[Mount] = []
 
     def make(*, memory: str = "256M", options: str | None = None) -> Mount:
-        m = Mount(unique_machine(), make_mountpoint(), {**cli_env, "GUESTFS_TEST_HOOKS": "1"})
+        m = Mount(unique_machine(), make_mountpoint(), cli_env)
         made.append(m)
         args = ["mount", "--machine", m.machine, "--memory", memory]
         if options:
@@ -195,15 +195,54 @@ def mount_factory(cli_env: dict[str, str]) -> Iterator[MountFactory]:
 
 @pytest.fixture
 def mount(mount_factory: MountFactory) -> Mount:
-    """A fresh 256 MiB mount with test hooks on."""
+    """A fresh 256 MiB mount."""
     return mount_factory()
+
+
+FAULTY_DAEMON = Path(__file__).resolve().parent / "helpers" / "faulty_daemon.py"
+RAISE_IN_HANDLER = "raise-in-handler"     # faulty_daemon.py's other fault
+
+
+@pytest.fixture
+def faulty_mount(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[[str], Mount]]:
+    """``faulty_mount(fault)``: a fresh 256 MiB mount whose daemon fails on purpose:
+    its first handover in phase `fault`, or in a FUSE handler (RAISE_IN_HANDLER); see
+    tests/helpers/faulty_daemon.py."""
+    made: list[tuple[Mount, subprocess.Popen]] = []
+
+    def make(fault: str) -> Mount:
+        m = Mount(unique_machine(), make_mountpoint(), cli_env)
+        log = open(tmp_path / f"{m.machine}.log", "wb")
+        proc = subprocess.Popen([sys.executable, os.fspath(FAULTY_DAEMON), fault, m.machine,
+                                 os.fspath(m.mountpoint), str(256 << 20)], env=cli_env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+        log.close()
+        made.append((m, proc))
+        m.pid = proc.pid
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while not is_mounted(m.mountpoint) or m.cli("status", os.fspath(m.mountpoint),
+                                                    check=False).returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the faulty daemon did not mount: "
+                            f"{(tmp_path / f'{m.machine}.log').read_text()[-2000:]}")
+            time.sleep(0.05)
+        return m
+
+    yield make
+    problems = {}
+    for m, proc in made:
+        forced = teardown_mount(m)
+        proc.wait(timeout=EXIT_TIMEOUT)
+        if forced:
+            problems[m.machine] = forced
+    assert not problems, f"mounts needed forcing at teardown: {problems}"
 
 
 @pytest.fixture(scope="module")
 def shared_mount(cli_env: dict[str, str]) -> Iterator[Mount]:
     """One mount for a whole test module (tests work in their own directories on it)."""
-    m = Mount(unique_machine(), make_mountpoint(),
-              {**cli_env, "GUESTFS_TEST_HOOKS": "1"})
+    m = Mount(unique_machine(), make_mountpoint(), cli_env)
     try:
         m.cli("mount", "--machine", m.machine, "--memory", "512M", os.fspath(m.mountpoint))
         m.pid = m.status()["pid"]

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from guestfs.errors import FsError
-from guestfs.fuse_ops import (DEBUG_RAISE_XATTR, ROOT_INO, AdapterConfig, Operations,
+from guestfs.fuse_ops import (ROOT_INO, AdapterConfig, Operations,
                               RequestGate, Traffic, entry_attributes)
 
 
@@ -135,16 +135,6 @@ def test_forget_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="guestfs.fuse_ops"):
         call(ops, "forget", [(999, 1)])  # FakeFs.forget of an unknown inode: KeyError
     assert "KeyError" in caplog.text and ops.gate.in_flight == 0
-
-
-def test_debug_hook_raises_only_when_enabled() -> None:
-    hooked = Operations(FakeFs(), config=AdapterConfig(test_hooks=True))
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        call(hooked, "setxattr", ROOT_INO, DEBUG_RAISE_XATTR, b"1", FakeCtx())
-    assert info.value.errno == errno.EIO
-    plain = Operations(FakeFs(), config=AdapterConfig(test_hooks=False))
-    call(plain, "setxattr", ROOT_INO, DEBUG_RAISE_XATTR, b"1", FakeCtx())
-    assert plain.fs.calls[-1][0] == "setxattr"
 
 
 def test_read_only_refuses_changes() -> None:

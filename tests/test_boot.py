@@ -89,12 +89,12 @@ def test_cold_boot(boot_kernel, machine_name: str) -> None:
     states = k.memmap.block_states()
     assert (states[h.memmap_pfn : h.memmap_pfn + h.memmap_npages] == PageState.RESERVED).all()
     assert states[0] == PageState.RESERVED
-    s = k.pages.stats()
+    s = k.buddy.stats()
     assert s.reserved_pages == 1 + h.memmap_npages and s.used_pages == 0 and s.preserved_pages == 0
     assert s.free_pages == k.arena.npages - s.reserved_pages
     assert k.finish_boot() == 0
     assert not MachineHeader.read(k.arena).boot_params.valid
-    k.pages.check()
+    k.buddy.check()
 
 
 def test_reboot_after_a_crash_needs_format(boot_kernel, machine_name: str) -> None:
@@ -115,7 +115,7 @@ def test_second_boot_while_running_is_refused(boot_kernel, machine_name: str) ->
     k = boot_kernel(machine_name, memory=16 * MiB)
     with pytest.raises(ArenaError, match=f"in use by pid {os.getpid()}"):
         boot_kernel(machine_name, format=True)
-    assert k.pages.alloc(0)  # the running kernel is unaffected
+    assert k.buddy.alloc(0)  # the running kernel is unaffected
 
 
 def test_machine_list_and_destroy_with_kernels(boot_kernel, machine_name: str) -> None:
@@ -159,7 +159,7 @@ def test_big_arena_boots_fast(boot_kernel, machine_name: str) -> None:
     start = time.perf_counter()
     k = boot_kernel(machine_name, memory=parse_size("4G"), nodes=2)
     assert time.perf_counter() - start < 1.0
-    assert k.pages.stats().free_pages > (4 << 30) // 4096 - 2000
+    assert k.buddy.stats().free_pages > (4 << 30) // 4096 - 2000
 
 
 # -- the boot-parameter slot ------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_scratch_too_small_for_a_kho_boot(boot_kernel, machine_name: str) -> Non
     k = boot_kernel(machine_name, memory=64 * MiB, cmdline="kho_scratch=4K,4K,4K")
     assert sorted(a.npages for a in k.header.scratch) == [1, 1, 1]
     k.finish_boot()
-    pfn = k.pages.alloc(0)
+    pfn = k.buddy.alloc(0)
     k.kho.preserve_folio(pfn, 0)
     k.kexec.prepare({})
     k.shutdown()
@@ -220,7 +220,7 @@ def test_kho_boot_reserves_preserved_pages(boot_kernel, machine_name: str) -> No
     """The boot side of a handover: scratch-only memblock, preserved pages reserved."""
     k = boot_kernel(machine_name, memory=64 * MiB, nodes=2)
     k.finish_boot()
-    folio = k.pages.alloc(4)
+    folio = k.buddy.alloc(4)
     k.arena.view(folio)[:4] = b"keep"
     k.kho.preserve_folio(folio, 4)
     scratch_before = list(k.header.scratch)
@@ -233,15 +233,15 @@ def test_kho_boot_reserves_preserved_pages(boot_kernel, machine_name: str) -> No
     mm = k.header.memmap_pfn
     assert any(a.start_pfn <= mm < a.end_pfn for a in k.header.scratch)  # memmap came from scratch
     assert k.memmap.head(folio) == (PageState.PRESERVED, 4)
-    assert k.pages.stats().preserved_pages >= 16
+    assert k.buddy.stats().preserved_pages >= 16
     assert k.kho_in.restore_folio(folio) == 4
     assert bytes(k.arena.view(folio)[:4]) == b"keep"
     k.finish_boot()
-    s = k.pages.stats()
+    s = k.buddy.stats()
     assert s.preserved_pages == 0 and s.used_pages == 16
     assert not MachineHeader.read(k.arena).boot_params.valid
-    k.pages.check()
-    unmovable = np.array([k.pages.alloc(0) for _ in range(50)])
+    k.buddy.check()
+    unmovable = np.array([k.buddy.alloc(0) for _ in range(50)])
     in_scratch = np.zeros(k.arena.npages, bool)
     for start, n in k.scratch_ranges():
         in_scratch[start : start + n] = True

@@ -15,7 +15,7 @@ import pytest
 from conftest import (CLI, Mount, is_mounted, make_mountpoint, run_cli, teardown_mount,
                       unique_machine, wait_pid_gone)
 from guestfs import cli
-from guestfs.daemon import MountOptions
+from guestfs.config import MountOptions
 from guestfs.filesystem import AtimeMode, AtimePolicy
 
 HELP_PATHS = [[], ["mount"], ["umount"], ["status"], ["machine"], ["machine", "list"],

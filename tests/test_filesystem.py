@@ -581,7 +581,7 @@ def test_user_xattrs_only_on_files_and_directories(fs: Filesystem) -> None:
 def test_statfs_has_real_figures(fs: Filesystem) -> None:
     before = fs.statfs()
     assert before.f_bsize == before.f_frsize == PAGE_SIZE and before.f_namemax == 255
-    assert before.f_bfree == fs.kernel.pages.free_pages()
+    assert before.f_bfree == fs.kernel.buddy.free_pages()
     assert before.f_bavail == before.f_bfree - fs.pool.data_floor() > 0   # the handover's room
     assert before.f_blocks == before.f_bfree and before.f_files == fs.sb.max_inodes
     mkfile(fs, b"f", b"x" * 10 * PAGE_SIZE)

@@ -47,11 +47,11 @@ class Machine:
         self.name = f"c{uuid.uuid4().hex[:10]}"
         kernel = boot(self.name, memory=MEMORY, machine_dir=directory)
         kernel.finish_boot()
-        pfns = np.array([kernel.pages.alloc(0) for _ in range(300)], np.int64)
+        pfns = np.array([kernel.buddy.alloc(0) for _ in range(300)], np.int64)
         kernel.kho.preserve_pfns(pfns[::2], 0)
-        kernel.kho.preserve_folio(kernel.pages.alloc(9), 9)
+        kernel.kho.preserve_folio(kernel.buddy.alloc(9), 9)
         kernel.kho.add_subtree("guestfs", build(FdtNode(props={"compatible": "guestfs-v1"})))
-        chain.write_chain(kernel, b"x" * 10000, b"TEST")
+        chain.write_chain(kernel.kho, b"x" * 10000, b"TEST")
         kernel.kexec.prepare({})
         kernel.shutdown()
         self.path = directory / f"{self.name}.mem"

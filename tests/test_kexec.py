@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from kho_backend.boot import Kernel, boot
 from kho_backend.errors import KexecError
 from kho_backend.header import MachineHeader, MachineState
-from kho_backend.kexec import POISON_BYTE, KexecMetadata
+from kho_backend.kexec import POISON_BYTE
+from kho_backend.kexec_metadata import KexecMetadata
 from kho_backend.kho import KHO
 
 HELPER = Path(__file__).parent / "helpers" / "kexec_child.py"
@@ -62,7 +63,7 @@ class Failing:
         self.pfn = -1
 
     def kho_finalize(self, kho: KHO) -> None:
-        self.pfn = self.kernel.pages.alloc(0)
+        self.pfn = self.kernel.buddy.alloc(0)
         kho.preserve_folio(self.pfn, 0)
         kho.add_subtree("failing", KexecMetadata(1, "x").to_fdt())
         if self.fail:
@@ -72,11 +73,11 @@ class Failing:
         self.aborted += 1
         if self.pfn >= 0 and kho.is_preserved(self.pfn, 0):
             kho.unpreserve_folio(self.pfn, 0)
-            self.kernel.pages.free(self.pfn, 0)
+            self.kernel.buddy.free(self.pfn, 0)
 
 
 def snapshot(kernel: Kernel) -> tuple:
-    s = kernel.pages.stats()
+    s = kernel.buddy.stats()
     return s.free_pages, s.used_pages, kernel.kho.track.nr_pages(), dict(kernel.kho.subtrees)
 
 
@@ -94,7 +95,7 @@ def test_failed_prepare_leaves_kernel_as_it_was(new_kernel: Callable[..., Kernel
     assert snapshot(kernel) == before
     assert kernel.arena.view(0).tobytes() == header_before
     assert not kernel.kho.finalized
-    kernel.kho.preserve_folio(kernel.pages.alloc(0), 0)   # KHO usable again
+    kernel.kho.preserve_folio(kernel.buddy.alloc(0), 0)   # KHO usable again
 
 
 def test_prepare_abort_roundtrip(new_kernel: Callable[..., Kernel]) -> None:
@@ -119,7 +120,7 @@ def test_prepare_abort_roundtrip(new_kernel: Callable[..., Kernel]) -> None:
 def test_poisoned_kexec_cannot_abort(new_kernel: Callable[..., Kernel]) -> None:
     kernel = new_kernel()
     kernel.finish_boot()
-    kept, lost = kernel.pages.alloc(0), kernel.pages.alloc(0)
+    kept, lost = kernel.buddy.alloc(0), kernel.buddy.alloc(0)
     kernel.arena.view(kept)[:] = b"k" * 4096
     kernel.kho.preserve_folio(kept, 0)
     kernel.kexec.prepare({})

@@ -54,7 +54,7 @@ def test_split_natural_matches_kernel() -> None:
 
 def test_preserve_refusals(kernel: Kernel) -> None:
     kho = kernel.kho
-    pfn = kernel.pages.alloc(2)
+    pfn = kernel.buddy.alloc(2)
     with pytest.raises(KhoError, match="not aligned"):
         kho.preserve_folio(pfn + 1, 2)
     with pytest.raises(KhoError, match="outside the arena"):
@@ -62,8 +62,8 @@ def test_preserve_refusals(kernel: Kernel) -> None:
     scratch_start = kernel.scratch_ranges()[0][0]
     with pytest.raises(KhoError, match="scratch"):
         kho.preserve_folio(scratch_start, 0)
-    free = kernel.pages.alloc(0)
-    kernel.pages.free(free, 0)
+    free = kernel.buddy.alloc(0)
+    kernel.buddy.free(free, 0)
     with pytest.raises(KhoError, match="not allocated"):
         kho.preserve_folio(free, 0)
     with pytest.raises(KhoError, match="not allocated"):
@@ -74,7 +74,7 @@ def test_preserve_refusals(kernel: Kernel) -> None:
     with pytest.raises(KhoError, match="already preserved"):
         kho.preserve_folio(pfn + 2, 0)
     with pytest.raises(KhoError, match="listed twice"):
-        other = kernel.pages.alloc(0)
+        other = kernel.buddy.alloc(0)
         kho.preserve_pfns(np.array([other, other]), 0)
     with pytest.raises(KhoError, match="not preserved as an order-1"):
         kho.unpreserve_folio(pfn, 1)
@@ -87,7 +87,7 @@ def test_preserve_refusals(kernel: Kernel) -> None:
 
 def test_busy_after_finalize(kernel: Kernel) -> None:
     kho = kernel.kho
-    pfn = kernel.pages.alloc(0)
+    pfn = kernel.buddy.alloc(0)
     kho.finalize()
     for call in (lambda: kho.preserve_folio(pfn, 0), lambda: kho.unpreserve_folio(pfn, 0),
                  lambda: kho.add_subtree("x", build(FdtNode())), kho.finalize):
@@ -114,15 +114,15 @@ def test_subtree_checks(kernel: Kernel) -> None:
 def test_finalize_roundtrip(kernel: Kernel) -> None:
     """What finalize writes parses back: the folios, the subtrees, a chain; the map and
     FDT pages are preserved themselves; abort gives every page back."""
-    free_before = kernel.pages.stats().free_pages
-    pfns = np.array([kernel.pages.alloc(0) for _ in range(700)], np.int64)
-    big = kernel.pages.alloc(9)
+    free_before = kernel.buddy.stats().free_pages
+    pfns = np.array([kernel.buddy.alloc(0) for _ in range(700)], np.int64)
+    big = kernel.buddy.alloc(9)
     kernel.kho.preserve_pfns(pfns, 0)
     kernel.kho.preserve_folio(big, 9)
     sub = build(FdtNode(props={"compatible": "test-v1", "answer": 42}))
     kernel.kho.add_subtree("test", sub)
     payload = bytes(range(256)) * 100
-    chain_phys = chain.write_chain(kernel, payload, b"TEST")
+    chain_phys = chain.write_chain(kernel.kho, payload, b"TEST")
     fdt_phys, fdt_size = kernel.kho.finalize()
     kho_in = parse_own(kernel)
     heads = dict((o, h) for h, o in kho_in.preserved_ranges())
@@ -134,14 +134,14 @@ def test_finalize_roundtrip(kernel: Kernel) -> None:
         kho_in.retrieve_subtree("nope")
     assert chain.read_chain(kernel.arena, chain_phys, b"TEST") == payload
     kernel.kho.abort()
-    chain.free_chain(kernel, chain_phys, b"TEST")
+    chain.free_chain(kernel.kho, chain_phys, b"TEST")
     kernel.kho.remove_subtree("test")
     kernel.kho.unpreserve_pfns(pfns, 0)
     kernel.kho.unpreserve_folio(big, 9)
     for pfn in pfns.tolist():
-        kernel.pages.free(pfn, 0)
-    kernel.pages.free(big, 9)
-    assert kernel.pages.stats().free_pages == free_before
+        kernel.buddy.free(pfn, 0)
+    kernel.buddy.free(big, 9)
+    assert kernel.buddy.stats().free_pages == free_before
     assert kernel.kho.track.nr_pages() == 0
 
 
@@ -149,13 +149,13 @@ def test_restore_rules(kernel: Kernel) -> None:
     """On the new side a folio comes back only as exactly what was preserved, once."""
     name = kernel.name
     machine_dir = kernel.arena.path.parent
-    folio = kernel.pages.alloc(3)
-    pages = [kernel.pages.alloc(0) for _ in range(4)]
+    folio = kernel.buddy.alloc(3)
+    pages = [kernel.buddy.alloc(0) for _ in range(4)]
     kernel.kho.preserve_folio(folio, 3)
     kernel.kho.preserve_pfns(np.array(pages), 0)
-    span = kernel.pages.alloc(4)
+    span = kernel.buddy.alloc(4)
     kernel.kho.preserve_pages(span + 1, 13)     # orders 0, 1, 2, 3 at span+1 .. span+13
-    chain_phys = chain.write_chain(kernel, b"records" * 1000, b"RECS")
+    chain_phys = chain.write_chain(kernel.kho, b"records" * 1000, b"RECS")
     kernel.kexec.prepare({})
     kernel.shutdown()
     k2 = boot(name, machine_dir=machine_dir)
@@ -184,7 +184,7 @@ def check_restores(k2: Kernel, folio: int, pages: list[int], span: int,
         kho_in.consume_chain(chain_phys, b"RECS")
     released = k2.finish_boot()
     assert released == len(kho_in.pmap.chunk_pfns) + 2      # root FDT + kexec-metadata
-    stats = k2.pages.stats()
+    stats = k2.buddy.stats()
     assert stats.preserved_pages == 0 and stats.used_pages == 8 + 4 + 13
     assert not MachineHeader.read(k2.arena).boot_params.valid
 

@@ -175,7 +175,7 @@ def test_first_boot_sizes_scratch_from_the_memmap(boot_kernel, machine_name: str
     by_kind = {(a.kind, a.node): a.npages for a in k.header.scratch}
     assert by_kind[(ScratchKind.GLOBAL, 1)] == max(MIN_SCRATCH_PAGES, 2 * memmap_pages)
     assert set(k.scratch_ranges()) == {(a.start_pfn, a.npages) for a in k.header.scratch}
-    stats = k.pages.stats()
+    stats = k.buddy.stats()
     assert stats.scratch_pages == sum(a.npages for a in k.header.scratch)
     assert stats.free_scratch_pages == stats.scratch_pages  # nothing placed there yet
 

@@ -19,7 +19,7 @@ MiB = 1 << 20
 def pool(boot_kernel: BootKernel) -> PagePool:
     """The file-page pool of a freshly booted 64 MiB machine."""
     kernel = boot_kernel(unique_name("pagemap"), memory=64 * MiB)
-    return PagePool(kernel.arena, kernel.pages)
+    return PagePool(kernel.arena, kernel.buddy)
 
 
 def fill(pool: PagePool, pm: PageMap, off: int, data: bytes) -> None:
@@ -261,7 +261,7 @@ def test_python_memory_per_gib_of_large_file_data_is_under_1_mib(
         boot_kernel: BootKernel) -> None:
     data_size = 1 << 30
     kernel = boot_kernel(unique_name("pagemap"), memory=data_size + 64 * MiB)
-    pool = PagePool(kernel.arena, kernel.pages)
+    pool = PagePool(kernel.arena, kernel.buddy)
     chunk = b"\x5a" * MiB
     pm = PageMap()
     tracemalloc.start()

@@ -22,9 +22,8 @@ import msgpack
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from guestfs.errors import FsError  # noqa: E402
-from guestfs.filesystem import Ctx, Filesystem  # noqa: E402
-from guestfs.handover import GuestfsHandover, restore  # noqa: E402
-from kho_backend.boot import boot  # noqa: E402
+from guestfs.filesystem import Ctx  # noqa: E402
+from guestfs.session import Options, Session  # noqa: E402
 
 ROOT = Ctx(uid=0, gid=0)
 
@@ -35,10 +34,9 @@ class Server:
     def __init__(self, argv: list[str]) -> None:
         self.argv = [sys.executable, *argv]
         machine, memory = argv[1], argv[2]
-        self.kernel = boot(machine, memory=int(memory), cmdline="kho_poison")
-        self.fs = restore(self.kernel) or Filesystem(self.kernel)
-        self.released = self.kernel.finish_boot()
-        self.kernel.kho.register(GuestfsHandover(self.fs))
+        self.session = Session.open(Options(machine, memory=int(memory), cmdline="kho_poison"))
+        self.kernel, self.fs = self.session.kernel, self.session.fs
+        self.released = self.session.released
         self.handles: dict[int, int] = {}
         self.next_handle = 1
 
@@ -114,7 +112,7 @@ class Server:
         """Every reachable name with what a model can check, and the machine's figures."""
         tree: dict[str, dict] = {}
         self._walk(1, "", tree)
-        return {"tree": tree, "free_pages": self.kernel.pages.free_pages(),
+        return {"tree": tree, "free_pages": self.kernel.buddy.free_pages(),
                 "generation": self.fs.sb.generation, "released": self.released,
                 "problems": self.fs.check(), "pid": os.getpid()}
 
@@ -141,18 +139,17 @@ class Server:
         return rec
 
     def op_kexec(self, poison: bool) -> None:
-        kexec = self.kernel.kexec
-        kexec.load(self.argv, "kho_poison" if poison else "")
-        kexec.prepare({})
+        self.session.load(self.argv, "kho_poison" if poison else "")
+        self.session.hand_over({}, for_exec=True)
         if poison:
-            kexec.poison()
-        kexec.exec()
+            self.session.poison()
+        self.session.exec()
 
     def op_shutdown(self, handover: bool) -> None:
         """End this kernel: with a handover (a clean unmount), or as a crash."""
         if handover:
-            self.kernel.kexec.prepare({}, exec=False)
-        self.kernel.shutdown()
+            self.session.hand_over({}, for_exec=False)
+        self.session.close()
         reply({"ok": True, "value": None})
         sys.exit(0)
 

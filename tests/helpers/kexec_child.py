@@ -86,7 +86,7 @@ def check_handover(kernel: Kernel, state: dict, generation: int, poison: bool) -
 
 
 def stats(kernel: Kernel, released: int) -> dict:
-    s = kernel.pages.stats()
+    s = kernel.buddy.stats()
     return {"free": s.free_pages, "used": s.used_pages, "reserved": s.reserved_pages,
             "preserved": s.preserved_pages, "total": s.total_pages, "released": released,
             "scratch": [(a.start_pfn, a.npages) for a in kernel.header.scratch],
@@ -103,18 +103,18 @@ def make_pattern(kernel: Kernel, held: list[Folio], pattern: list,
             kernel.kho.preserve_folio(pfn, order)
             keep.append((pfn, order, tag))
         else:
-            kernel.pages.free(pfn, order)
+            kernel.buddy.free(pfn, order)
     unpreserved: list[tuple[int, int]] = []
     bulk: list[Folio] = []
     for i, (order, action) in enumerate(pattern):
         try:
-            pfn = kernel.pages.alloc(order)
+            pfn = kernel.buddy.alloc(order)
         except OutOfMemory:
             continue
         tag = generation * 100_000 + i
         folio_bytes(kernel, pfn, order)[:] = contents(order, tag)
         if action == "free":
-            kernel.pages.free(pfn, order)
+            kernel.buddy.free(pfn, order)
         elif action == "keep":
             unpreserved.append((pfn, order))
         elif action == "bulk" and order == 0:

@@ -228,15 +228,11 @@ def layout_stats(fs: Any) -> dict[str, int]:
 
 def build_guestfs(machine: str, spec: TreeSpec) -> dict[str, int]:
     """Create `machine`, write `spec` into it, and hand it over as an unmount does."""
-    from guestfs.filesystem import Filesystem
-    from guestfs.handover import GuestfsHandover
-    from kho_backend.boot import boot
+    from guestfs.session import Options, Session
 
-    kernel = boot(machine, memory=spec.arena_size())
+    session = Session.open(Options(machine, memory=spec.arena_size()))
     try:
-        fs = Filesystem(kernel)
-        kernel.finish_boot()
-        kernel.kho.register(GuestfsHandover(fs))
+        fs = session.fs
         sink = CoreSink(fs)
         fillers = (".filler-kept", ".filler-freed")
         if spec.fragmented:
@@ -247,9 +243,9 @@ def build_guestfs(machine: str, spec: TreeSpec) -> dict[str, int]:
         if spec.fragmented:
             sink.remove(fillers[0])
         stats = layout_stats(fs)
-        kernel.kexec.prepare({}, exec=False)
+        session.hand_over({}, for_exec=False)
     finally:
-        kernel.shutdown()
+        session.close()
     return stats
 
 

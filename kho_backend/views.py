@@ -1,4 +1,4 @@
-"""Inspectors: ``guestfs kho dump`` and ``guestfs kho memmap``.
+"""Read-only views of a machine: ``guestfs kho dump`` and ``guestfs kho memmap``.
 
 Both map the arena read-only and take no lock, so they work beside a running kernel and
 on an arena whose handover a boot refused; they never change a byte.

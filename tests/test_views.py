@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kho_backend import inspect
+from kho_backend import views
 from kho_backend.boot import Kernel, boot
 from kho_backend.fdt import FdtNode, build
 
@@ -32,8 +32,8 @@ def handed_over(machine_dir: Path) -> tuple[str, Kernel]:
     name = f"i{uuid.uuid4().hex[:10]}"
     kernel = boot(name, memory=MEMORY, nodes=2, machine_dir=machine_dir)
     kernel.finish_boot()
-    kernel.kho.preserve_pfns(np.array([kernel.pages.alloc(0) for _ in range(40)]), 0)
-    kernel.kho.preserve_folio(kernel.pages.alloc(9, node=1), 9)
+    kernel.kho.preserve_pfns(np.array([kernel.buddy.alloc(0) for _ in range(40)]), 0)
+    kernel.kho.preserve_folio(kernel.buddy.alloc(9, node=1), 9)
     kernel.kho.add_subtree("guestfs", build(FdtNode(props={"compatible": "guestfs-v1"})))
     return name, kernel
 
@@ -62,7 +62,7 @@ def test_dump_pending_handover(machine_dir: Path) -> None:
     kernel.kexec.prepare({"freeze": 3_000_000})
     kernel.shutdown()
     before = hashlib.sha256((machine_dir / f"{name}.mem").read_bytes()).digest()
-    text = inspect.dump(name, machine_dir)
+    text = views.dump(name, machine_dir)
     assert "state HANDED_OVER" in text
     assert 'compatible = "kho-v1"' in text and "preserved-memory-map" in text
     assert 'compatible = "guestfs-v1"' in text and 'compatible = "kexec-metadata-v1"' in text
@@ -73,32 +73,32 @@ def test_dump_pending_handover(machine_dir: Path) -> None:
 
 def test_dump_refused_handover_and_none(machine_dir: Path) -> None:
     name, kernel = handed_over(machine_dir)
-    assert "no pending handover" in inspect.dump(name, machine_dir)   # while running
+    assert "no pending handover" in views.dump(name, machine_dir)   # while running
     kernel.kexec.prepare({})
     phys, _ = kernel.kho.fdt
     kernel.arena.view(phys >> 12)[20] ^= 0xFF                      # damage the root FDT
     kernel.shutdown()
-    text = inspect.dump(name, machine_dir)
+    text = views.dump(name, machine_dir)
     assert "THE HANDOVER IS NOT VALID" in text
 
 
 def test_memmap_png_live_and_handed_over(machine_dir: Path) -> None:
     name, kernel = handed_over(machine_dir)
     out = machine_dir / "live.png"
-    live = inspect.memmap_png(name, out, machine_dir)
+    live = views.memmap_png(name, out, machine_dir)
     assert "live memmap" in live.source
     width, height, pixels = read_png(out)
     assert (width, height) == (live.width, live.height)
     colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
-    assert inspect.COLOURS[inspect.Paint.USED] in colours
-    assert inspect.SEPARATOR in colours                                # two nodes
+    assert views.COLOURS[views.Paint.USED] in colours
+    assert views.SEPARATOR in colours                                # two nodes
     kernel.kexec.prepare({})
     kernel.shutdown()
-    picture = inspect.memmap_png(name, out, machine_dir)
+    picture = views.memmap_png(name, out, machine_dir)
     assert "preserved-memory map" in picture.source
-    assert picture.counts[inspect.Paint.PRESERVED] >= 40 + 512
-    assert picture.counts[inspect.Paint.KHO_META] >= 3
+    assert picture.counts[views.Paint.PRESERVED] >= 40 + 512
+    assert picture.counts[views.Paint.KHO_META] >= 3
     _, _, pixels = read_png(out)
     colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
-    assert inspect.COLOURS[inspect.Paint.PRESERVED] in colours
+    assert views.COLOURS[views.Paint.PRESERVED] in colours
     assert "preserved" in picture.legend()

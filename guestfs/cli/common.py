@@ -1,0 +1,111 @@
+"""What every ``guestfs`` command shares: errors, messages, option types, look-ups."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from guestfs import mounts
+from guestfs.config import MountOptions
+from kho_backend import machine as kmachine
+from kho_backend.errors import MachineError
+from kho_backend.units import parse_size
+
+STATUS_TIMEOUT = 10.0   # seconds a status request may take
+
+Subparsers = Any  # argparse's private _SubParsersAction
+
+
+class CliError(Exception):
+    """A failure to report as ``guestfs: <message>`` with exit code 1."""
+
+
+class CarriesOn(Exception):
+    """Ctrl-C after the work was handed to a daemon: it goes on, and this says how to
+    follow it (exit code 130)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors in the ``guestfs: <message>`` form (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"guestfs: {message}\n")
+
+
+def say(message: str) -> None:
+    """Progress and diagnostics go to stderr, so stdout stays parseable."""
+    print(f"guestfs: {message}", file=sys.stderr, flush=True)
+
+
+# --- argument types ------------------------------------------------------------------
+
+
+def size(text: str) -> int:
+    """A byte count such as ``256M`` or ``4G``."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def machine_name(text: str) -> str:
+    """A valid machine name."""
+    try:
+        kmachine.validate_name(text)
+    except MachineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def mount_options(text: str) -> MountOptions:
+    """A ``-o`` list."""
+    try:
+        return MountOptions.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive(text: str) -> int:
+    """A whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def machine_option(p: argparse.ArgumentParser) -> None:
+    """``--machine NAME``, for the commands that name a machine (default "default")."""
+    p.add_argument("--machine", default="default", type=machine_name,
+                   help="machine name (default: %(default)s)")
+
+
+# --- look-ups ----------------------------------------------------------------------------
+
+
+def machine_at(mountpoint: Path) -> str:
+    """The machine mounted at `mountpoint`; CliError if it is no guestfs mount."""
+    entry = mounts.mount_at(mountpoint)
+    if entry is None or entry.machine is None:
+        raise CliError(f"{mountpoint} is not a guestfs mount")
+    return entry.machine
+
+
+def info_dict(info: kmachine.MachineInfo) -> dict[str, Any]:
+    """A machine's header, as ``status`` and ``machine list`` print it in JSON."""
+    return {"path": os.fspath(info.path), "size": info.size, "nodes": info.nodes,
+            "state": info.state.name if info.state is not None else None,
+            "pid": info.pid, "in_use": info.alive, "boot_count": info.boot_count,
+            "error": info.error}
+
+
+def machine_info(name: str) -> dict[str, Any]:
+    """What the machine's header says, without taking its lock; CliError if there is
+    no such machine."""
+    for info in kmachine.list_machines():
+        if info.name == name:
+            return info_dict(info)
+    raise CliError(f"there is no machine named {name!r} in {kmachine.machine_dir()}")

@@ -1,0 +1,138 @@
+"""``guestfs kexec``: hand the mounted filesystem over to the next kernel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from guestfs import control
+from guestfs.blackout import Blackout
+from guestfs.cli.common import (STATUS_TIMEOUT, CarriesOn, CliError, Subparsers, machine_at,
+                                say)
+from guestfs.config import control_path, log_path
+
+KEXEC_TIMEOUT = 300.0  # seconds to wait for the next kernel to mount (a huge restore)
+
+
+KEXEC_TIMEOUT = 300.0  # seconds to wait for the next kernel to mount (a huge restore)
+
+
+def add(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "kexec", help="hand the mounted filesystem over to a new kernel (simulated kexec)",
+        description="Quiesce the mount (flush the kernel's dirty pages, hold new requests, "
+        "let in-flight ones finish), serialize the superblock and inodes into KHO, preserve "
+        "every data page where it is, unmount, and exec the next kernel image in the "
+        "daemon's own process (same PID). The next kernel boots from scratch memory, "
+        "restores the filesystem without copying a data page and mounts it at the same "
+        "place with the same options. Returns when the new mount serves and prints the "
+        "blackout by phase. Any failure before the exec aborts: the filesystem serves as "
+        "before. Refused while other processes use files on the mount, unless --force.")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--load-only", action="store_true",
+                      help="only stage the next kernel (like kexec -l); a later plain "
+                      "'guestfs kexec' executes it")
+    mode.add_argument("--abort", action="store_true",
+                      help="unstage a kernel staged with --load-only")
+    p.add_argument("--poison", action="store_true",
+                   help="before the exec, overwrite every page that is neither preserved "
+                   "nor scratch with 0xAA, so that reliance on unpreserved memory shows")
+    p.add_argument("--force", action="store_true",
+                   help="go on although processes use files on the mount (they then see "
+                   "errors)")
+    p.add_argument("--cmdline", metavar="ARGS",
+                   help="the next kernel's command line: kho=on|off, kho_scratch=N%% or "
+                   "LOW,GLOBAL,PERNODE, kho_poison")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    p.set_defaults(func=run_kexec)
+
+
+def run_kexec(args: argparse.Namespace) -> int:
+    """``guestfs kexec``."""
+    sock = control_path(machine_at(args.mountpoint))
+    extra = {"cmdline": args.cmdline} if args.cmdline is not None else {}
+    if args.load_only:
+        control.request(sock, {"op": "kexec-load", **extra})
+        say("next kernel loaded; 'guestfs kexec' executes it")
+        return 0
+    if args.abort:
+        control.request(sock, {"op": "kexec-unload"})
+        say("next kernel unloaded")
+        return 0
+    before = control.request(sock, {"op": "status"}, timeout=STATUS_TIMEOUT)
+    started = time.monotonic()
+    say(f"kexec of machine {before['machine']} (generation {before['generation']})…")
+    try:
+        for warning in _request_kexec(sock, {"op": "kexec", "poison": args.poison,
+                                             "force": args.force, **extra}):
+            say(f"warning: {warning}")
+        after = _await_next_kernel(sock, before)
+    except KeyboardInterrupt:
+        raise CarriesOn(f"the kexec of {args.mountpoint} carries on in daemon pid "
+                        f"{before['pid']}; 'guestfs status {args.mountpoint}' shows its "
+                        "generation and last blackout once it is done") from None
+    os.stat(args.mountpoint)          # the new mount answers
+    after["client_ms"] = round((time.monotonic() - started) * 1e3, 3)
+    if args.json:
+        print(json.dumps({"generation": after["generation"], "pid": after["pid"],
+                          "blackout_ms": after["last_blackout"]["total_ms"],
+                          "phases": after["last_blackout"]["phases"],
+                          "client_ms": after["client_ms"]}))
+    else:
+        print(_blackout_table(after))
+    return 0
+
+
+def _request_kexec(sock: Path, request: dict[str, Any]) -> list[str]:
+    """Ask for the kexec; the warnings of its quiesce (none if no answer came)."""
+    try:
+        return list(control.request(sock, request, timeout=KEXEC_TIMEOUT).get("warnings", []))
+    except control.DaemonRefused:
+        raise
+    except control.ControlError:
+        # The daemon may exec before its answer is out: the next kernel's status tells.
+        return []
+
+
+def _await_next_kernel(sock: Path, before: dict[str, Any]) -> dict[str, Any]:
+    """The next kernel's status once it serves the mount (same PID, next generation)."""
+    deadline = time.monotonic() + KEXEC_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            status = control.request(sock, {"op": "status"}, timeout=STATUS_TIMEOUT)
+        except control.ControlError:
+            status = None
+        if status and status["generation"] > before["generation"] and status["last_blackout"]:
+            if status["pid"] != before["pid"]:
+                raise CliError(f"the next kernel runs as pid {status['pid']}, not "
+                               f"{before['pid']}")
+            return status
+        if status is None and not _alive(before["pid"]):
+            raise CliError(f"the daemon (pid {before['pid']}) ended during the kexec; see "
+                           f"{log_path(before['machine'])}")
+        time.sleep(0.005)
+    raise CliError(f"the next kernel did not mount within {KEXEC_TIMEOUT:.0f} s; see "
+                   f"{log_path(before['machine'])}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _blackout_table(status: dict[str, Any]) -> str:
+    blackout = status["last_blackout"]
+    return "\n".join([
+        f"kexec done: machine {status['machine']}, pid {status['pid']}, generation "
+        f"{status['generation']}",
+        f"blackout {blackout['total_ms']:.1f} ms (as seen by this command: "
+        f"{status['client_ms']:.1f} ms)",
+        Blackout(blackout["phases"]).table()])

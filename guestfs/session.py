@@ -1,0 +1,191 @@
+"""One kernel of a machine with its filesystem, from boot to handover: the life cycle.
+
+Everything that runs a guestfs "kernel" goes through a `Session`: the daemon (which adds
+the FUSE mount and the request gate around it), the kernel process of the model test,
+and the benchmark's tree builder. The sequence, with its states:
+
+    open():        boot -> restore the handed-over filesystem, or format a fresh one ->
+                   register it with KHO -> finish boot                   RUNNING
+    hand_over():   serialize, finalize KHO, write the boot parameters    HANDED_OVER
+                   (for the exec of the next kernel, or for a later mount)
+    abort():       take the handover back                                RUNNING
+    poison():      overwrite what is not preserved (no way back)         POISONED
+    exec():        replace this process with the next kernel            (does not return)
+    close():       shut the kernel down (after a handover, or as a crash) CLOSED
+
+A failure in `hand_over` undoes all of it (KHO, boot parameters) before it raises, so the
+session is RUNNING again. `Fault` names a phase that a test can make fail on purpose, once:
+an explicit argument of `open`, never a switch of the production paths.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NoReturn
+
+from guestfs import handover
+from guestfs.filesystem import AtimePolicy, Filesystem
+from kho_backend import boot as kboot
+from kho_backend.boot import Kernel
+from kho_backend.errors import KexecError
+from kho_backend.kexec import KexecState
+from kho_backend.kexec_metadata import KexecMetadata
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    """Where a session is in its life cycle."""
+
+    RUNNING = "running"
+    HANDED_OVER = "handed over"
+    POISONED = "poisoned"
+    CLOSED = "closed"
+
+
+class Fault(enum.Enum):
+    """A phase of a handover that can be made to fail on purpose (tests only).
+
+    The session fails SERIALIZE, FINALIZE and BOOT_PARAMS itself, after the phase's work,
+    so that the undo of each is exercised; the daemon fails QUIESCE and UNMOUNT, its own
+    phases.
+    """
+
+    QUIESCE = "quiesce"
+    SERIALIZE = "serialize"
+    FINALIZE = "finalize"
+    BOOT_PARAMS = "boot-params"
+    UNMOUNT = "unmount"
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to boot: the machine, and what to create it with if it does not exist."""
+
+    machine: str
+    memory: int | None = None      # only used when the machine is created
+    nodes: int = 1
+    format: bool = False
+    cmdline: str = ""
+    atime: AtimePolicy = AtimePolicy()
+
+
+class Session:
+    """A booted kernel and its filesystem (see the module docstring)."""
+
+    def __init__(self, kernel: Kernel, fs: Filesystem, restore_ns: int,
+                 fault: Fault | None) -> None:
+        self.kernel = kernel
+        self.fs = fs
+        #: The kexec-metadata this kernel was booted with (None after a cold boot or an
+        #: unmount's handover, whose exec time is 0).
+        self.booted_by: KexecMetadata | None = (
+            kernel.kho_in.metadata if kernel.kho_in and kernel.kho_in.metadata
+            and kernel.kho_in.metadata.exec_time_ns else None)
+        #: ns from the end of boot to the filesystem ready: restore and finish_boot.
+        self.restore_ns = restore_ns
+        self.state = State.RUNNING
+        self.for_exec = False       # what the current handover is for
+        #: Preserved pages nothing restored, freed at the end of boot.
+        self.released = 0
+        self._fault = fault
+
+    @classmethod
+    def open(cls, options: Options, *, fault: Fault | None = None) -> Session:
+        """Boot a kernel on the machine, restore its filesystem (or format one), register
+        it for the next handover and finish boot. Raises what boot and restore raise
+        (MachineError, HandoverError: the arena is then left as it was)."""
+        kernel = kboot.boot(options.machine, memory=options.memory, nodes=options.nodes,
+                            cmdline=options.cmdline, create=True, format=options.format)
+        try:
+            t0 = time.perf_counter_ns()
+            fs = handover.restore(kernel)
+            if fs is None:
+                fs = Filesystem(kernel)
+            else:
+                log.info("restored filesystem %s: generation %d, %d inodes", fs.sb.uuid,
+                         fs.sb.generation, len(fs.inodes))
+            fs.atime = options.atime
+            kernel.kho.register(handover.GuestfsHandover(fs))
+            released = kernel.finish_boot()
+        except BaseException:
+            kernel.shutdown()       # nothing written: the handover stays for a retry
+            raise
+        session = cls(kernel, fs, time.perf_counter_ns() - t0, fault)
+        session.released = released
+        if session.booted_by is not None:
+            log.info("exec from: %s (count %d); released %d unclaimed preserved pages",
+                     session.booted_by.previous_release, session.booted_by.kexec_count,
+                     released)
+        return session
+
+    # --- the handover ----------------------------------------------------------------
+
+    def load(self, argv: Sequence[str], cmdline: str = "") -> None:
+        """Stage the next kernel image and its command line (``kexec -l``)."""
+        self.kernel.kexec.load(list(argv), cmdline)
+
+    def unload(self) -> None:
+        """Unstage it."""
+        self.kernel.kexec.unload()
+
+    def take_fault(self, phase: Fault) -> bool:
+        """True, once, if a test asked this session to fail in `phase`."""
+        if self._fault is phase:
+            self._fault = None
+            return True
+        return False
+
+    def hand_over(self, phases: dict[str, int], *, for_exec: bool) -> None:
+        """Serialize, finalize KHO and write the boot parameters: for the exec of the
+        next kernel, or for a later mount (an unmount: no kexec is counted). Adds its
+        phases to `phases`; KexecError names the phase of a failure, after undoing."""
+        self._expect(State.RUNNING, "hand over")
+        fault = next((f.value for f in (Fault.SERIALIZE, Fault.FINALIZE, Fault.BOOT_PARAMS)
+                      if self.take_fault(f)), None)
+        self.kernel.kexec.prepare(phases, exec=for_exec, fault=fault)
+        self.state = State.HANDED_OVER
+        self.for_exec = for_exec
+
+    def abort(self) -> None:
+        """Take the handover back: the filesystem goes on as if nothing happened."""
+        self._expect(State.HANDED_OVER, "abort")
+        self.kernel.kexec.abort()
+        self.state = State.RUNNING
+
+    def poison(self) -> None:
+        """Overwrite every page the next kernel must not rely on; no way back."""
+        self._expect(State.HANDED_OVER, "poison")
+        self.kernel.kexec.poison()
+        self.state = State.POISONED
+
+    def exec(self) -> NoReturn:
+        """Replace this process with the staged next kernel (same PID). If the exec
+        fails, its handover is taken back unless memory was poisoned (KexecError)."""
+        if self.state not in (State.HANDED_OVER, State.POISONED) or not self.for_exec:
+            raise KexecError("The session is not handed over for an exec.", "exec")
+        try:
+            self.kernel.kexec.exec()
+        finally:
+            if self.kernel.kexec.state is KexecState.IDLE:
+                self.state = State.RUNNING
+
+    def record_phase(self, name: str, ns: int) -> None:
+        """Add a phase timed after the handover (unmount, teardown) to kexec-metadata."""
+        self.kernel.kexec.record_phase(name, ns)
+
+    def close(self) -> None:
+        """Shut the kernel down: after a handover the arena keeps it for the next boot;
+        without one, the next boot sees a kernel that did not hand over."""
+        if self.state is not State.CLOSED:
+            self.kernel.shutdown()
+            self.state = State.CLOSED
+
+    def _expect(self, state: State, what: str) -> None:
+        if self.state is not state:
+            raise KexecError(f"cannot {what}: the session is {self.state.value}", what)
+
