@@ -14,12 +14,12 @@ with its crc32 field taken as zero.  Every page but the last is full; the last h
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .checksum import crc32_at, seal_crc32
 from .errors import HandoverError
 from .kho_mem import PhysMemory
 from .units import PAGE_SHIFT, PAGE_SIZE
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 CHAIN_VERSION = 1
 CHAIN_HDR = struct.Struct("<4sHHIIQ")   # magic, version, flags, length, crc32, next
-_CRC_OFFSET = 12
+CHAIN_CRC_OFFSET = 12
 CHAIN_PAYLOAD = PAGE_SIZE - CHAIN_HDR.size
 
 
@@ -71,7 +71,7 @@ def store_chain(mem: PhysMemory, payload: bytes, magic: bytes, pfns: list[int]) 
         page[CHAIN_HDR.size:CHAIN_HDR.size + len(part)] = part
         if len(part) < CHAIN_PAYLOAD:
             page[CHAIN_HDR.size + len(part):] = bytes(CHAIN_PAYLOAD - len(part))
-        struct.pack_into("<I", page, _CRC_OFFSET, zlib.crc32(page))
+        seal_crc32(page, CHAIN_CRC_OFFSET)
 
 
 def write_chain(kho: KHO, payload: bytes, magic: bytes) -> int:
@@ -162,8 +162,7 @@ def _check_page(page: memoryview, phys: int, magic: bytes) -> tuple[int, int, in
     if version != CHAIN_VERSION:
         raise HandoverError(f"{what} has format version {version}; this kernel reads "
                             f"version {CHAIN_VERSION}")
-    computed = zlib.crc32(page[_CRC_OFFSET + 4:],
-                          zlib.crc32(bytes(4), zlib.crc32(page[:_CRC_OFFSET])))
+    computed = crc32_at(page, CHAIN_CRC_OFFSET)
     if crc != computed:
         raise HandoverError(f"{what} fails its CRC32 check (stored {crc:#010x}, "
                             f"computed {computed:#010x})")

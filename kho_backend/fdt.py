@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 import libfdt
 
+from .checksum import crc32_at, seal_crc32, stored_crc32
 from .errors import HandoverError
 
 #: The root property holding a sealed tree's CRC32.
@@ -96,8 +96,7 @@ def seal(blob: bytes) -> bytes:
     """Fill in the root ``crc32`` of a blob built with room for it."""
     out = bytearray(blob)
     where = _crc_value_offset(libfdt.Fdt(out))
-    out[where:where + 4] = bytes(4)
-    out[where:where + 4] = u32(zlib.crc32(out))
+    seal_crc32(out, where)
     return bytes(out)
 
 
@@ -160,12 +159,10 @@ class FdtReader:
         where = _crc_value_offset(self.fdt)
         if where < 0:
             raise HandoverError(f"{self.what} has no {CRC_PROP} property")
-        data = bytearray(self.blob)
-        stored = struct.unpack_from("<I", data, where)[0]
-        data[where:where + 4] = bytes(4)
-        if zlib.crc32(data) != stored:
+        stored, computed = stored_crc32(self.blob, where), crc32_at(self.blob, where)
+        if computed != stored:
             raise HandoverError(f"{self.what} fails its CRC32 check (stored {stored:#010x}, "
-                                f"computed {zlib.crc32(data):#010x}): it is corrupted")
+                                f"computed {computed:#010x}): it is corrupted")
 
     @_libfdt_errors
     def node(self, path: str) -> int:

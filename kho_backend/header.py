@@ -5,41 +5,9 @@ the scratch areas, and (the stand-in for x86 ``setup_data`` of type ``SETUP_KEXE
 where the previous kernel left its KHO FDT. Every field is little-endian at a fixed
 offset; the whole 4096-byte page is covered by a CRC32.
 
-Format version 1 (all offsets in bytes from the start of the arena):
-
-====== ===== ========= ===========================================================
-offset size  type      field
-====== ===== ========= ===========================================================
-0      8     char[8]   magic ``GUESTMEM``
-8      4     u32       format version, 1
-12     4     u32       CRC32 (zlib) of the whole page with these 4 bytes taken as 0
-16     8     u64       arena size in bytes; must equal the file size
-24     4     u32       page size, 4096
-28     4     u32       number of NUMA nodes, 1..64
-32     4     u32       state: 0 FRESH (never booted), 1 RUNNING, 2 HANDED_OVER
-36     4     u32       pid of the kernel (process) that last ran the machine, 0 if none
-40     8     u64       boot count (generation): incremented by every boot
-48     8     u64       memmap: first PFN of the running kernel's memmap
-56     8     u64       memmap: number of pages (one byte per arena page)
-64     64    char[64]  release of the last kernel, UTF-8, NUL-padded
-128    4     u32       scratch policy of the first boot: 0 none yet, 1 percent, 2 sizes
-132    4     u32       scratch percent (policy 1)
-136    8     u64       scratch lowmem size in bytes (policy 2)
-144    8     u64       scratch global size in bytes (policy 2)
-152    8     u64       scratch per-node size in bytes (policy 2)
-160    4     u32       number of scratch areas in the table, 0..66
-164    4     u32       reserved, 0
-168    4     u32       boot parameters: flags; bit 0 = valid, other bits 0
-172    4     u32       boot parameters: length of the command line in bytes, 0..1024
-176    8     u64       boot parameters: fdt_phys, physical address of the KHO root FDT
-184    8     u64       boot parameters: fdt_size, its size in bytes
-192    8     u64       boot parameters: scratch_phys, address of the scratch table (1232)
-200    8     u64       boot parameters: scratch_size, its size in bytes (24 * count)
-208    1024  char[]    boot parameters: the next kernel's command line, UTF-8, NUL-padded
-1232   1584  entry[66] scratch table; entry = { u32 kind (0 lowmem, 1 global, 2 node),
-                       u32 node, u64 start_pfn, u64 npages }, unused entries zero
-2816   1280  -         reserved, zero
-====== ===== ========= ===========================================================
+The layout (format version 1) is specified in docs/handover-abi.md, "Machine header";
+`HEADER_FIELDS` and `SCRATCH_ENTRY` below are its only definition in code, and a test
+checks the two against each other.
 
 The boot-parameter slot is written by ``kexec`` (state HANDED_OVER) and cleared by the
 boot that consumed it once every handed-over page has been restored or released, so a
@@ -49,12 +17,12 @@ boot that fails half-way can simply be retried.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from .arena import MAX_NODES, check_geometry
+from .checksum import crc32_at, seal_crc32
 from .cmdline import ScratchPolicy
 from .errors import ArenaError, HeaderError
 from .units import PAGE_SHIFT, PAGE_SIZE, format_size
@@ -70,16 +38,16 @@ RELEASE_MAX = 64
 MAX_SCRATCH = 2 + MAX_NODES
 BP_VALID = 1
 
-_FIXED = struct.Struct(
+HEADER_FIELDS = struct.Struct(
     "<8sIIQIIIIQQQ64s"  # magic .. release                                 (0..128)
     "IIQQQII"  # scratch policy, nr_scratch, reserved                        (128..168)
     "IIQQQQ1024s"  # boot parameters                                         (168..1232)
 )
-_SCRATCH = struct.Struct("<IIQQ")
+SCRATCH_ENTRY = struct.Struct("<IIQQ")
 CRC_OFFSET = 12
-SCRATCH_TABLE_OFFSET = _FIXED.size
-_END = SCRATCH_TABLE_OFFSET + MAX_SCRATCH * _SCRATCH.size
-assert SCRATCH_TABLE_OFFSET == 1232 and _END == 2816 <= HEADER_SIZE
+SCRATCH_TABLE_OFFSET = HEADER_FIELDS.size
+HEADER_END = SCRATCH_TABLE_OFFSET + MAX_SCRATCH * SCRATCH_ENTRY.size
+assert SCRATCH_TABLE_OFFSET == 1232 and HEADER_END == 2816 <= HEADER_SIZE
 
 
 class MachineState(IntEnum):
@@ -157,7 +125,7 @@ class MachineHeader:
             fdt_phys=fdt_phys,
             fdt_size=fdt_size,
             scratch_phys=SCRATCH_TABLE_OFFSET,
-            scratch_size=len(self.scratch) * _SCRATCH.size,
+            scratch_size=len(self.scratch) * SCRATCH_ENTRY.size,
             cmdline=cmdline,
         )
         _check_boot_params(self.boot_params, self.arena_size, len(self.scratch))
@@ -175,7 +143,7 @@ class MachineHeader:
         cmdline = bp.cmdline.encode()
         policy = self.scratch_policy
         mode, percent, low, glob, node = _policy_fields(policy)
-        fixed = _FIXED.pack(
+        fixed = HEADER_FIELDS.pack(
             MAGIC, self.version, 0, self.arena_size, self.page_size, self.nr_nodes,
             int(self.state), self.pid, self.boot_count, self.memmap_pfn, self.memmap_npages,
             self.release.encode(),
@@ -184,12 +152,12 @@ class MachineHeader:
             bp.scratch_phys, bp.scratch_size, cmdline,
         )  # fmt: skip
         table = b"".join(
-            _SCRATCH.pack(int(a.kind), a.node, a.start_pfn, a.npages) for a in self.scratch
+            SCRATCH_ENTRY.pack(int(a.kind), a.node, a.start_pfn, a.npages) for a in self.scratch
         )
         page = bytearray(HEADER_SIZE)
         page[: len(fixed)] = fixed
         page[SCRATCH_TABLE_OFFSET : SCRATCH_TABLE_OFFSET + len(table)] = table
-        struct.pack_into("<I", page, CRC_OFFSET, zlib.crc32(page))
+        seal_crc32(page, CRC_OFFSET)
         return bytes(page)
 
     @classmethod
@@ -202,7 +170,7 @@ class MachineHeader:
                 f"This is not a guestfs arena: it is only {len(page)} bytes long, "
                 f"shorter than the {HEADER_SIZE}-byte header."
             )
-        f = _FIXED.unpack_from(page)
+        f = HEADER_FIELDS.unpack_from(page)
         if f[0] != MAGIC:
             raise HeaderError(
                 f"This is not a guestfs arena: page 0 starts with {f[0]!r}, not the magic {MAGIC!r}."
@@ -212,7 +180,7 @@ class MachineHeader:
                 f"The machine header has format version {f[1]}; this guestfs reads only "
                 f"version {VERSION}."
             )
-        crc = zlib.crc32(page[:CRC_OFFSET] + b"\0\0\0\0" + page[CRC_OFFSET + 4 :])
+        crc = crc32_at(page, CRC_OFFSET)
         if crc != f[2]:
             raise HeaderError(
                 f"The machine header is corrupt: its checksum is {f[2]:#010x} but its "
@@ -320,7 +288,7 @@ def _policy_from_fields(
 
 
 def _unpack_area(page: bytes, index: int) -> ScratchArea:
-    kind, node, start, npages = _SCRATCH.unpack_from(page, SCRATCH_TABLE_OFFSET + index * _SCRATCH.size)
+    kind, node, start, npages = SCRATCH_ENTRY.unpack_from(page, SCRATCH_TABLE_OFFSET + index * SCRATCH_ENTRY.size)
     if kind not in ScratchKind._value2member_map_:
         raise HeaderError(f"Scratch area {index} in the machine header has an unknown kind {kind}.")
     return ScratchArea(ScratchKind(kind), node, start, npages)
@@ -347,7 +315,7 @@ def _check_boot_params(bp: BootParams, arena_size: int, nr_scratch: int) -> None
             f"{bp.fdt_phys + bp.fdt_size:#x}), outside the arena's memory "
             f"[{PAGE_SIZE:#x}, {arena_size:#x})."
         )
-    table = (SCRATCH_TABLE_OFFSET, nr_scratch * _SCRATCH.size)
+    table = (SCRATCH_TABLE_OFFSET, nr_scratch * SCRATCH_ENTRY.size)
     if (bp.scratch_phys, bp.scratch_size) != table:
         raise HeaderError(
             f"The boot parameters describe the scratch table as {bp.scratch_size} bytes at "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chain import walk_chain
+from .chain import Chain, walk_chain
 from .errors import HandoverError
 from .fdt import FdtReader
 from .kexec_metadata import METADATA_NODE, KexecMetadata
@@ -173,10 +173,16 @@ class IncomingHandover:
         """Read and validate a chain written by ``chain.write_chain``, then free its
         pages (they are handover metadata).  Returns the payload."""
         chain = walk_chain(self.mem, phys, magic)
+        self.free_chain(chain)
+        return chain.payload
+
+    def free_chain(self, chain: Chain) -> None:
+        """Claim and free the pages of a chain already read with ``walk_chain``, once
+        what it holds is taken over (a caller that must check the payload before it
+        changes anything reads first and frees last)."""
         pfns = np.asarray(chain.pfns, np.int64)
         self.restore_pfns(pfns, 0)
         self._attached().free_pfns(pfns, 0)
-        return chain.payload
 
     def _attached(self) -> PageAllocator:
         if self.buddy is None:

@@ -20,13 +20,13 @@ folios per order, vectorised with ``np.unpackbits``.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from .checksum import crc32_at, seal_crc32
 from .errors import HandoverError
 from .units import MAX_ORDER, PAGE_SHIFT, PAGE_SIZE
 
@@ -34,7 +34,7 @@ from .units import MAX_ORDER, PAGE_SHIFT, PAGE_SIZE
 CHUNK_MAGIC = b"KHOM"
 #: ``khoser_mem_chunk_hdr``: magic, order, num_elms, crc32, next (phys of the next chunk).
 CHUNK_HDR = struct.Struct("<4sIIIQ")
-_CRC_OFFSET = 12
+CHUNK_CRC_OFFSET = 12
 #: Folios described by one element's bitmap.
 PRESERVE_BITS = 512
 #: ``khoser_mem_bitmap_ptr`` with the bitmap inline: phys_start, then 512 bits LSB first.
@@ -177,15 +177,8 @@ def _chunk_page(order: int, starts: np.ndarray, bitmaps: np.ndarray, nxt: int) -
     page = bytearray(PAGE_SIZE)
     CHUNK_HDR.pack_into(page, 0, CHUNK_MAGIC, order, len(starts), 0, nxt)
     page[CHUNK_HDR.size:CHUNK_HDR.size + elms.nbytes] = elms.tobytes()
-    struct.pack_into("<I", page, _CRC_OFFSET, zlib.crc32(page))
+    seal_crc32(page, CHUNK_CRC_OFFSET)
     return bytes(page)
-
-
-def chunk_crc(page: bytes) -> int:
-    """CRC32 of a chunk page, its crc32 field taken as zero."""
-    crc = zlib.crc32(page[:_CRC_OFFSET])
-    crc = zlib.crc32(b"\0\0\0\0", crc)
-    return zlib.crc32(page[_CRC_OFFSET + 4:], crc)
 
 
 @dataclass
@@ -297,9 +290,9 @@ def _parse_chunk(mem: PhysMemory, pfn: int, page: bytes) -> tuple[int, np.ndarra
     what = f"preserved-memory map chunk at {pfn << PAGE_SHIFT:#x}"
     if magic != CHUNK_MAGIC:
         raise HandoverError(f"{what} has magic {magic!r}, expected {CHUNK_MAGIC!r}")
-    if crc != chunk_crc(page):
+    if crc != crc32_at(page, CHUNK_CRC_OFFSET):
         raise HandoverError(f"{what} fails its CRC32 check (stored {crc:#010x}, "
-                            f"computed {chunk_crc(page):#010x})")
+                            f"computed {crc32_at(page, CHUNK_CRC_OFFSET):#010x})")
     if order > MAX_ORDER:
         raise HandoverError(f"{what} has order {order}; orders go from 0 to {MAX_ORDER}")
     if num_elms > KHOSER_BITMAP_SIZE:

@@ -15,12 +15,13 @@ import msgpack
 import pytest
 from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
 
-from guestfs import acl, handover
+from guestfs import acl, inode_table
 from guestfs.acl import Entry, Tag
 from guestfs.errors import FsError
 from guestfs.filesystem import (RENAME_NOREPLACE, RENAME_WHITEOUT, TIME_MAX_NS, TIME_MIN_NS,
                                 AtimeMode, AtimePolicy, Ctx, Filesystem, inode_table_bytes)
-from guestfs.handover import GuestfsHandover, encode_table, restore
+from guestfs.handover import GuestfsHandover, restore
+from guestfs.inode_table import encode_table
 from guestfs.inode import ROOT_INO
 from guestfs.reserve import EXTENT_BYTES, TABLE_BYTES
 from guestfs.superblock import MAX_FILE_SIZE
@@ -158,14 +159,14 @@ def test_a_full_arena_still_hands_over_every_file(new_fs, boot_kernel: BootKerne
 
 def _tamper(monkeypatch: pytest.MonkeyPatch, change: Callable[[dict], None]) -> None:
     """Make the next handover's inode table carry a change (valid checksums)."""
-    real = handover.encode_table
+    real = inode_table.encode_table
 
-    def encode(fs: Filesystem) -> handover.EncodedTable:
+    def encode(fs: Filesystem) -> inode_table.EncodedTable:
         table = real(fs)
         doc = msgpack.unpackb(table.payload, raw=False, strict_map_key=False)
         change(doc)
         return dataclasses.replace(table, payload=msgpack.packb(doc, use_bin_type=True))
-    monkeypatch.setattr(handover, "encode_table", encode)
+    monkeypatch.setattr(inode_table, "encode_table", encode)
 
 
 def _row_of(doc: dict, ino: int) -> list:

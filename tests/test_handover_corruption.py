@@ -22,7 +22,8 @@ from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, build
 from kho_backend.header import MachineHeader
 from kho_backend.kho_in import IncomingHandover
-from kho_backend.kho_mem import CHUNK_HDR, ELM_DTYPE, chunk_crc
+from kho_backend.checksum import crc32_at
+from kho_backend.kho_mem import CHUNK_CRC_OFFSET, CHUNK_HDR, ELM_DTYPE
 from kho_backend.units import PAGE_SHIFT, PAGE_SIZE
 
 MEMORY = 16 << 20
@@ -126,7 +127,7 @@ def rewrite_chunk(phys: int, edit: Callable[[bytearray], None]) -> Callable[[byt
     def change(data: bytearray) -> None:
         page = bytearray(data[phys:phys + PAGE_SIZE])
         edit(page)
-        struct.pack_into("<I", page, 12, chunk_crc(bytes(page)))
+        struct.pack_into("<I", page, 12, crc32_at(page, CHUNK_CRC_OFFSET))
         data[phys:phys + PAGE_SIZE] = page
     return change
 

@@ -211,7 +211,7 @@ def handover_state(arena: Path) -> tuple:
 
 def flip_inode_table_byte(arena: Path) -> None:
     """Flip one payload byte of the guestfs inode table in a handed-over arena."""
-    from guestfs.handover import SUBTREE, read_superblock
+    from guestfs.subtree import NAME, read_superblock
     from kho_backend.arena import Arena
     from kho_backend.header import MachineHeader
     from kho_backend.kho_in import IncomingHandover
@@ -219,7 +219,7 @@ def flip_inode_table_byte(arena: Path) -> None:
     with Arena.open(arena) as mem:
         params = MachineHeader.read(mem).boot_params
         handover = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
-        table = read_superblock(handover.retrieve_subtree(SUBTREE)[1]).table_phys
+        table = read_superblock(handover.retrieve_subtree(NAME)[1]).table_phys
         mem.phys_view(table + 100, 1)[0] ^= 0x40
 
 

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from kho_backend import chain, fdt
 from kho_backend.errors import HandoverError
-from kho_backend.kho_mem import (CHUNK_HDR, ELM_DTYPE, KHOSER_BITMAP_SIZE, PRESERVE_BITS,
-                                 KhoMemTrack, chunk_crc, kho_mem_deserialize,
+from kho_backend.checksum import crc32_at
+from kho_backend.kho_mem import (CHUNK_CRC_OFFSET, CHUNK_HDR, ELM_DTYPE, KHOSER_BITMAP_SIZE,
+                                 PRESERVE_BITS, KhoMemTrack, kho_mem_deserialize,
                                  kho_mem_serialize)
 from kho_backend.units import MAX_ORDER, PAGE_SIZE
 
@@ -47,7 +48,7 @@ def write_chunk(mem: FakeMem, pfn: int, order: int, elms: list[tuple[int, bytes]
     page = bytearray(PAGE_SIZE)
     CHUNK_HDR.pack_into(page, 0, magic, order, len(elms), 0, nxt)
     page[CHUNK_HDR.size:CHUNK_HDR.size + arr.nbytes] = arr.tobytes()
-    struct.pack_into("<I", page, 12, chunk_crc(bytes(page)))
+    struct.pack_into("<I", page, 12, crc32_at(page, CHUNK_CRC_OFFSET))
     mem.view(pfn)[:] = page
 
 
