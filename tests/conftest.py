@@ -1,5 +1,12 @@
 """Shared fixtures: real guestfs mounts made with the real command line.
 
+Tests live in tiers, one folder each, and are marked with it: ``unit`` (the core and the
+emulated machine, in process, fast), ``model`` (model-based tests, with kernel processes
+that really exec themselves), ``mount`` (real FUSE mounts through the command line),
+``clients`` (SQLite, PostgreSQL, QEMU) and ``bench`` (the benchmark harness).
+``tools/test`` runs them all; ``tools/test --quick`` the first three, with fewer
+hypothesis examples (``GUESTFS_QUICK_TESTS=1``).
+
 Every mount gets a unique machine name in a per-session machine folder under /dev/shm
 (short, because control sockets live there and Unix socket paths are limited to 107
 bytes). Whatever happens in the test, the finalizer unmounts (``guestfs umount``, then
@@ -30,6 +37,7 @@ import pytest
 
 from guestfs import control
 
+TIERS = ("unit", "model", "mount", "clients", "bench")
 CLI = [sys.executable, "-m", "guestfs.cli"]
 CLI_TIMEOUT = 120  # seconds for one CLI call (mounting boots a kernel)
 EXIT_TIMEOUT = 30  # seconds a daemon gets to end after its mount is gone
@@ -45,11 +53,14 @@ def fuse_unavailable() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its tier (the folder it lives in), and skip, with the reason,
+    the tests that need FUSE where there is none."""
     reason = fuse_unavailable()
-    if reason is None:
-        return
     for item in items:
-        if item.get_closest_marker("fuse"):
+        tier = item.path.parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+        if reason is not None and item.get_closest_marker("fuse"):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 

@@ -9,6 +9,7 @@ with every arena in it.
 
 from __future__ import annotations
 
+import cProfile
 import os
 import shutil
 import tempfile
@@ -18,9 +19,31 @@ from pathlib import Path
 
 import pytest
 
+from guestfs.directory import Directory
+from guestfs.inode import Inode
+from guestfs.pagemap import PageMap
 from kho_backend.boot import Kernel, boot
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+QUICK = os.environ.get("GUESTFS_QUICK_TESTS") == "1"
+
+
+def python_calls(fn: Callable[[], object]) -> int:
+    """The function calls (Python and built-in) `fn` makes: a measure of its work that,
+    unlike a clock, does not depend on the machine's speed or load."""
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        fn()
+    finally:
+        profile.disable()
+    return sum(entry.callcount for entry in profile.getstats())
+
+
+def examples(full: int) -> int:
+    """How many hypothesis examples (or rounds) a property test runs: all of them, or a
+    quarter in a quick run (``tools/test --quick``)."""
+    return max(3, full // 4) if QUICK else full
 
 
 def unique_name(prefix: str = "t") -> str:
@@ -59,3 +82,15 @@ def boot_kernel(machine_env: Path) -> Iterator[BootKernel]:
     yield make
     for kernel in kernels:
         kernel.shutdown()
+
+
+def copy_inode(i: Inode) -> Inode:
+    """An inode rebuilt from the records a handover writes."""
+    return Inode(
+        ino=i.ino, mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, atime_ns=i.atime_ns,
+        mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, generation=i.generation, size=i.size,
+        rdev=i.rdev, xattrs=dict(i.xattrs) if i.xattrs else None,
+        dir=None if i.dir is None else Directory.from_entries(i.dir.export(),
+                                                               i.dir.next_cookie),
+        parent=i.parent, target=i.target,
+        pages=None if i.pages is None else PageMap.from_extents(i.pages.extents()))

@@ -70,7 +70,7 @@ QUICK = Profile(
     byte_sizes=(8 * MiB, 64 * MiB, 256 * MiB),
     reference_bytes=256 * MiB, headline=True)
 
-# For tests/test_bench.py: every code path, in seconds; the figures mean nothing.
+# For tests/bench/test_bench.py: every code path, in seconds; the figures mean nothing.
 TINY = Profile(
     name="tiny", runs=1, seq_size=8 * MiB, rand_size=4 * MiB, rand_runtime_s=0.3,
     example_file_size=1 * MiB, example_meta_files=50, meta_files=100, cache_expiry_s=0,

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
+from conftest_machine import (BootKernel, boot_kernel, copy_inode, examples,  # noqa: F401
+                              machine_env, unique_name)
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from guestfs.directory import Directory
 from guestfs.errors import FsError
 from guestfs.filesystem import (
     FALLOC_FL_KEEP_SIZE,
@@ -31,8 +31,8 @@ from guestfs.filesystem import (
     Ctx,
     Filesystem,
 )
-from guestfs.inode import ROOT_INO, Inode
-from guestfs.pagemap import REGION_SIZE, PageMap
+from guestfs.inode import ROOT_INO
+from guestfs.pagemap import REGION_SIZE
 from kho_backend.boot import Kernel
 
 NAMES = st.sampled_from([b"a", b"b", b"c", b"d"])
@@ -367,20 +367,8 @@ class FsModel(RuleBasedStateMachine):
             assert self.fs.readlink(node.ino) == node.target and inode.size == len(node.target)
 
 
-def copy_inode(i: Inode) -> Inode:
-    """An inode rebuilt from the records a handover writes."""
-    return Inode(
-        ino=i.ino, mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, atime_ns=i.atime_ns,
-        mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, generation=i.generation, size=i.size,
-        rdev=i.rdev, xattrs=dict(i.xattrs) if i.xattrs else None,
-        dir=None if i.dir is None else Directory.from_entries(i.dir.export(),
-                                                               i.dir.next_cookie),
-        parent=i.parent, target=i.target,
-        pages=None if i.pages is None else PageMap.from_extents(i.pages.extents()))
-
-
 def test_filesystem_matches_the_model(boot_kernel: BootKernel) -> None:
     FsModel.kernel = boot_kernel(unique_name("model"), memory=256 << 20)
     run_state_machine_as_test(FsModel, settings=settings(
-        max_examples=200, stateful_step_count=50, deadline=None,
+        max_examples=examples(200), stateful_step_count=50, deadline=None,
         suppress_health_check=[HealthCheck.too_slow]))

@@ -24,8 +24,8 @@ from kho_backend.kexec import POISON_BYTE
 from kho_backend.kexec_metadata import KexecMetadata
 from kho_backend.kho import KHO
 
-HELPER = Path(__file__).parent / "helpers" / "kexec_child.py"
-ROOT = Path(__file__).resolve().parent.parent
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "kexec_child.py"
+ROOT = Path(__file__).resolve().parents[2]
 MEMORY = 32 << 20
 
 

@@ -13,6 +13,7 @@ import hashlib
 import stat
 import sys
 import uuid
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,10 +21,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
-from conftest_machine import machine_env  # noqa: F401  (fixture)
+from conftest_machine import examples, machine_env  # noqa: F401  (fixture)
 from guestfs.errors import FsError
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "helpers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helpers"))
 from fs_kernel import FsKernel  # noqa: E402
 
 NAMES = st.sampled_from(["a", "b", "c", "d"])
@@ -334,5 +335,5 @@ class HandoverModel(RuleBasedStateMachine):
 @pytest.mark.slow
 def test_handover_model(machine_env) -> None:
     run_state_machine_as_test(HandoverModel, settings=settings(
-        max_examples=25, stateful_step_count=35, deadline=None,
+        max_examples=examples(25), stateful_step_count=35, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))

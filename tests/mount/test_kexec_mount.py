@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from conftest import Mount, MountFactory
+from conftest_machine import examples
 from guestfs.session import Fault
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from fingerprint import fingerprint  # noqa: E402
 
 pytestmark = pytest.mark.fuse
@@ -154,7 +155,7 @@ def test_twenty_kexecs_keep_every_file_and_free_memory(mount_factory: MountFacto
     before = snapshot(m)
     kexec(m)        # the first moves the kernel's memmap into scratch; from then on, steady
     free = m.status()["arena"]["free_pages"]
-    for generation in range(2, 21):
+    for generation in range(2, examples(20) + 1):
         result = json.loads(kexec(m, "--json").stdout)
         assert result["generation"] == generation and result["pid"] == m.pid
         assert m.status()["arena"]["free_pages"] == free

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
 sys.path.insert(0, os.fspath(TOOLS))
 

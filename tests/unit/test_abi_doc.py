@@ -24,7 +24,7 @@ from guestfs.handover import GuestfsHandover
 from kho_backend import chain, header, kexec_metadata, kho, kho_mem
 from kho_backend.fdt import FdtReader
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "handover-abi.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "handover-abi.md"
 _ROOT = Ctx(uid=0, gid=0)
 
 
