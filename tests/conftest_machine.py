@@ -10,6 +10,7 @@ with every arena in it.
 from __future__ import annotations
 
 import cProfile
+import gc
 import os
 import shutil
 import tempfile
@@ -30,13 +31,17 @@ QUICK = os.environ.get("GUESTFS_QUICK_TESTS") == "1"
 
 def python_calls(fn: Callable[[], object]) -> int:
     """The function calls (Python and built-in) `fn` makes: a measure of its work that,
-    unlike a clock, does not depend on the machine's speed or load."""
+    unlike a clock, does not depend on the machine's speed or load. The garbage collector
+    is kept out: finalizers of earlier tests' objects would count as calls."""
+    gc.collect()
+    gc.disable()
     profile = cProfile.Profile()
     profile.enable()
     try:
         fn()
     finally:
         profile.disable()
+        gc.enable()
     return sum(entry.callcount for entry in profile.getstats())
 
 
