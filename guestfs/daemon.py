@@ -46,7 +46,7 @@ from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate
 from guestfs.session import Fault, Options, Session, State
 from kho_backend import machine as kmachine
 from kho_backend.cmdline import Cmdline
-from kho_backend.errors import BootError, HandoverError, InjectedFault, KexecError, MachineError
+from kho_backend.errors import BootError, HandoverError, KexecError, MachineError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ class Daemon:
         self.mount_state = MountState.UNMOUNTED
         self.started_ns = 0
         self.last_blackout: dict[str, Any] | None = None
-        self.poison = False          # the exec after this kexec's handover poisons first
+        self.exec_next = False       # a kexec handed over and unmounted: exec, not stop
+        self.poison = False          # and poison first
         # kexec, kexec-load/-unload and umount change what the daemon is: one at a time.
         self._exclusive = trio.Lock()
         self._mount_started = 0
@@ -180,7 +181,7 @@ class Daemon:
         self.session = Session.open(Options(cfg.machine, memory=memory, nodes=cfg.nodes or 1,
                                             format=cfg.format, atime=atime),
                                     fault=self.fault)
-        booted_by = self.session.booted_by
+        booted_by = self.session.booted_by_kexec
         self._mount(on_init=lambda: self._mounted_after_kexec(booted_by, started_wall))
 
     def _mounted_after_kexec(self, metadata, started_wall: int) -> None:
@@ -417,6 +418,7 @@ class Daemon:
             if session.kernel.kexec.loaded is None or "cmdline" in request:
                 self._load(request)
             warnings = await self._hand_over(request, for_exec=True)
+            self.exec_next = True
             self.poison = bool(request.get("poison")) or session.kernel.cmdline.kho_poison
         self._end_session()
         return {"pid": os.getpid(), "kexec_count": session.kernel.kexec.metadata.kexec_count,
@@ -448,7 +450,7 @@ class Daemon:
             warnings = await self._quiesce_and_prepare(phases, force, for_exec, what)
             await self._unmount_handed_over(lazy=for_exec or force)
         except Exception as e:
-            if not isinstance(e, (KexecError, InjectedFault, control.ControlError)):
+            if not isinstance(e, (KexecError, control.ControlError)):
                 log.exception("%s failed", what)
             phase = getattr(e, "phase", None) or (
                 Fault.UNMOUNT.value if session.state is State.HANDED_OVER else "quiesce")
@@ -507,7 +509,7 @@ class Daemon:
         except BaseException as e:
             try:
                 session.abort()
-            except KexecError:
+            except Exception:
                 log.exception("the handover could not be taken back")
             if isinstance(e, OSError):
                 reason = "files are open there or it is some process's working " \
@@ -531,8 +533,9 @@ class Daemon:
         the exec failed (it logs why, and the filesystem stays handed over in the arena
         or is handed over as by an unmount)."""
         session = self._session()
-        if session.state is not State.HANDED_OVER or not session.for_exec:
+        if not self.exec_next:
             return False
+        self.exec_next = False
         try:
             # Leaving the FUSE loop and closing the session, between unmount and poison.
             session.record_phase("teardown", elapsed_ns(self._unmounted_at))

@@ -81,18 +81,32 @@ class Session:
                  fault: Fault | None) -> None:
         self.kernel = kernel
         self.fs = fs
-        #: The kexec-metadata this kernel was booted with (None after a cold boot or an
+        #: The kexec that booted this kernel (None after a cold boot or after an
         #: unmount's handover, whose exec time is 0).
-        self.booted_by: KexecMetadata | None = (
+        self.booted_by_kexec: KexecMetadata | None = (
             kernel.kho_in.metadata if kernel.kho_in and kernel.kho_in.metadata
             and kernel.kho_in.metadata.exec_time_ns else None)
         #: ns from the end of boot to the filesystem ready: restore and finish_boot.
         self.restore_ns = restore_ns
-        self.state = State.RUNNING
         self.for_exec = False       # what the current handover is for
         #: Preserved pages nothing restored, freed at the end of boot.
         self.released = 0
         self._fault = fault
+        self._closed = False
+
+    @property
+    def state(self) -> State:
+        """Read from the machine itself, so that it cannot disagree with it even when an
+        undo failed half-way: a KHO still finalized is a handover that stands."""
+        if self._closed:
+            return State.CLOSED
+        kexec = self.kernel.kexec
+        if kexec.state is KexecState.POISONED:
+            return State.POISONED
+        if (kexec.state is KexecState.PREPARED or self.kernel.kho.finalized
+                or self.kernel.header.boot_params.valid):
+            return State.HANDED_OVER
+        return State.RUNNING
 
     @classmethod
     def open(cls, options: Options, *, fault: Fault | None = None) -> Session:
@@ -117,10 +131,10 @@ class Session:
             raise
         session = cls(kernel, fs, time.perf_counter_ns() - t0, fault)
         session.released = released
-        if session.booted_by is not None:
+        booted_by = session.booted_by_kexec
+        if booted_by is not None:
             log.info("exec from: %s (count %d); released %d unclaimed preserved pages",
-                     session.booted_by.previous_release, session.booted_by.kexec_count,
-                     released)
+                     booted_by.previous_release, booted_by.kexec_count, released)
         return session
 
     # --- the handover ----------------------------------------------------------------
@@ -147,32 +161,25 @@ class Session:
         self._expect(State.RUNNING, "hand over")
         fault = next((f.value for f in (Fault.SERIALIZE, Fault.FINALIZE, Fault.BOOT_PARAMS)
                       if self.take_fault(f)), None)
-        self.kernel.kexec.prepare(phases, exec=for_exec, fault=fault)
-        self.state = State.HANDED_OVER
         self.for_exec = for_exec
+        self.kernel.kexec.prepare(phases, exec=for_exec, fault=fault)
 
     def abort(self) -> None:
         """Take the handover back: the filesystem goes on as if nothing happened."""
         self._expect(State.HANDED_OVER, "abort")
         self.kernel.kexec.abort()
-        self.state = State.RUNNING
 
     def poison(self) -> None:
         """Overwrite every page the next kernel must not rely on; no way back."""
         self._expect(State.HANDED_OVER, "poison")
         self.kernel.kexec.poison()
-        self.state = State.POISONED
 
     def exec(self) -> NoReturn:
         """Replace this process with the staged next kernel (same PID). If the exec
         fails, its handover is taken back unless memory was poisoned (KexecError)."""
         if self.state not in (State.HANDED_OVER, State.POISONED) or not self.for_exec:
             raise KexecError("The session is not handed over for an exec.", "exec")
-        try:
-            self.kernel.kexec.exec()
-        finally:
-            if self.kernel.kexec.state is KexecState.IDLE:
-                self.state = State.RUNNING
+        self.kernel.kexec.exec()
 
     def record_phase(self, name: str, ns: int) -> None:
         """Add a phase timed after the handover (unmount, teardown) to kexec-metadata."""
@@ -181,9 +188,9 @@ class Session:
     def close(self) -> None:
         """Shut the kernel down: after a handover the arena keeps it for the next boot;
         without one, the next boot sees a kernel that did not hand over."""
-        if self.state is not State.CLOSED:
+        if not self._closed:
             self.kernel.shutdown()
-            self.state = State.CLOSED
+            self._closed = True
 
     def _expect(self, state: State, what: str) -> None:
         if self.state is not state:

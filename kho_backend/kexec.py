@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 #: What ``poison`` writes over every page neither preserved nor scratch.
 POISON_BYTE = 0xAA
+#: The phases ``prepare(fault=...)`` can fail on purpose.
+FAULT_PHASES = ("serialize", "finalize", "boot-params")
+
+
 @dataclass(frozen=True)
 class LoadedImage:
     """The staged next kernel: the program to exec, its argv, its command line."""
@@ -129,8 +133,11 @@ class Kexec:
         # The staged next kernel's command line goes with a kexec only: the kernel that
         # a later mount boots after an unmount starts with its own.
         cmdline = self.loaded.cmdline if self.loaded and exec else ""
-        if self not in kho.participants:
-            kho.register(self)      # after every subsystem: its subtree comes last
+        if fault not in (None, *FAULT_PHASES):
+            raise ValueError(f"no phase {fault!r} to fail; phases: {', '.join(FAULT_PHASES)}")
+        if self in kho.participants:
+            kho.unregister(self)
+        kho.register(self)          # after every subsystem: its subtree comes last
         self._fault = fault
         phase = "finalize"
         try:
@@ -148,6 +155,8 @@ class Kexec:
                 phase = "serialize"     # a participant failed before the memory map
             self._undo_prepare()
             raise KexecError(f"kexec failed in phase {phase}: {e}", phase) from e
+        finally:
+            self._fault = None
         self.state = KexecState.PREPARED
         log.info("kexec prepared: KHO FDT at %#x (%d bytes); phases %s", fdt_phys,
                  fdt_size, {k: f"{v / 1e6:.1f} ms" for k, v in phases.items()})
@@ -159,8 +168,12 @@ class Kexec:
                              "abort")
         if self.state is not KexecState.PREPARED:
             raise KexecError("No kexec is prepared: nothing to abort.", "abort")
-        self._undo_prepare()
-        self.state = KexecState.IDLE
+        try:
+            self._undo_prepare()
+        finally:
+            # Even if a step of the undo failed: idle once nothing of the handover stands.
+            if not self.kho.finalized and not self.header.boot_params.valid:
+                self.state = KexecState.IDLE
         log.info("kexec aborted; the kernel runs on")
 
     def record_phase(self, name: str, ns: int) -> None:

@@ -18,9 +18,6 @@ from guestfs.config import control_path, log_path
 KEXEC_TIMEOUT = 300.0  # seconds to wait for the next kernel to mount (a huge restore)
 
 
-KEXEC_TIMEOUT = 300.0  # seconds to wait for the next kernel to mount (a huge restore)
-
-
 def add(sub: Subparsers) -> None:
     p = sub.add_parser(
         "kexec", help="hand the mounted filesystem over to a new kernel (simulated kexec)",

@@ -44,8 +44,8 @@ def add(sub: Subparsers) -> None:
 def run_mount(args: argparse.Namespace) -> int:
     """``guestfs mount``."""
     config = DaemonConfig(machine=args.machine, mountpoint=args.mountpoint,
-                                 memory=args.memory, nodes=args.nodes, options=args.options,
-                                 format=args.format, debug=args.debug)
+                          memory=args.memory, nodes=args.nodes, options=args.options,
+                          format=args.format, debug=args.debug)
     if args.foreground or args.debug:
         _log_to_stderr(args.debug)
         if args.ready_fd is None:

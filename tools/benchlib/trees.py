@@ -230,7 +230,7 @@ def build_guestfs(machine: str, spec: TreeSpec) -> dict[str, int]:
     """Create `machine`, write `spec` into it, and hand it over as an unmount does."""
     from guestfs.session import Options, Session
 
-    session = Session.open(Options(machine, memory=spec.arena_size()))
+    session = Session.open(Options(machine, memory=spec.arena_size(), format=True))
     try:
         fs = session.fs
         sink = CoreSink(fs)
