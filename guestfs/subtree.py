@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from guestfs.inode import ROOT_INO
-from guestfs.inode_table import EncodedTable
+from guestfs.inode_table import U32_END, U63_END, EncodedTable
 from guestfs.superblock import MAX_FILE_SIZE, MAX_INODES, Superblock
 from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
@@ -18,8 +18,6 @@ from kho_backend.units import PAGE_SIZE
 
 COMPATIBLE = "guestfs-v1"
 NAME = "guestfs"
-_U32_END = 1 << 32
-_U63_END = 1 << 63
 
 
 def superblock_fdt(sb: Superblock, table: EncodedTable, table_phys: int) -> bytes:
@@ -87,9 +85,9 @@ def read_superblock(blob: bytes) -> HandedOver:
         options=dict(kv.split("=", 1) for kv in options.split(",") if kv))
     for name, value, low, end in (("max-inodes", sb.max_inodes, 1, MAX_INODES + 1),
                                   ("max-file-size", sb.max_file_size, 1, MAX_FILE_SIZE + 1),
-                                  ("next-ino", sb.next_ino, ROOT_INO + 1, _U63_END),
-                                  ("ino-generation", sb.ino_generation, 0, _U32_END),
-                                  ("generation", sb.generation, 1, _U63_END)):
+                                  ("next-ino", sb.next_ino, ROOT_INO + 1, U63_END),
+                                  ("ino-generation", sb.ino_generation, 0, U32_END),
+                                  ("generation", sb.generation, 1, U63_END)):
         if not low <= value < end:
             raise HandoverError(f"the guestfs sub-FDT's {name} is {value}, outside "
                                 f"[{low}, {end})")

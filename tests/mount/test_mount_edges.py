@@ -196,7 +196,10 @@ def test_no_acknowledged_write_goes_below_the_mount_during_a_kexec(
     writer = subprocess.Popen([sys.executable, "-c", WRITER, os.fspath(m.mountpoint),
                                os.fspath(log), os.fspath(stop)])
     try:
+        deadline = time.monotonic() + 60
         while not log.exists() or not log.read_text():
+            assert writer.poll() is None, "the writer died before its first write"
+            assert time.monotonic() < deadline, "the writer wrote nothing in 60 s"
             time.sleep(0.01)
         for _ in range(3):
             m.cli("kexec", "--force", os.fspath(m.mountpoint))

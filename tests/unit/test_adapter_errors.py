@@ -264,5 +264,5 @@ def test_gate_wait_idle_waits_for_requests_in_flight() -> None:
 
 
 async def _release_later(event: trio.Event) -> None:
-    await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()     # wait_idle is waiting by now
     event.set()
