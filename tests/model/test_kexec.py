@@ -29,13 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MEMORY = 32 << 20
 
 
-@pytest.fixture(scope="module")
-def machine_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kho-kexec-", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture
 def new_kernel(machine_dir: Path) -> Iterator[Callable[..., Kernel]]:
     kernels: list[Kernel] = []

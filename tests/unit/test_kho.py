@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,13 +21,6 @@ from kho_backend.kho_in import IncomingHandover
 from kho_backend.units import PAGE_SHIFT
 
 MEMORY = 32 << 20
-
-
-@pytest.fixture(scope="module")
-def machine_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kho-", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
