@@ -29,7 +29,7 @@ from guestfs import acl
 from guestfs.directory import DOT_COOKIE, DOTDOT_COOKIE, Directory
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
-from guestfs.pagemap import PageMap, PagePool
+from guestfs.pagemap import Extent, PageMap, PagePool
 from guestfs.reserve import DIRENT_BYTES, INODE_BYTES, HandoverReserve, dirent_bytes, xattr_bytes
 from guestfs.superblock import MAX_FILE_SIZE, Superblock
 from kho_backend.units import PAGE_SIZE
@@ -417,6 +417,11 @@ class Filesystem:
         inode.touch(self._clock(), mtime=True, ctime=True)
         return written
 
+    def extents(self, ino: int) -> list[Extent]:
+        """Where a regular file's data lies: (file page, PFN, pages, order) runs."""
+        pages = self._regular(ino).pages
+        return pages.extents() if pages is not None else []
+
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
         """Mode 0 allocates (and extends the size), FALLOC_FL_KEEP_SIZE allocates only,
         FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE frees; other modes: EOPNOTSUPP."""
@@ -522,6 +527,11 @@ class Filesystem:
         """The names of the inode's extended attributes."""
         inode = self.get(ino)
         return list(inode.xattrs) if inode.xattrs else []
+
+    def listxattr_items(self, ino: int) -> list[tuple[bytes, bytes]]:
+        """The inode's extended attributes as (name, value) pairs."""
+        inode = self.get(ino)
+        return list(inode.xattrs.items()) if inode.xattrs else []
 
     def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
         """Remove an extended attribute; ENODATA if it is not set."""

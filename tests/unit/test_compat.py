@@ -1,0 +1,67 @@
+"""Compatibility with earlier releases, as littlefs tests against its previous release:
+an arena handed over by release 0.2.0 (`guestfs-v1` over `kho-v1`, made by
+tests/fixtures/make_release_arena.py at that release) mounts with this code, and every
+name, attribute, byte and data page of it is found where that release left it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest_machine import machine_env  # noqa: F401
+
+from guestfs.filesystem import AtimeMode, AtimePolicy, Ctx
+from guestfs.session import Options, Session
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+_ROOT = Ctx(uid=0, gid=0)
+RELEASES = sorted(p.name.removesuffix(".arena.xz") for p in FIXTURES.glob("*.arena.xz"))
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_an_earlier_release_handover_mounts_unchanged(release: str, machine_env: Path) -> None:
+    manifest = json.loads((FIXTURES / f"{release}.json").read_text())
+    machine = f"{manifest['machine']}-{release}"
+    with lzma.open(FIXTURES / f"{release}.arena.xz") as src, \
+            open(machine_env / f"{machine}.mem", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    session = Session.open(Options(machine, atime=AtimePolicy(AtimeMode.NOATIME)))
+    try:
+        fs = session.fs
+        assert fs.sb.uuid == manifest["uuid"]
+        found = {}
+        _walk(fs, 1, "", found)
+        assert sorted(found) == sorted(manifest["tree"])
+        for path, want in manifest["tree"].items():
+            assert found[path] == want, path
+        new = fs.create(1, b"after-upgrade", 0o644, _ROOT)
+        assert new.ino >= manifest["next_ino"], "an inode number of the release was reused"
+        assert fs.check() == []
+    finally:
+        session.close()
+
+
+def _walk(fs, ino: int, path: str, out: dict) -> None:
+    for _cookie, name, inode in fs.readdir(ino, 2):
+        child = f"{path}/{name.decode('utf-8', 'surrogateescape')}"
+        entry = {
+            "ino": inode.ino, "mode": inode.mode, "uid": inode.uid, "gid": inode.gid,
+            "nlink": inode.nlink, "size": inode.size, "rdev": inode.rdev,
+            "atime_ns": inode.atime_ns, "mtime_ns": inode.mtime_ns,
+            "ctime_ns": inode.ctime_ns, "generation": inode.generation,
+            "xattrs": {k.hex(): v.hex() for k, v in sorted(fs.listxattr_items(inode.ino))},
+        }
+        if inode.is_reg:
+            data = bytes(fs.read(inode.ino, 0, min(inode.size, 8 << 20)))
+            entry["sha256_first_8MiB"] = hashlib.sha256(data).hexdigest()
+            entry["extents"] = [list(e) for e in fs.extents(inode.ino)]
+        if inode.is_symlink:
+            entry["target"] = fs.readlink(inode.ino).hex()
+        out[child] = entry
+        if inode.is_dir:
+            _walk(fs, inode.ino, child, out)
+
