@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +34,15 @@ log = logging.getLogger(__name__)
 MAX_NODES = 64
 #: Smallest node: one block of the largest order (4 MiB).
 MIN_NODE_PAGES = MAX_ORDER_PAGES
+
+
+class PhysMemory(Protocol):
+    """What the handover readers need of an arena (``Arena`` has it; so do the read-only
+    view of ``guestfs kho dump`` and the tests' bytearrays)."""
+
+    npages: int
+
+    def view(self, pfn: int, npages: int = 1) -> memoryview: ...
 
 
 def node_starts(npages: int, nodes: int) -> list[int]:

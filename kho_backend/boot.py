@@ -4,24 +4,31 @@ The sequence, as a kernel with KHO does it:
 
 1. *open*: open (or create) the arena and take the machine lock; validate the header.
 2. Decide what kind of boot this is. Valid boot parameters mean a handover (a KHO boot);
-   then the command line in the boot-parameter slot wins over the caller's. Without a
-   handover, an arena whose last kernel did not hand over (it crashed, or was shut down
-   without kexec) is refused unless ``format=True``, so files are never silently lost.
-3. *handover-parse*: read and validate the whole handover (``IncomingHandover.parse``)
-   and check its preserved folios against the arena, page 0 and scratch, before a single
-   byte of the arena is written: a refused handover leaves the arena untouched.
+   then the command line in the boot-parameter slot wins over the caller's. Without
+   them, an arena whose last kernel did not hand over (it crashed, or was shut down
+   without kexec) is taken up through that kernel's live KHO root when the root holds
+   a subtree or a pool (a *crash boot*, as a panic kexec would hand it over); otherwise
+   it is refused unless ``format=True``, so files are never silently lost.
+3. *handover-parse*: read and validate the whole handover (``IncomingHandover.parse``):
+   its maps, and that its blocks leave page 0 and scratch alone and never overlap,
+   before a single byte of the arena is written: a refused handover leaves the arena
+   untouched.
 4. *memblock*: boot-time allocator; scratch-only on a KHO boot.
 5. *memmap*: allocate the per-page state from memblock (from scratch on a KHO boot:
    scratch too small is a BootError naming the sizes) and reset it.
 6. *scratch*: at the machine's first boot size and place the scratch areas from this
    boot's memblock use; later boots reuse the recorded ones. They turn CMA-like.
-7. *reserve*: memblock's reservations become RESERVED pages; preserved folios PRESERVED.
-8. *page-alloc*: start the buddy allocator; then *kho*: the outgoing KHO, kexec, and the
-   incoming handover attached to the kernel.
-9. Write the header: RUNNING, our pid, boot count + 1, memmap location, release.
+7. *reserve*: memblock's reservations become RESERVED pages; everything the handover
+   occupies PRESERVED.
+8. *page-alloc*: start the buddy allocator. Write the header: RUNNING, our pid, boot
+   count + 1, memmap location, release, no live root yet; after a crash boot the boot
+   parameters now name the dead kernel's root (flagged crashed), so a retry finds it.
+9. *kho*: the outgoing KHO, kexec, and the incoming handover attached to the kernel.
 
 The boot parameters stay in place until :meth:`Kernel.finish_boot`, after the subsystems
-restored what they were handed, so a boot that fails half-way can be retried.
+restored what they were handed, so a boot that fails half-way can be retried; KHO
+writes its live root there too (or when a subsystem first adds to it), so a boot that
+fails before writes nothing outside page 0 and scratch.
 """
 
 from __future__ import annotations
@@ -37,14 +44,14 @@ from pathlib import Path
 from . import __version__
 from .arena import Arena
 from .cmdline import Cmdline
-from .errors import ArenaError, BootError, OutOfMemory
+from .errors import ArenaError, BootError, HandoverError, OutOfMemory
 from .header import MachineHeader, MachineState
 from .kexec import Kexec
 from .kho import KHO
 from .kho_in import IncomingHandover
 from .machine import create_machine, machine_exists, open_machine, validate_name
 from .memblock import Memblock
-from .memmap import Memmap, check_preserved_ranges
+from .memmap import Memmap
 from .page_alloc import PageAllocator
 from .scratch import low_limit, setup_scratch
 from .units import PAGE_SHIFT, format_size
@@ -71,8 +78,11 @@ class Kernel:
     boot_timings: dict[str, int] = field(default_factory=dict)  # phase -> ns
 
     def finish_boot(self) -> int:
-        """End of boot: free preserved pages nobody restored (returns how many), clear
-        the boot-parameter slot and mark the header RUNNING."""
+        """End of boot: publish this kernel's live KHO root, free what the handover
+        occupies and nobody restored (returns how many pages), clear the boot-parameter
+        slot and mark the header RUNNING. In that order: until the slot is cleared a
+        retry finds the handover whole, since nothing is allocated after the release."""
+        self.kho.go_live()
         released = self.kho_in.release_unclaimed() if self.kho_in is not None else 0
         self.header.clear_boot_params()
         self.header.state = MachineState.RUNNING
@@ -121,10 +131,16 @@ def boot(machine: str, *, memory: int | None = None, nodes: int = 1, cmdline: st
         raise
     timings["total"] = time.perf_counter_ns() - started
     log.info(
-        "booted %s (boot %d%s) in %.1f ms", machine, header.boot_count,
-        ", from a KHO handover" if kernel.kho_in is not None else "", timings["total"] / 1e6,
+        "booted %s (boot %d%s) in %.1f ms", machine, header.boot_count, _kind(kernel.kho_in),
+        timings["total"] / 1e6,
     )  # fmt: skip
     return kernel
+
+
+def _kind(kho_in: IncomingHandover | None) -> str:
+    if kho_in is None:
+        return ""
+    return ", from the live state of a crashed kernel" if kho_in.crashed else ", from a KHO handover"
 
 
 # -- the steps ------------------------------------------------------------------------------
@@ -153,23 +169,26 @@ def _open(name: str, memory: int | None, nodes: int, create: bool,
 def _boot(name: str, arena: Arena, header: MachineHeader, cmdline: str, fmt: bool,
           timings: dict[str, int]) -> Kernel:  # fmt: skip
     params = header.boot_params
-    handover = params.valid and not fmt
-    cmd = Cmdline.parse(params.cmdline if handover else cmdline)
-    _check_previous_kernel(name, header, handover, cmd, fmt)
-
-    kho_in, preserved = None, []
-    if handover:
+    from_slot = params.valid and not fmt
+    cmd = Cmdline.parse(params.cmdline if from_slot else cmdline)
+    scratch = [(a.start_pfn, a.npages) for a in header.scratch]
+    kho_in = None
+    if from_slot:
+        _check_kho_on(name, cmd, "holds a handover from the previous kernel")
         with _phase(timings, "handover-parse"):
-            scratch = [(a.start_pfn, a.npages) for a in header.scratch]
-            kho_in = IncomingHandover.parse(arena, params.fdt_phys, params.fdt_size, scratch=scratch)
-            preserved = list(kho_in.preserved_ranges())
-            forbidden = [(0, 1, "machine header page")]
-            forbidden += [(a.start_pfn, a.npages, f"{a.kind.name.lower()} scratch area") for a in header.scratch]
-            check_preserved_ranges(preserved, arena.npages, forbidden)
+            kho_in = IncomingHandover.parse(arena, params.fdt_phys, params.fdt_size,
+                                            scratch=scratch, crashed=params.crashed)
+    elif not fmt and header.state is MachineState.RUNNING and header.live_root_size:
+        with _phase(timings, "handover-parse"):
+            kho_in = _crashed_state(name, arena, header, scratch)
+        if kho_in is not None:
+            _check_kho_on(name, cmd, "holds the live state of a kernel that crashed")
+    _check_previous_kernel(name, header, kho_in is not None, fmt)
 
     with _phase(timings, "memblock"):
         ranges = arena.node_ranges()
-        memblock = Memblock(ranges, low_limit=low_limit(ranges), scratch=header.scratch, scratch_only=handover)
+        memblock = Memblock(ranges, low_limit=low_limit(ranges), scratch=header.scratch,
+                            scratch_only=kho_in is not None)
         memblock.reserve(0, 1)  # the machine header
     with _phase(timings, "memmap"):
         memmap = _alloc_memmap(arena, memblock)
@@ -180,38 +199,66 @@ def _boot(name: str, arena: Arena, header: MachineHeader, cmdline: str, fmt: boo
     with _phase(timings, "reserve"):
         for start, end in memblock.reserved:
             memmap.mark_reserved(start, end - start)
-        for pfns, order in preserved:
-            memmap.set_preserved(pfns, order)
+        if kho_in is not None:
+            for pfns, order in kho_in.reserved_blocks():
+                memmap.set_preserved(pfns, order)
     with _phase(timings, "page-alloc"):
         buddy = PageAllocator(arena, memmap)
+    _start_running(arena, header, memmap, kho_in, cmdline)
     with _phase(timings, "kho"):
         scratch = [(a.start_pfn, a.npages) for a in header.scratch]
-        kho = KHO(arena, buddy, memmap, scratch)
+        kho = KHO(arena, buddy, memmap, scratch, header)
         kexec = Kexec(arena, header, kho, cmd, scratch, kho_in.metadata if kho_in else None)
         if kho_in is not None:
-            kho_in.attach(buddy)
-    kernel = Kernel(name, arena, header, cmd, memblock, memmap, buddy, kho, kexec, kho_in,
-                    boot_timings=timings)
+            kho_in.attach(buddy, kho)
+    return Kernel(name, arena, header, cmd, memblock, memmap, buddy, kho, kexec, kho_in,
+                  boot_timings=timings)
 
-    if not handover:
+
+def _crashed_state(name: str, arena: Arena, header: MachineHeader,
+                   scratch: list[tuple[int, int]]) -> IncomingHandover | None:
+    """The live state the crashed previous kernel left, validated as a handover, or None
+    when its live root holds nothing to take up."""
+    try:
+        kho_in = IncomingHandover.parse(arena, header.live_root_phys, header.live_root_size,
+                                        scratch=scratch, crashed=True)
+    except HandoverError as e:
+        raise HandoverError(
+            f"The previous kernel (pid {header.pid}) of machine {name!r} ended without "
+            f"handing over, and its live KHO root cannot be trusted: {e} Boot with "
+            "format=True to discard it and start empty."
+        ) from e
+    return kho_in if kho_in.holds_state else None
+
+
+def _start_running(arena: Arena, header: MachineHeader, memmap: Memmap,
+                   kho_in: IncomingHandover | None, cmdline: str) -> None:
+    """Write the header of the running kernel, before it publishes a live root."""
+    if kho_in is None:
         header.clear_boot_params()  # a discarded handover must never be picked up later
+    elif kho_in.crashed and not header.boot_params.valid:
+        # The dead kernel's live root becomes this boot's handover, as a panic kexec
+        # would have passed it: a retry of this boot finds it there.
+        header.set_boot_params(kho_in.fdt_phys, kho_in.fdt_size, cmdline, crashed=True)
     header.state = MachineState.RUNNING
     header.pid = os.getpid()
     header.boot_count += 1
     header.memmap_pfn, header.memmap_npages = memmap.first_pfn, memmap.npages
     header.release = RELEASE
-    kernel.write_header()
-    return kernel
+    header.live_root_phys = header.live_root_size = 0
+    header.write(arena)
 
 
-def _check_previous_kernel(name: str, header: MachineHeader, handover: bool, cmd: Cmdline, fmt: bool) -> None:
-    """Refuse a boot that would silently lose the previous kernel's files."""
-    if handover and not cmd.kho:
+def _check_kho_on(name: str, cmd: Cmdline, what: str) -> None:
+    if not cmd.kho:
         raise BootError(
-            f"Machine {name!r} holds a handover from the previous kernel, but the command line "
-            "it passed on says kho=off, so this kernel cannot take the handover; boot with "
-            "format=True to discard it and start empty."
+            f"Machine {name!r} {what}, but the command line says kho=off, so this kernel "
+            "cannot take it; boot with format=True to discard it and start empty."
         )
+
+
+def _check_previous_kernel(name: str, header: MachineHeader, handover: bool, fmt: bool) -> None:
+    """Refuse a boot that would silently lose the previous kernel's files."""
     if handover or fmt or header.state is MachineState.FRESH:
         return
     raise BootError(

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .arena import PhysMemory
 from .checksum import crc32_at, seal_crc32
 from .errors import HandoverError
-from .kho_mem import PhysMemory
 from .units import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:

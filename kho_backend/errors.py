@@ -10,6 +10,7 @@ that tells the user what is wrong (and, where there is one, what to do about it)
     ├── BootError       boot failed (e.g. scratch too small: names the sizes)
     ├── HandoverError   a handover that cannot be trusted; names what is wrong
     ├── KhoBusy         preserve after finalize (the kernel's -EBUSY)
+    ├── KhoError        a preserve, subtree or pool call KHO refuses (the kernel's -EINVAL)
     └── KexecError      a kexec that failed before exec (and was aborted); .phase names it
 """
 
@@ -42,6 +43,10 @@ class HandoverError(MachineError):
 
 class KhoBusy(MachineError):
     """KHO is finalized: preserving or unpreserving is refused (the kernel's -EBUSY)."""
+
+
+class KhoError(MachineError, ValueError):
+    """KHO refuses a preserve, unpreserve, subtree or pool call (the kernel's ``-EINVAL``)."""
 
 
 class KexecError(MachineError):

@@ -237,9 +237,14 @@ class FdtReader:
                                 "valid UTF-8") from None
 
     @_libfdt_errors
-    def expect_compatible(self, off: int, supported: str) -> None:
-        """Refuse a node whose ``compatible`` is not ``supported``, naming both."""
+    def expect_compatible(self, off: int, supported: str | tuple[str, ...]) -> str:
+        """The node's ``compatible``; HandoverError naming it and what this kernel
+        reads unless it is ``supported`` (one value, or any of several)."""
         found = self.string(off, "compatible")
-        if found != supported:
+        accepted = (supported,) if isinstance(supported, str) else supported
+        if found not in accepted:
+            known = (f"only {accepted[0]!r}" if len(accepted) == 1
+                     else " and ".join(repr(c) for c in accepted))
             raise HandoverError(f"{self.what}: node {self.path(off)} is compatible "
-                                f"{found!r}; this kernel supports only {supported!r}")
+                                f"{found!r}; this kernel supports {known}")
+        return found

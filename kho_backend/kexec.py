@@ -1,9 +1,11 @@
 """kexec: stage the next kernel, hand over through KHO, poison, and exec it.
 
 ``load`` stages the next kernel image (a command to exec) and its command line;
-``prepare`` finalizes KHO, adds the ``kexec-metadata`` subtree and writes the boot
-parameters into the machine header (state HANDED_OVER); ``poison`` overwrites every page
-the next kernel must not rely on; ``exec`` replaces this process with the next kernel
+``prepare`` finalizes KHO (its participants, then the root FDT: the maps are live and
+need no writing), adds the ``kexec-metadata`` subtree last and writes the boot
+parameters into the machine header (state HANDED_OVER); ``abort`` undoes that, and the
+live root says again what it said before; ``poison`` overwrites every page the next
+kernel is not handed (pool pages and the maps' nodes are handed over); ``exec`` replaces this process with the next kernel
 (same PID), as ``kexec -e`` replaces the running kernel.  Any failure before the exec
 aborts and leaves the running kernel as it was (KexecError names the phase).
 """
@@ -92,7 +94,8 @@ class Kexec:
                              "load")
         if len(cmdline.encode()) > CMDLINE_MAX:
             raise KexecError(f"The next kernel's command line is longer than "
-                             f"{CMDLINE_MAX} bytes.", "load")
+                             f"{CMDLINE_MAX} bytes, the most the machine header keeps.",
+                             "load")
         try:
             Cmdline.parse(cmdline)
         except MachineError as e:
@@ -238,6 +241,7 @@ class Kexec:
         for start, end in runs(mask):
             mem[start * PAGE_SIZE:end * PAGE_SIZE] = POISON_BYTE
         pages = int(np.count_nonzero(mask))
+        self.kho.poisoned(POISON_BYTE)
         assert self.metadata is not None
         self._rewrite_metadata(phases={**self.metadata.phases,
                                        "poison": time.perf_counter_ns() - t0})
@@ -278,8 +282,9 @@ class Kexec:
 
 
 def poison_mask(kho: KHO, scratch: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Bool per page: poison it? (Not preserved, not scratch, not the header page.)"""
-    mask = ~kho.track.page_mask()
+    """Bool per page: poison it? (Not handed over: a preserved block, a pool's block, a
+    node of their maps, the root FDT; not scratch; not the header page.)"""
+    mask = ~kho.handed_over_mask()
     for start, n in scratch:
         mask[start:start + n] = False
     mask[0] = False

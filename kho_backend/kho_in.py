@@ -1,12 +1,19 @@
 """KHO, the incoming side: the handover this kernel was booted with (``kernel.kho_in``).
 
-``IncomingHandover.parse`` validates the whole handover (root FDT, preserved-memory map,
-every sub-FDT, kexec-metadata) before boot changes anything in the arena, and refuses it
-with a HandoverError naming what is wrong.  Boot then reserves ``preserved_ranges()``,
-``attach``es the kernel, and subsystems take their state back with ``retrieve_subtree``
-and the ``restore_*`` calls (the kernel's kho_retrieve_subtree / kho_restore_folio).  At
-the end of boot ``release_unclaimed`` frees every preserved page nobody restored,
-including the handover's own metadata pages (root FDT, chunks, sub-FDTs).
+``IncomingHandover.parse`` validates the whole handover before boot changes anything in
+the arena, and refuses it with a HandoverError naming what is wrong: the root FDT, the
+preserved-memory maps (the global radix tree and each pool's, or a ``kho-v1`` chunk list
+from release 0.2.0), every sub-FDT, kexec-metadata, and where all of that lies: inside
+the arena, no two blocks over one page, nothing on page 0 or in scratch. That last check
+is one coverage count over the arena (two ``bincount`` and a ``cumsum``), so it costs in
+proportion to the arena and the blocks, with no sort of the heads.
+
+Boot then reserves ``reserved_blocks()``, ``attach``es the kernel, and subsystems take
+their state back with ``retrieve_subtree``, the ``restore_*`` calls (the kernel's
+kho_retrieve_subtree / kho_restore_folio) and ``restore_pool``, which gives a pool back
+whole, tree and all, and hands it on with this kernel's KHO. At the end of boot
+``release_unclaimed`` frees everything nobody took: the old root FDT, the old global
+map's nodes, and every folio, subtree and pool not restored.
 """
 
 from __future__ import annotations
@@ -14,21 +21,24 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from .arena import PhysMemory
 from .chain import Chain, walk_chain
 from .errors import HandoverError
 from .fdt import FdtReader
 from .kexec_metadata import METADATA_NODE, KexecMetadata
-from .kho import (KHO_COMPATIBLE, PROP_FDT, PROP_FDT_CRC, PROP_FDT_SIZE,
-                  PROP_MEM_MAP, split_natural)
-from .kho_mem import PhysMemory, PreservedMap, kho_mem_deserialize
-from .memmap import has_duplicates
+from .kho import (KHO, KHO_COMPATIBLE, POOL_COMPATIBLE, POOLS_NODE, PROP_BLOB_CRC,
+                  PROP_BLOB_SIZE, PROP_DATA, PROP_MEM_MAP, split_natural)
+from .kho_mem import (KHO_V1_COMPATIBLE, PROP_FDT, PROP_FDT_CRC, PROP_FDT_SIZE,
+                      kho_mem_deserialize)
+from .kho_pool import PreservedPool
+from .kho_radix import RadixMap, read_radix
+from .memmap import blocks_mask, has_duplicates
 from .page_alloc import PageAllocator
 from .units import PAGE_SHIFT, PAGE_SIZE
-
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,53 @@ class InSubtree:
     blob: bytes
 
 
+@dataclass
+class PreservedMap:
+    """The global preserved-memory map of a handover: what subsystems restore."""
+
+    #: Per order, the preserved folios' head pfns, ascending.
+    heads: dict[int, np.ndarray] = field(default_factory=dict)
+    #: kho-v3: the radix tree's node pages (reserved beside the folios, never restored).
+    nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    leaves: int = 0
+    #: kho-v1: the chunk pages (preserved order-0 folios themselves).
+    chunk_pfns: list[int] = field(default_factory=list)
+
+    def ranges(self) -> Iterator[tuple[np.ndarray, int]]:
+        """(head pfns, order) for every order with preserved folios, ascending order."""
+        for order in sorted(self.heads):
+            yield self.heads[order], order
+
+    def nr_pages(self) -> int:
+        return sum(len(h) << o for o, h in self.heads.items())
+
+    def order_of(self, pfn: int) -> int | None:
+        """The order of the preserved folio whose head is ``pfn``, or None."""
+        for heads, order in self.ranges():
+            i = np.searchsorted(heads, pfn)
+            if i < len(heads) and heads[i] == pfn:
+                return order
+        return None
+
+    def covers(self, pfn: int, npages: int) -> bool:
+        """Is every page of [pfn, pfn + npages) inside some preserved folio?"""
+        want = np.arange(pfn, pfn + npages, dtype=np.int64)
+        covered = np.zeros(npages, bool)
+        for heads, order in self.ranges():
+            folio = want >> order << order
+            idx = np.minimum(np.searchsorted(heads, folio), max(len(heads) - 1, 0))
+            covered |= heads[idx] == folio
+        return bool(covered.all())
+
+
+@dataclass(frozen=True)
+class InPool:
+    """A pool of the incoming handover: its validated tree."""
+
+    name: str
+    map: RadixMap
+
+
 def read_phys(mem: PhysMemory, phys: int, size: int) -> bytes:
     """Copy ``size`` bytes at ``phys`` (the caller has bounds-checked them)."""
     first = phys >> PAGE_SHIFT
@@ -56,78 +113,134 @@ def read_phys(mem: PhysMemory, phys: int, size: int) -> bytes:
 def _check_range(mem: PhysMemory, phys: int, size: int, what: str) -> None:
     end = mem.npages << PAGE_SHIFT
     if size <= 0 or phys < PAGE_SIZE or phys + size > end:
-        raise HandoverError(f"{what} is at [{phys:#x}, {phys + size:#x}), outside the "
-                            f"arena's memory [{PAGE_SIZE:#x}, {end:#x})")
+        raise HandoverError(f"{what.capitalize()} is at [{phys:#x}, {phys + size:#x}), "
+                            f"outside the arena's memory [{PAGE_SIZE:#x}, {end:#x}).")
+
+
+def _pages_of(phys: int, size: int) -> np.ndarray:
+    return np.arange(phys >> PAGE_SHIFT, (phys + size - 1 >> PAGE_SHIFT) + 1, dtype=np.int64)
 
 
 class IncomingHandover:
     """A validated handover, and the restore calls over it."""
 
-    def __init__(self, mem: PhysMemory, fdt_phys: int, fdt_size: int, pmap: PreservedMap,
-                 subtrees: dict[str, InSubtree], metadata: KexecMetadata | None) -> None:
+    def __init__(self, mem: PhysMemory, version: str, fdt_phys: int, fdt_size: int,
+                 pmap: PreservedMap, subtrees: dict[str, InSubtree], pools: dict[str, InPool],
+                 metadata: KexecMetadata | None, crashed: bool) -> None:
         self.mem = mem
+        #: The root's ``compatible``: "kho-v3", or "kho-v1" (release 0.2.0).
+        self.version = version
         self.fdt_phys = fdt_phys
         self.fdt_size = fdt_size
         self.pmap = pmap
         self.subtrees = subtrees
-        #: The kexec-metadata subtree; None if the previous kernel did not write one.
+        self.pools = pools
+        #: The kexec-metadata subtree; None if the previous kernel did not write one
+        #: (or crashed: its handover is its live state, not a kexec's).
         self.metadata = metadata
+        #: The previous kernel died without handing over; this is its live state.
+        self.crashed = crashed
         self.buddy: PageAllocator | None = None
+        self.kho: KHO | None = None
         # Per order, parallel to pmap.heads[order]: restored (or released) already?
         self._claimed = {o: np.zeros(len(h), bool) for o, h in pmap.heads.items()}
+        self._restored_pools: set[str] = set()
+        self._released = False
 
     # -- validation ---------------------------------------------------------------------
 
     @classmethod
     def parse(cls, mem: PhysMemory, fdt_phys: int, fdt_size: int, *,
-              scratch: Sequence[tuple[int, int]] = ()) -> IncomingHandover:
+              scratch: Sequence[tuple[int, int]] = (), crashed: bool = False) -> IncomingHandover:
         """Read and validate the whole handover; reads only, changes nothing.
 
         ``scratch`` lists the scratch areas ``(start_pfn, npages)``: preserved memory
-        there is refused.  Raises HandoverError naming the first problem found.
+        there is refused. ``crashed``: the root is the live one of a kernel that died
+        without handing over. Raises HandoverError naming the first problem found.
         """
         _check_range(mem, fdt_phys, fdt_size, "the KHO root FDT")
         if fdt_size > MAX_ROOT_FDT:
-            raise HandoverError(f"the KHO root FDT claims {fdt_size} bytes; a root FDT "
-                                f"is at most {MAX_ROOT_FDT} bytes")
+            raise HandoverError(f"The KHO root FDT claims {fdt_size} bytes; a root FDT is "
+                                f"at most {MAX_ROOT_FDT} bytes.")
         root = FdtReader(read_phys(mem, fdt_phys, fdt_size), "the KHO root FDT")
         top = root.node("/")
-        root.expect_compatible(top, KHO_COMPATIBLE)
+        version = root.expect_compatible(top, (KHO_COMPATIBLE, KHO_V1_COMPATIBLE))
         root.check_seal()
-        pmap = kho_mem_deserialize(mem, root.u64(top, PROP_MEM_MAP), scratch)
-        _check_preserved(pmap, fdt_phys, fdt_size, "the KHO root FDT")
-        subtrees = {name: _parse_subtree(mem, pmap, root, name, off)
-                    for name, off in root.subnodes(top)}
+        if version == KHO_V1_COMPATIBLE:
+            pmap, pools, specs = _parse_v1(mem, root, top)
+        else:
+            pmap, pools, specs = _parse_v3(mem, root, top)
+        check_placement(mem.npages, _placed(version, fdt_phys, fdt_size, pmap, pools), scratch)
+        if version == KHO_V1_COMPATIBLE:
+            _check_preserved(pmap, fdt_phys, fdt_size, "the KHO root FDT")
+        subtrees: dict[str, InSubtree] = {}
+        for name, phys, size, crc in specs:
+            if name in subtrees:
+                raise HandoverError(f"The KHO root FDT lists the subtree {name!r} twice.")
+            subtrees[name] = _read_subtree(mem, pmap, name, phys, size, crc)
         meta = subtrees.get(METADATA_NODE)
-        metadata = KexecMetadata.from_fdt(meta.blob) if meta else None
-        log.info("KHO handover at %#x: %d pages preserved, %d subtrees%s", fdt_phys,
-                 pmap.nr_pages(), len(subtrees),
+        metadata = KexecMetadata.from_fdt(meta.blob) if meta and not crashed else None
+        log.info("KHO handover (%s) at %#x%s: %d pages preserved, %d subtrees, %d pools%s",
+                 version, fdt_phys, ", the live state of a crashed kernel" if crashed else "",
+                 pmap.nr_pages(), len(subtrees), len(pools),
                  f"; exec from: {metadata.previous_release} (count {metadata.kexec_count})"
                  if metadata else "")
-        return cls(mem, fdt_phys, fdt_size, pmap, subtrees, metadata)
+        return cls(mem, version, fdt_phys, fdt_size, pmap, subtrees, pools, metadata, crashed)
+
+    @property
+    def holds_state(self) -> bool:
+        """Does the handover hold anything a subsystem can take back: a pool, or a
+        subtree other than kexec-metadata (which only describes a kexec)?"""
+        return bool(self.pools) or any(name != METADATA_NODE for name in self.subtrees)
 
     # -- boot hooks -----------------------------------------------------------------------
 
     def preserved_ranges(self) -> Iterator[tuple[np.ndarray, int]]:
-        """(head pfns, order) of every preserved folio, per order: what boot reserves."""
+        """(head pfns, order) of every folio of the global map, per order: what the
+        ``restore_*`` calls give back."""
         return self.pmap.ranges()
 
-    def attach(self, buddy: PageAllocator) -> None:
-        """Bind to the booted kernel's buddy allocator, which takes back what the
-        restores free."""
+    def reserved_blocks(self) -> Iterator[tuple[np.ndarray, int]]:
+        """(head pfns, order) of everything the handover occupies, which boot reserves:
+        the global map's folios and nodes, every pool's blocks and nodes, the root FDT."""
+        yield from self.pmap.ranges()
+        if len(self.pmap.nodes):
+            yield self.pmap.nodes, 0
+        for pool in self.pools.values():
+            yield from pool.map.ranges()
+            yield pool.map.nodes, 0
+        if self.version == KHO_COMPATIBLE:
+            yield _pages_of(self.fdt_phys, self.fdt_size), 0
+
+    def page_mask(self) -> np.ndarray:
+        """Bool per arena page: occupied by the handover (see :meth:`reserved_blocks`)."""
+        return blocks_mask(self.mem.npages, self.reserved_blocks())
+
+    def attach(self, buddy: PageAllocator, kho: KHO) -> None:
+        """Bind to the booted kernel: its buddy allocator takes back what the restores
+        free, its KHO takes the restored pools on."""
         self.buddy = buddy
+        self.kho = kho
 
     def release_unclaimed(self) -> int:
-        """Free every preserved folio nobody restored (end of boot); returns pages freed."""
+        """Free everything the handover occupies that nobody restored (end of boot);
+        returns the pages freed."""
         buddy = self._attached()
-        freed = 0
+        if self._released:
+            return 0
+        blocks = []
         for heads, order in self.pmap.ranges():
-            idx = np.flatnonzero(~self._claimed[order])
-            if not len(idx):
-                continue
-            buddy.free_pfns(heads[idx], order)
-            self._claimed[order][idx] = True
-            freed += len(idx) << order
+            blocks.append((heads[~self._claimed[order]], order))
+            self._claimed[order][:] = True
+        blocks.append((self.pmap.nodes, 0))
+        for name, pool in self.pools.items():
+            if name not in self._restored_pools:
+                blocks += [*pool.map.ranges(), (pool.map.nodes, 0)]
+        if self.version == KHO_COMPATIBLE:
+            blocks.append((_pages_of(self.fdt_phys, self.fdt_size), 0))
+        buddy.free_blocks(blocks)
+        self._released = True
+        freed = sum(len(pfns) << order for pfns, order in blocks)
         log.info("KHO: released %d preserved pages that nobody restored", freed)
         return freed
 
@@ -138,15 +251,15 @@ class IncomingHandover:
         the previous kernel did not hand one over."""
         sub = self.subtrees.get(name)
         if sub is None:
-            raise HandoverError(f"the handover has no subtree {name!r} (it has: "
-                                f"{', '.join(sorted(self.subtrees)) or 'none'})")
+            raise HandoverError(f"The handover has no subtree {name!r} (it has: "
+                                f"{', '.join(sorted(self.subtrees)) or 'none'}).")
         return sub.phys, sub.blob
 
     def restore_folio(self, pfn: int) -> int:
         """Take back the preserved folio whose head is ``pfn``; returns its order."""
         order = self.pmap.order_of(pfn)
         if order is None:
-            raise HandoverError(f"pfn {pfn} is not the head of a preserved folio")
+            raise HandoverError(f"Pfn {pfn} is not the head of a preserved folio.")
         self.restore_pfns(np.array([pfn], np.int64), order)
         return order
 
@@ -169,6 +282,30 @@ class IncomingHandover:
         self._attached().memmap.claim_preserved(pfns, order)
         self._claimed[order][idx] = True
 
+    def restore_pool(self, name: str) -> PreservedPool:
+        """Take back the pool ``name`` whole: every block and every page of its tree is
+        claimed in bulk (the tree is adopted, not copied), and the pool is registered
+        with this kernel's KHO under the same name, so the next kexec hands it over
+        again with no work. HandoverError if there is no such pool or it was restored;
+        KhoError if this kernel has a pool of that name already."""
+        pool = self.pools.get(name)
+        if pool is None:
+            raise HandoverError(f"The handover has no pool {name!r} (it has: "
+                                f"{', '.join(sorted(self.pools)) or 'none'}).")
+        if name in self._restored_pools or self._released:
+            raise HandoverError(f"The pool {name!r} of the handover was already restored "
+                                "or released.")
+        kho = self.kho
+        if kho is None:
+            raise RuntimeError("IncomingHandover.attach(buddy, kho) has not been called")
+        kho.check_pool_name(name)
+        memmap = self._attached().memmap
+        for heads, order in pool.map.ranges():
+            memmap.claim_preserved(heads, order)
+        memmap.claim_preserved(pool.map.nodes, 0)
+        self._restored_pools.add(name)
+        return kho.adopt_pool(name, pool.map)
+
     def consume_chain(self, phys: int, magic: bytes) -> bytes:
         """Read and validate a chain written by ``chain.write_chain``, then free its
         pages (they are handover metadata).  Returns the payload."""
@@ -186,7 +323,7 @@ class IncomingHandover:
 
     def _attached(self) -> PageAllocator:
         if self.buddy is None:
-            raise RuntimeError("IncomingHandover.attach(buddy) has not been called")
+            raise RuntimeError("IncomingHandover.attach(buddy, kho) has not been called")
         return self.buddy
 
     def _claimable(self, pfns: np.ndarray, order: int) -> np.ndarray:
@@ -200,33 +337,125 @@ class IncomingHandover:
             actual = self.pmap.order_of(pfn)
             why = (f"it was preserved as an order-{actual} folio" if actual is not None
                    else "it was not preserved")
-            raise HandoverError(f"cannot restore pfn {pfn} as an order-{order} folio: {why}")
+            raise HandoverError(f"Pfn {pfn} cannot be restored as an order-{order} folio: {why}.")
         claimed = self._claimed[order][idx]
         if claimed.any():
             pfn = int(pfns[np.flatnonzero(claimed)[0]])
-            raise HandoverError(f"the order-{order} folio at pfn {pfn} was already restored")
+            raise HandoverError(f"The order-{order} folio at pfn {pfn} was already restored.")
         if has_duplicates(idx):
-            raise HandoverError(f"restore_pfns was given an order-{order} folio twice")
+            raise HandoverError(f"restore_pfns was given an order-{order} folio twice.")
         return idx
+
+
+# -- the two formats ----------------------------------------------------------------------
+
+Specs = list[tuple[str, int, int, int]]   # subtree name, phys, size, crc32
+
+
+def _parse_v3(mem: PhysMemory, root: FdtReader,
+              top: int) -> tuple[PreservedMap, dict[str, InPool], Specs]:
+    found = read_radix(mem, root.u64(top, PROP_MEM_MAP), "the preserved-memory map")
+    pmap = PreservedMap(heads=found.blocks, nodes=found.nodes, leaves=found.nr_leaves)
+    pools: dict[str, InPool] = {}
+    specs: Specs = []
+    for name, off in root.subnodes(top):
+        if name != POOLS_NODE:
+            specs.append((name, root.u64(off, PROP_DATA), root.u64(off, PROP_BLOB_SIZE),
+                          root.u32(off, PROP_BLOB_CRC)))
+            continue
+        for pool, pool_off in root.subnodes(off):
+            if pool in pools:
+                raise HandoverError(f"The KHO root FDT lists the pool {pool!r} twice.")
+            root.expect_compatible(pool_off, POOL_COMPATIBLE)
+            pools[pool] = InPool(pool, read_radix(mem, root.u64(pool_off, PROP_MEM_MAP),
+                                                  f"the preserved-memory map of pool {pool!r}"))
+    return pmap, pools, specs
+
+
+def _parse_v1(mem: PhysMemory, root: FdtReader,
+              top: int) -> tuple[PreservedMap, dict[str, InPool], Specs]:
+    chunks = kho_mem_deserialize(mem, root.u64(top, PROP_MEM_MAP))
+    pmap = PreservedMap(heads=chunks.heads, chunk_pfns=chunks.chunk_pfns)
+    specs = [(name, root.u64(off, PROP_FDT), root.u64(off, PROP_FDT_SIZE),
+              root.u32(off, PROP_FDT_CRC)) for name, off in root.subnodes(top)]
+    return pmap, {}, specs
+
+
+# -- where the handover lies ----------------------------------------------------------------
+
+Placed = list[tuple[str, np.ndarray, int]]   # what (for errors), ascending heads, order
+
+
+def _placed(version: str, fdt_phys: int, fdt_size: int, pmap: PreservedMap,
+            pools: dict[str, InPool]) -> Placed:
+    placed: Placed = [(f"the preserved order-{order} folio", heads, order)
+                      for heads, order in pmap.ranges()]
+    placed.append(("the preserved-memory map's node", pmap.nodes, 0))
+    for name, pool in pools.items():
+        placed += [(f"the order-{order} block of pool {name!r}", heads, order)
+                   for heads, order in pool.map.ranges()]
+        placed.append((f"the map node of pool {name!r}", pool.map.nodes, 0))
+    if version == KHO_COMPATIBLE:
+        if fdt_phys % PAGE_SIZE:
+            raise HandoverError(f"The KHO root FDT at {fdt_phys:#x} does not start on a page.")
+        placed.append(("the KHO root FDT's page", _pages_of(fdt_phys, fdt_size), 0))
+    return placed
+
+
+def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, int]]) -> None:
+    """HandoverError unless the blocks ``placed`` (each list's heads ascending and
+    inside the arena) leave page 0 and the ``scratch`` areas alone and no two share a
+    page. One count of blocks per page, by a difference array: two ``bincount`` and a
+    ``cumsum`` over the arena, whatever the number of blocks."""
+    placed = [(what, heads, order) for what, heads, order in placed if len(heads)]
+    if not placed:
+        return
+    cover = np.bincount(np.concatenate([heads for _, heads, _ in placed]), minlength=npages + 1)
+    cover -= np.bincount(np.concatenate([heads + (1 << order) for _, heads, order in placed]),
+                         minlength=npages + 1)
+    np.cumsum(cover, out=cover)
+    if cover[0]:
+        raise HandoverError(f"{_holders(placed, 0)[0].capitalize()} covers page 0, the "
+                            "machine header.")
+    twice = int(np.argmax(cover[:npages] > 1))
+    if cover[twice] > 1:
+        first, second = (_holders(placed, twice) + ["another block"])[:2]
+        raise HandoverError(f"The handover's memory overlaps itself at pfn {twice}: "
+                            f"{first} and {second} share it.")
+    for start, n in scratch:
+        inside = np.flatnonzero(cover[start:start + n])
+        if len(inside):
+            holder = _holders(placed, start + int(inside[0]))[0]
+            raise HandoverError(f"{holder.capitalize()} lies in the scratch area at pfns "
+                                f"[{start}, {start + n}).")
+
+
+def _holders(placed: Placed, pfn: int) -> list[str]:
+    """What holds page ``pfn``, in words, one entry per block."""
+    out = []
+    for what, heads, order in placed:
+        head = pfn >> order << order
+        i = int(np.searchsorted(heads, head))
+        if i < len(heads) and heads[i] == head:
+            out.append(f"{what} at pfn {head}")
+    return out
 
 
 def _check_preserved(pmap: PreservedMap, phys: int, size: int, what: str) -> None:
     first = phys >> PAGE_SHIFT
     if phys % PAGE_SIZE or not pmap.covers(first, -(-size // PAGE_SIZE)):
-        raise HandoverError(f"{what} at {phys:#x} ({size} bytes) is not in preserved, "
-                            "page-aligned memory")
+        raise HandoverError(f"{what.capitalize()} at {phys:#x} ({size} bytes) is not in "
+                            "preserved, page-aligned memory.")
 
 
-def _parse_subtree(mem: PhysMemory, pmap: PreservedMap, root: FdtReader, name: str,
-                   off: int) -> InSubtree:
+def _read_subtree(mem: PhysMemory, pmap: PreservedMap, name: str, phys: int, size: int,
+                  crc: int) -> InSubtree:
     what = f"the KHO subtree {name!r}"
-    phys, size = root.u64(off, PROP_FDT), root.u64(off, PROP_FDT_SIZE)
-    crc = root.u32(off, PROP_FDT_CRC)
     _check_range(mem, phys, size, what)
     _check_preserved(pmap, phys, size, what)
     blob = read_phys(mem, phys, size)
     if zlib.crc32(blob) != crc:
-        raise HandoverError(f"{what} fails its CRC32 check (root FDT says {crc:#010x}, "
-                            f"contents give {zlib.crc32(blob):#010x})")
+        raise HandoverError(f"The KHO subtree {name!r} fails its CRC32 check (the root FDT "
+                            f"says {crc:#010x}, its contents give {zlib.crc32(blob):#010x}).")
     FdtReader(blob, what)
     return InSubtree(name, phys, blob)

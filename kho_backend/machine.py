@@ -133,7 +133,7 @@ def create_machine(name: str, size: int, nodes: int = 1, directory: Path | None 
     try:
         fcntl.flock(arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         header = MachineHeader(arena_size=size, nr_nodes=nodes)
-        header.write(arena)
+        header.write_new(arena)
         try:
             os.link(tmp, path)
         except FileExistsError:

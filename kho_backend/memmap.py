@@ -23,7 +23,7 @@ vectorised with numpy; nothing loops over pages in Python.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
@@ -78,6 +78,15 @@ def block_pages(pfns: np.ndarray, order: int) -> np.ndarray:
     return (pfns[:, None] + np.arange(1 << order, dtype=np.int64)).ravel()
 
 
+def blocks_mask(npages: int, blocks: Iterable[tuple[np.ndarray, int]]) -> np.ndarray:
+    """Bool per page of an arena of ``npages``: inside one of the ``blocks`` (head
+    pfns, order)?"""
+    mask = np.zeros(npages, bool)
+    for pfns, order in blocks:
+        mask[block_pages(pfns, order)] = True
+    return mask
+
+
 def is_strictly_increasing(pfns: np.ndarray) -> bool:
     """Whether ``pfns`` is sorted without duplicates (the cheap test first)."""
     return bool(np.all(pfns[1:] > pfns[:-1]))
@@ -89,49 +98,6 @@ def has_duplicates(pfns: np.ndarray) -> bool:
         return False
     ordered = np.sort(pfns)
     return bool(np.any(ordered[1:] == ordered[:-1]))
-
-
-def check_preserved_ranges(
-    ranges: Sequence[tuple[np.ndarray, int]], npages: int, forbidden: Sequence[tuple[int, int, str]]
-) -> int:
-    """Validate a handover's preserved folios before anything is written; return the pages.
-
-    HandoverError unless every folio has a known order, is naturally aligned, lies inside
-    the arena, overlaps no other folio and none of the ``forbidden`` spans
-    ``(start_pfn, npages, what)`` (page 0, the scratch areas). Cost grows with the number
-    of folios, not with their size.
-    """
-    starts, ends, total = [], [], 0
-    for pfns, order in ranges:
-        pfns = np.asarray(pfns, dtype=np.int64)
-        if not 0 <= order <= MAX_ORDER:
-            raise HandoverError(f"The handover preserves folios of order {order}; orders are 0..{MAX_ORDER}.")
-        _check_heads(pfns, order, npages, "preserved")
-        starts.append(pfns)
-        ends.append(pfns + (1 << order))
-        total += len(pfns) << order
-    if total == 0:
-        return 0
-    start, end = np.concatenate(starts), np.concatenate(ends)
-    order_idx = np.argsort(start, kind="stable")
-    start, end = start[order_idx], end[order_idx]
-    clash = np.flatnonzero(start[1:] < end[:-1])
-    if clash.size:
-        i = clash[0]
-        raise HandoverError(
-            f"The handover's preserved memory overlaps itself: pages [{start[i]}, {end[i]}) "
-            f"and [{start[i + 1]}, {end[i + 1]})."
-        )
-    for fstart, fcount, what in forbidden:
-        # Folios are sorted and disjoint, so their ends are sorted too: only the last
-        # folio starting before the span's end can reach into it.
-        i = int(np.searchsorted(start, fstart + fcount)) - 1
-        if i >= 0 and end[i] > fstart:
-            raise HandoverError(
-                f"The handover preserves pages [{start[i]}, {end[i]}), which lie in the "
-                f"{what} (pages [{fstart}, {fstart + fcount}))."
-            )
-    return total
 
 
 def _check_heads(pfns: np.ndarray, order: int, npages: int, what: str) -> None:

@@ -17,6 +17,7 @@ pages (handed over, not yet restored) are counted by the memmap; freeing one rel
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,10 +165,29 @@ class PageAllocator:
     def free_pfns(self, pfns: np.ndarray, order: int) -> None:
         """Free many blocks of ``order`` at once (vectorised; e.g. unclaimed handed-over
         pages). Same checks as :meth:`free`; nothing is freed if one block is wrong."""
-        _check_order(order)
-        pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
-        if pfns.size == 0:
+        self.free_blocks([(pfns, order)])
+
+    def free_blocks(self, blocks: Iterable[tuple[np.ndarray, int]]) -> None:
+        """Free many blocks, ``(pfns, order)`` per order, with one rebuild of the free
+        lists; nothing is freed if one block is wrong."""
+        checked = []
+        for pfns, order in blocks:
+            _check_order(order)
+            pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
+            if pfns.size:
+                checked.append((pfns, order, self._check_blocks(pfns, order)))
+        if not checked:
             return
+        for pfns, order, preserved in checked:
+            if preserved.size:
+                self.memmap.claim_preserved(preserved, order)
+            pages = block_pages(pfns, order)
+            self._map[pages] = (self._map[pages] & SCRATCH_FLAG) | _FREE
+        self._rebuild()
+
+    def _check_blocks(self, pfns: np.ndarray, order: int) -> np.ndarray:
+        """MachineError naming the first of ``pfns`` that is not an allocated or
+        preserved block of ``order``, or a pfn listed twice; else the preserved ones."""
         bad = (pfns < 0) | (pfns >= self.arena.npages) | ((pfns & ((1 << order) - 1)) != 0)
         if bad.any():
             self._check_block(int(pfns[np.argmax(bad)]), order)  # raises, naming the block
@@ -178,12 +198,7 @@ class PageAllocator:
             self._check_block(int(pfns[np.argmin(ok)]), order)  # raises, naming the block
         if has_duplicates(pfns):
             raise MachineError(f"The blocks of order {order} to free list some PFN twice.")
-        preserved = pfns[state == PageState.PRESERVED]
-        if preserved.size:
-            self.memmap.claim_preserved(preserved, order)
-        pages = block_pages(pfns, order)
-        self._map[pages] = (self._map[pages] & SCRATCH_FLAG) | _FREE
-        self._rebuild()
+        return pfns[state == PageState.PRESERVED]
 
     def free_pages(self, *, movable: bool = False) -> int:
         """Free pages an allocation of that kind could get (movable ones may use scratch)."""

@@ -3,13 +3,15 @@
 Both map the arena read-only and take no lock, so they work beside a running kernel and
 on an arena whose handover a boot refused; they never change a byte.
 
-* :func:`dump` prints the pending handover (from the header's boot-parameter slot) as
-  device-tree source (``dtc -I dtb -O dts`` when installed, else a built-in printer),
-  the kexec-metadata, and a summary of the preserved memory per order and node.
+* :func:`dump` prints the pending handover (from the header's boot-parameter slot), or
+  else the live KHO root of the running (or crashed) kernel, as device-tree source
+  (``dtc -I dtb -O dts`` when installed, else a built-in printer), the kexec-metadata,
+  and a summary of the preserved memory per order and node: the radix map (nodes,
+  leaves) and every pool.
 * :func:`memmap_png` draws the arena as a PNG (written with zlib and struct): one pixel
   per page or per group of pages, one band per NUMA node, coloured by what the pages
-  are.  It reads the running kernel's memmap when there is one, otherwise the handover's
-  preserved-memory map and the scratch table.
+  are.  It reads the running kernel's memmap when there is one, and the handover's (or
+  the live root's) maps for what is preserved, pooled and KHO metadata.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -31,8 +34,9 @@ from .errors import HandoverError, MachineError
 from .fdt import FdtReader
 from .header import MachineHeader, MachineState
 from .kho_in import IncomingHandover, read_phys
+from .kho_mem import KHO_V1_COMPATIBLE
 from .machine import machine_path
-from .memmap import Memmap, PageCategory
+from .memmap import Memmap, PageCategory, block_pages
 from .units import PAGE_SHIFT, PAGE_SIZE, format_size
 
 
@@ -75,7 +79,21 @@ def _scratch(header: MachineHeader) -> list[tuple[int, int]]:
 
 def _handover(mem: ReadOnlyArena) -> IncomingHandover:
     bp = mem.header.boot_params
-    return IncomingHandover.parse(mem, bp.fdt_phys, bp.fdt_size, scratch=_scratch(mem.header))
+    return IncomingHandover.parse(mem, bp.fdt_phys, bp.fdt_size, scratch=_scratch(mem.header),
+                                  crashed=bp.crashed)
+
+
+def _live(mem: ReadOnlyArena) -> IncomingHandover | None:
+    """The live root of a running (or crashed) kernel, or None if there is none or it
+    cannot be read right now (a running kernel may be rewriting it)."""
+    h = mem.header
+    if h.boot_params.valid or h.state is not MachineState.RUNNING or not h.live_root_size:
+        return None
+    try:
+        return IncomingHandover.parse(mem, h.live_root_phys, h.live_root_size,
+                                      scratch=_scratch(h), crashed=True)
+    except HandoverError:
+        return None
 
 
 # -- dump -------------------------------------------------------------------------------
@@ -93,14 +111,23 @@ def dump(machine: str, directory: Path | None = None) -> str:
 def _dump(machine: str, mem: ReadOnlyArena) -> list[str]:
     h, bp = mem.header, mem.header.boot_params
     out = [f"machine {machine} ({mem.path}): {format_size(mem.size)}, {h.nr_nodes} node(s), "
-           f"state {h.state.name}, boot count {h.boot_count}, release {h.release or '-'}"]
+           f"state {h.state.name}, boot count {h.boot_count}, release {h.release or '-'}, "
+           f"header version {h.version}"]
+    out.append(f"live KHO root at {h.live_root_phys:#x} ({h.live_root_size} bytes)"
+               if h.live_root_size else "no live KHO root")
     out += [f"scratch: {a.kind.name.lower()} node {a.node}, pfns [{a.start_pfn}, "
             f"{a.end_pfn}) ({format_size(a.npages << PAGE_SHIFT)})" for a in h.scratch]
     if not bp.valid:
-        return out + ["no pending handover: the boot-parameter slot is empty"]
-    out.append(f"boot parameters: KHO FDT at {bp.fdt_phys:#x} ({bp.fdt_size} bytes), scratch "
-               f"table at {bp.scratch_phys:#x} ({bp.scratch_size} bytes), command line "
-               f"{bp.cmdline!r}")
+        out.append("no pending handover: the boot-parameter slot is empty")
+        live = _live(mem)
+        if live is None:
+            return out
+        return out + ["", "/* the live KHO root (what a crash boot would take up) */"] + \
+            _describe(live, mem)
+    crashed = " (the live state of a kernel that crashed)" if bp.crashed else ""
+    out.append(f"boot parameters: KHO FDT at {bp.fdt_phys:#x} ({bp.fdt_size} bytes){crashed}, "
+               f"scratch table at {bp.scratch_phys:#x} ({bp.scratch_size} bytes), command "
+               f"line {bp.cmdline!r}")
     try:
         kho_in = _handover(mem)
     except HandoverError as e:
@@ -108,8 +135,12 @@ def _dump(machine: str, mem: ReadOnlyArena) -> list[str]:
                 f"/* root FDT at {bp.fdt_phys:#x}, as found */",
                 _dts(read_phys(mem, bp.fdt_phys, min(bp.fdt_size, mem.size - bp.fdt_phys)))]
         return out
-    out += ["", f"/* KHO root FDT at {kho_in.fdt_phys:#x}, {kho_in.fdt_size} bytes */",
-            _dts(read_phys(mem, kho_in.fdt_phys, kho_in.fdt_size))]
+    return out + [""] + _describe(kho_in, mem)
+
+
+def _describe(kho_in: IncomingHandover, mem: ReadOnlyArena) -> list[str]:
+    out = [f"/* KHO root FDT ({kho_in.version}) at {kho_in.fdt_phys:#x}, "
+           f"{kho_in.fdt_size} bytes */", _dts(read_phys(mem, kho_in.fdt_phys, kho_in.fdt_size))]
     for sub in kho_in.subtrees.values():
         out += [f"/* subtree {sub.name}: FDT at {sub.phys:#x}, {len(sub.blob)} bytes */",
                 _dts(sub.blob)]
@@ -122,22 +153,36 @@ def _dump(machine: str, mem: ReadOnlyArena) -> list[str]:
 
 
 def preserved_summary(kho_in: IncomingHandover, mem: ReadOnlyArena) -> list[str]:
-    """Lines: the preserved folios and ranges per order and node, and totals."""
+    """Lines: the preserved folios and ranges per order and node with totals, the map
+    that holds them, and the same for every pool."""
+    pmap = kho_in.pmap
+    if kho_in.version == KHO_V1_COMPATIBLE:
+        shape = f"{len(pmap.chunk_pfns)} chunk page(s)"
+    else:
+        shape = f"radix tree of {len(pmap.nodes)} node(s), {pmap.leaves} leaf(s)"
+    out = _block_table("preserved memory", "folios", pmap.ranges(), mem, shape)
+    for pool in kho_in.pools.values():
+        out += _block_table(f"pool {pool.name!r}", "blocks", pool.map.ranges(), mem,
+                            f"radix tree of {len(pool.map.nodes)} node(s), "
+                            f"{pool.map.nr_leaves} leaf(s)")
+    return out
+
+
+def _block_table(title: str, unit: str, ranges: Iterator[tuple[np.ndarray, int]],
+                 mem: ReadOnlyArena, shape: str) -> list[str]:
     starts = np.asarray([mem.node_range(n)[0] for n in range(1, mem.nodes)], np.int64)
-    rows = ["order  node    folios    ranges       pages        size"]
-    folios = ranges = 0
-    for heads, order in kho_in.preserved_ranges():
+    rows = [f"order  node {unit:>9}    ranges       pages        size"]
+    blocks = runs = pages = 0
+    for heads, order in ranges:
         nodes = np.searchsorted(starts, heads, side="right")
         for node in np.unique(nodes).tolist():
             h = heads[nodes == node]
-            runs = 1 + int(np.count_nonzero(np.diff(h) != 1 << order))
-            rows.append(f"{order:5d} {node:5d} {len(h):9d} {runs:9d} {len(h) << order:11d} "
+            n_runs = 1 + int(np.count_nonzero(np.diff(h) != 1 << order))
+            rows.append(f"{order:5d} {node:5d} {len(h):9d} {n_runs:9d} {len(h) << order:11d} "
                         f"{format_size(len(h) << (order + PAGE_SHIFT)):>11}")
-            folios, ranges = folios + len(h), ranges + runs
-    pages = kho_in.pmap.nr_pages()
-    chunks = len(kho_in.pmap.chunk_pfns)
-    return [f"preserved memory: {pages} pages ({format_size(pages << PAGE_SHIFT)}) in "
-            f"{folios} folios, {ranges} ranges; map: {chunks} chunk page(s)"] + rows
+            blocks, runs, pages = blocks + len(h), runs + n_runs, pages + (len(h) << order)
+    return [f"{title}: {pages} pages ({format_size(pages << PAGE_SHIFT)}) in {blocks} "
+            f"{unit}, {runs} ranges; map: {shape}"] + rows
 
 
 def _dts(blob: bytes) -> str:
@@ -190,7 +235,8 @@ class Paint(IntEnum):
     USED = 3
     RESERVED = 4
     PRESERVED = 5
-    KHO_META = 6      # the handover's own pages: root FDT, map chunks, sub-FDTs
+    POOL = 6          # a block of a preserved pool
+    KHO_META = 7      # the handover's own pages: root FDT, map nodes or chunks, sub-FDTs
 
 
 COLOURS = {
@@ -200,6 +246,7 @@ COLOURS = {
     Paint.USED: (60, 110, 200),
     Paint.RESERVED: (140, 40, 40),
     Paint.PRESERVED: (40, 170, 80),
+    Paint.POOL: (20, 120, 120),
     Paint.KHO_META: (200, 60, 200),
 }
 SEPARATOR = (0, 0, 0)
@@ -221,7 +268,8 @@ class Picture:
     def legend(self) -> str:
         names = {Paint.FREE: "free", Paint.SCRATCH: "scratch", Paint.USED: "used",
                  Paint.RESERVED: "reserved (header, memmap)", Paint.PRESERVED: "preserved",
-                 Paint.KHO_META: "KHO metadata (FDTs, map chunks)"}
+                 Paint.POOL: "preserved pools",
+                 Paint.KHO_META: "KHO metadata (FDTs, map nodes or chunks)"}
         lines = [f"{self.width}x{self.height} px, {self.pages_per_pixel} page(s) per pixel, "
                  f"one band per node (black lines between), from {self.source}"]
         lines += [f"  rgb{COLOURS[p]}: {names[p]}: {self.counts.get(p, 0)} pages"
@@ -251,6 +299,8 @@ def _paint(mem: ReadOnlyArena) -> tuple[np.ndarray, str]:
             kho_in = _handover(mem)
         except HandoverError:
             pass   # still draw what the memmap / scratch table say
+    else:
+        kho_in = _live(mem)
     # Only a running kernel's memmap is current: after a kexec it is stale, or poisoned.
     if h.state is MachineState.RUNNING and h.memmap_npages:
         lut = np.array([_FROM_CATEGORY[c] for c in PageCategory], np.uint8)
@@ -260,20 +310,25 @@ def _paint(mem: ReadOnlyArena) -> tuple[np.ndarray, str]:
         for start, n in _scratch(h):
             paint[start:start + n] = Paint.SCRATCH
         paint[0] = Paint.RESERVED
-        source = "the handover's preserved-memory map and the scratch table"
+        source = "the handover's preserved-memory maps and the scratch table"
     if kho_in is not None:
-        paint[kho_in.pmap.page_mask(mem.npages)] = Paint.PRESERVED
-        for pfn in _metadata_pages(kho_in):
-            paint[pfn] = Paint.KHO_META
+        for heads, order in kho_in.pmap.ranges():
+            paint[block_pages(heads, order)] = Paint.PRESERVED
+        for pool in kho_in.pools.values():
+            for heads, order in pool.map.ranges():
+                paint[block_pages(heads, order)] = Paint.POOL
+        paint[_metadata_pages(kho_in)] = Paint.KHO_META
     return paint, source
 
 
-def _metadata_pages(kho_in: IncomingHandover) -> list[int]:
-    pages = list(kho_in.pmap.chunk_pfns)
+def _metadata_pages(kho_in: IncomingHandover) -> np.ndarray:
+    """The handover's own pages: root FDT, the maps' nodes (or v1 chunks), sub-FDTs."""
+    pages = [np.asarray(kho_in.pmap.chunk_pfns, np.int64), kho_in.pmap.nodes]
+    pages += [pool.map.nodes for pool in kho_in.pools.values()]
     for phys, size in [(kho_in.fdt_phys, kho_in.fdt_size)] + [
             (s.phys, len(s.blob)) for s in kho_in.subtrees.values()]:
-        pages += range(phys >> PAGE_SHIFT, (phys + size - 1 >> PAGE_SHIFT) + 1)
-    return pages
+        pages.append(np.arange(phys >> PAGE_SHIFT, (phys + size - 1 >> PAGE_SHIFT) + 1))
+    return np.concatenate(pages).astype(np.int64)
 
 
 def _layout(paint: np.ndarray, mem: ReadOnlyArena,

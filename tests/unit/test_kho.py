@@ -119,8 +119,13 @@ def test_finalize_roundtrip(kernel: Kernel) -> None:
     kho_in = parse_own(kernel)
     heads = dict((o, h) for h, o in kho_in.preserved_ranges())
     assert set(pfns.tolist()) <= set(heads[0].tolist()) and big in heads[9].tolist()
-    assert set(kho_in.pmap.chunk_pfns) <= set(heads[0].tolist())   # the map maps itself
-    assert kho_in.pmap.order_of(fdt_phys >> PAGE_SHIFT) is not None
+    # The map's own pages are its radix nodes, found by walking it and reserved beside the
+    # folios; the root FDT is reserved from the boot parameters, not preserved in the map.
+    nodes = set(kho_in.pmap.nodes.tolist())
+    assert nodes == set(kernel.kho.track.node_pfns().tolist()) and len(nodes) >= 6
+    assert not nodes & set(heads[0].tolist())
+    assert kho_in.pmap.order_of(fdt_phys >> PAGE_SHIFT) is None
+    assert fdt_phys >> PAGE_SHIFT in {int(p) for h, o in kho_in.reserved_blocks() for p in h}
     assert kho_in.retrieve_subtree("test")[1] == sub
     with pytest.raises(HandoverError, match="no subtree 'nope'"):
         kho_in.retrieve_subtree("nope")
@@ -174,10 +179,16 @@ def check_restores(k2: Kernel, folio: int, pages: list[int], span: int,
     assert kho_in.consume_chain(chain_phys, b"RECS") == b"records" * 1000
     with pytest.raises(HandoverError, match="already restored"):
         kho_in.consume_chain(chain_phys, b"RECS")
+    occupied = sum(len(h) << o for h, o in kho_in.reserved_blocks())
+    chain_pages = chain.chain_pages(len(b"records" * 1000))
     released = k2.finish_boot()
-    assert released == len(kho_in.pmap.chunk_pfns) + 2      # root FDT + kexec-metadata
+    # Released: the old map's nodes, the root FDT, kexec-metadata's two folios.
+    assert released == occupied - (8 + 4 + 13 + chain_pages)
+    assert released == len(kho_in.pmap.nodes) + 1 + 2
     stats = k2.buddy.stats()
-    assert stats.preserved_pages == 0 and stats.used_pages == 8 + 4 + 13
+    assert stats.preserved_pages == 0
+    assert stats.used_pages == 8 + 4 + 13 + k2.kho.own_pages
+    k2.buddy.check()
     assert not MachineHeader.read(k2.arena).boot_params.valid
 
 
@@ -197,5 +208,5 @@ def test_dtc_decodes_the_handover(kernel: Kernel) -> None:
         assert b"compatible" in done.stdout
     root = subprocess.run([dtc, "-I", "dtb", "-O", "dts", "-"], input=blobs[0],
                           capture_output=True, check=True).stdout.decode()
-    assert 'compatible = "kho-v1"' in root and "preserved-memory-map" in root
+    assert 'compatible = "kho-v3"' in root and "preserved-memory-map" in root
     assert "kexec-metadata {" in root and "test {" in root

@@ -1,5 +1,7 @@
-"""The serializers on their own, over a plain bytearray: the preserved-memory map
-(khoser_mem_chunk), page chains and the FDT helpers."""
+"""The formats on their own, over a plain bytearray: the kho-v1 preserved-memory map
+(khoser_mem_chunk, read only; tests/helpers/kho_v1.py writes it as release 0.2.0 did),
+where a handover's blocks lie (kho_in.check_placement), page chains and the FDT
+helpers."""
 
 from __future__ import annotations
 
@@ -11,19 +13,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.kho_v1 import V1Map, chunk_page
 from kho_backend import chain, fdt
 from kho_backend.errors import HandoverError
-from kho_backend.checksum import crc32_at
-from kho_backend.kho_mem import (CHUNK_CRC_OFFSET, CHUNK_HDR, ELM_DTYPE, KHOSER_BITMAP_SIZE,
-                                 PRESERVE_BITS, KhoMemTrack, kho_mem_deserialize,
-                                 kho_mem_serialize)
+from kho_backend.kho_in import check_placement
+from kho_backend.kho_mem import KHOSER_BITMAP_SIZE, PRESERVE_BITS, kho_mem_deserialize
 from kho_backend.units import MAX_ORDER, PAGE_SIZE
 
 NPAGES = 1 << 14   # a 64 MiB arena
 
 
 class FakeMem:
-    """Just enough of Arena for the serializers."""
+    """Just enough of Arena for the readers."""
 
     def __init__(self, npages: int = NPAGES) -> None:
         self.npages = npages
@@ -33,26 +34,28 @@ class FakeMem:
         return memoryview(self.buf)[pfn * PAGE_SIZE:(pfn + npages) * PAGE_SIZE]
 
 
-def serialize(mem: FakeMem, track: KhoMemTrack, first_chunk: int = 1) -> int:
-    chunks = list(range(first_chunk, first_chunk + track.chunks_needed()))
-    return kho_mem_serialize(mem, track, chunks)
+def serialize(mem: FakeMem, track: V1Map, first_chunk: int = 1) -> int:
+    return track.serialize(mem, list(range(first_chunk, first_chunk + track.chunks_needed())))
 
 
 def write_chunk(mem: FakeMem, pfn: int, order: int, elms: list[tuple[int, bytes]],
                 nxt: int = 0, magic: bytes = b"KHOM") -> None:
-    """A hand-made chunk with a correct CRC, for maps the serializer would never write."""
-    arr = np.zeros(len(elms), ELM_DTYPE)
-    for i, (start, bits) in enumerate(elms):
-        arr[i]["phys_start"] = start
-        arr[i]["bitmap"] = np.frombuffer(bits.ljust(64, b"\0"), np.uint8)
-    page = bytearray(PAGE_SIZE)
-    CHUNK_HDR.pack_into(page, 0, magic, order, len(elms), 0, nxt)
-    page[CHUNK_HDR.size:CHUNK_HDR.size + arr.nbytes] = arr.tobytes()
-    struct.pack_into("<I", page, 12, crc32_at(page, CHUNK_CRC_OFFSET))
-    mem.view(pfn)[:] = page
+    """A hand-made chunk with a correct CRC, for maps the writer would never write."""
+    starts = np.array([start for start, _ in elms], np.uint64)
+    bitmaps = np.array([np.frombuffer(bits.ljust(64, b"\0"), np.uint8) for _, bits in elms],
+                       np.uint8).reshape(len(elms), 64)
+    mem.view(pfn)[:] = chunk_page(order, starts, bitmaps, nxt, magic)
 
 
-# -- the preserved-memory map ----------------------------------------------------------
+def read_v1(mem: FakeMem, phys: int, scratch: list[tuple[int, int]] = ()) -> dict:
+    """The v1 map at ``phys``, checked as boot checks it (placement included)."""
+    heads = kho_mem_deserialize(mem, phys).heads
+    check_placement(mem.npages, [(f"order-{o} folio", h, o) for o, h in heads.items()],
+                    scratch)
+    return heads
+
+
+# -- the kho-v1 preserved-memory map -------------------------------------------------------
 
 folios = st.lists(st.tuples(st.integers(0, MAX_ORDER), st.integers(8, NPAGES - 1)),
                   max_size=300)
@@ -62,44 +65,36 @@ folios = st.lists(st.tuples(st.integers(0, MAX_ORDER), st.integers(8, NPAGES - 1
 @given(folios)
 def test_map_roundtrip(picks: list[tuple[int, int]]) -> None:
     """Whatever was preserved (non-overlapping folios of any order) comes back exactly."""
-    track = KhoMemTrack(NPAGES)
+    track = V1Map(NPAGES)
+    used = np.zeros(NPAGES, bool)
     want: dict[int, set[int]] = {}
     for order, pfn in picks:
-        head = np.array([pfn >> order << order], np.int64)
-        if head[0] < 8 or head[0] + (1 << order) > NPAGES or track.overlapping(head, order)[0]:
+        head = pfn >> order << order
+        if head < 8 or head + (1 << order) > NPAGES or used[head:head + (1 << order)].any():
             continue
-        track.set(head, order)
-        want.setdefault(order, set()).add(int(head[0]))
+        used[head:head + (1 << order)] = True
+        track.set(np.array([head]), order)
+        want.setdefault(order, set()).add(head)
     if not want:
         return
     mem = FakeMem()
-    pmap = kho_mem_deserialize(mem, serialize(mem, track))
-    assert {o: set(h.tolist()) for o, h in pmap.heads.items()} == want
-    assert pmap.nr_pages() == track.nr_pages()
-    assert np.array_equal(pmap.page_mask(NPAGES), track.page_mask())
+    heads = read_v1(mem, serialize(mem, track))
+    assert {o: set(h.tolist()) for o, h in heads.items()} == want
 
 
 def test_map_size_grows_with_ranges_not_bytes() -> None:
     """One 512-bit block per non-empty 512 folios: 2 MiB folios make a tiny map."""
-    track = KhoMemTrack(NPAGES)
+    track = V1Map(NPAGES)
     track.set(np.arange(512, NPAGES, 512, dtype=np.int64), 9)
     assert track.chunks_needed() == 1
-    track0 = KhoMemTrack(NPAGES)
+    track0 = V1Map(NPAGES)
     track0.set(np.arange(512, NPAGES, dtype=np.int64), 0)
     assert track0.chunks_needed() == -(-(NPAGES // PRESERVE_BITS - 1) // KHOSER_BITMAP_SIZE)
 
 
-def test_overlapping_detects_every_order() -> None:
-    track = KhoMemTrack(NPAGES)
-    track.set(np.array([1024], np.int64), 9)
-    assert track.overlapping(np.array([1024, 1030, 1536, 0], np.int64), 0).tolist() == \
-        [True, True, False, False]
-    assert track.overlapping(np.array([1024, 2048], np.int64), 10).tolist() == [True, False]
-
-
 def test_map_bit_flips_refused() -> None:
     """Any single bit flipped anywhere in a chunk page is caught by its CRC."""
-    track = KhoMemTrack(1024)
+    track = V1Map(1024)
     track.set(np.arange(64, 200, dtype=np.int64), 0)
     mem = FakeMem(1024)
     phys = serialize(mem, track)
@@ -122,9 +117,10 @@ def test_map_bit_flips_refused() -> None:
     ("elm unaligned", "not aligned"),
     ("folio past end", "extends past the end"),
     ("same element twice", "overlap"),
-    ("orders overlap", "overlap"),
+    ("orders overlap", "overlaps itself at pfn 512: order-0 folio at pfn 512 and "
+                       "order-9 folio at pfn 512"),
     ("covers header", "page 0"),
-    ("in scratch", "scratch"),
+    ("in scratch", "Order-0 folio at pfn 512 lies in the scratch area"),
 ])
 def test_bad_maps_refused(case: str, expect: str) -> None:
     mem = FakeMem(NPAGES - 8 if case == "folio past end" else NPAGES)
@@ -149,7 +145,7 @@ def test_bad_maps_refused(case: str, expect: str) -> None:
     scratch = [(0x200, 16)] if case == "in scratch" else []
     before = bytes(mem.buf)
     with pytest.raises(HandoverError, match=expect):
-        kho_mem_deserialize(mem, PAGE_SIZE, scratch)
+        read_v1(mem, PAGE_SIZE, scratch)
     assert bytes(mem.buf) == before
 
 
@@ -160,6 +156,28 @@ def test_map_chain_length_bounded() -> None:
         write_chunk(mem, pfn, 0, [], (pfn + 1) * PAGE_SIZE)
     with pytest.raises(HandoverError, match="more than .* chunks"):
         kho_mem_deserialize(mem, PAGE_SIZE)
+
+
+def test_placement_checks() -> None:
+    """The coverage count boot uses for every handover: overlaps across lists and
+    orders, page 0 and scratch refused, each naming the blocks."""
+    scratch = [(100, 150)]
+    ok = [("folio", np.array([512, 1024]), 9), ("page", np.array([5, 7, 2100]), 0),
+          ("node", np.array([3, 4]), 0)]
+    check_placement(NPAGES, ok, scratch)
+    check_placement(NPAGES, [], scratch)
+    bad = {
+        "overlaps itself at pfn 600: folio at pfn 512 and page at pfn 600":
+            [("folio", np.array([512]), 9), ("page", np.array([600]), 0)],
+        "overlaps itself at pfn 8: page at pfn 8 and another block":
+            [("page", np.array([8, 8]), 0)],
+        "Page at pfn 248 lies in the scratch area at pfns \\[100, 250\\)":
+            [("page", np.array([248]), 3)],
+        "Node at pfn 0 covers page 0": [("node", np.array([0]), 0)],
+    }
+    for match, placed in bad.items():
+        with pytest.raises(HandoverError, match=match):
+            check_placement(NPAGES, placed, scratch)
 
 
 # -- page chains ------------------------------------------------------------------------
@@ -239,6 +257,9 @@ def test_fdt_roundtrip_and_seal() -> None:
         r.raw(top, "missing")
     with pytest.raises(HandoverError, match="'kho-v1'; this kernel supports only 'kho-v2'"):
         r.expect_compatible(top, "kho-v2")
+    with pytest.raises(HandoverError, match="supports 'kho-v3' and 'kho-v2'"):
+        r.expect_compatible(top, ("kho-v3", "kho-v2"))
+    assert r.expect_compatible(top, ("kho-v3", "kho-v1")) == "kho-v1"
 
 
 def test_fdt_every_bit_flip_refused() -> None:

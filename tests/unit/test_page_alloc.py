@@ -20,7 +20,6 @@ from kho_backend.memmap import (
     Memmap,
     PageCategory,
     PageState,
-    check_preserved_ranges,
     encode,
 )
 from kho_backend.page_alloc import PageAllocator, split_runs
@@ -269,25 +268,6 @@ def test_set_preserved_refuses_overlaps(arena: Arena) -> None:
         fresh(arena, preserved=[(np.array([512]), 2), (np.array([512]), 0)])
     with pytest.raises(HandoverError, match="not aligned"):
         fresh(arena, preserved=[(np.array([513]), 1)])
-
-
-def test_check_preserved_ranges() -> None:
-    forbidden = [(0, 1, "machine header page"), (100, 150, "lowmem scratch area")]
-    ok = [(np.array([512, 1024]), 9), (np.array([5, 7, 2100]), 0)]
-    assert check_preserved_ranges(ok, NPAGES, forbidden) == 1027
-    assert check_preserved_ranges([], NPAGES, forbidden) == 0
-    bad = {
-        "outside the arena": [(np.array([NPAGES - 1]), 1)],
-        "not aligned": [(np.array([3]), 1)],
-        "overlaps itself": [(np.array([512]), 9), (np.array([600]), 0)],
-        "twice": [(np.array([8, 8]), 0)],
-        "lie in the lowmem scratch": [(np.array([248]), 3)],
-        "machine header page": [(np.array([0]), 0)],
-        "orders are 0..10": [(np.array([0]), 11)],
-    }
-    for match, ranges in bad.items():
-        with pytest.raises(HandoverError, match=match):
-            check_preserved_ranges(ranges, NPAGES, forbidden)
 
 
 # -- memmap reading ------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ def handed_over(machine_dir: Path) -> tuple[str, Kernel]:
     kernel.kho.preserve_pfns(np.array([kernel.buddy.alloc(0) for _ in range(40)]), 0)
     kernel.kho.preserve_folio(kernel.buddy.alloc(9, node=1), 9)
     kernel.kho.add_subtree("guestfs", build(FdtNode(props={"compatible": "guestfs-v1"})))
+    pool = kernel.kho.create_pool("cache")
+    for _ in range(8):
+        pool.alloc(2)
+    kernel.buddy.alloc(5)                                          # used, not preserved
     return name, kernel
 
 
@@ -64,16 +68,20 @@ def test_dump_pending_handover(machine_dir: Path) -> None:
     before = hashlib.sha256((machine_dir / f"{name}.mem").read_bytes()).digest()
     text = views.dump(name, machine_dir)
     assert "state HANDED_OVER" in text
-    assert 'compatible = "kho-v1"' in text and "preserved-memory-map" in text
+    assert 'compatible = "kho-v3"' in text and "preserved-memory-map" in text
     assert 'compatible = "guestfs-v1"' in text and 'compatible = "kexec-metadata-v1"' in text
     assert "exec from: " in text and "freeze 3.00 ms" in text
     assert "    9     1         1         1         512" in text      # order 9 on node 1
+    assert "map: radix tree of" in text and "pool 'cache': 32 pages (128 KiB) in 8 blocks" in text
+    assert 'cache {\n\t\t\tcompatible = "kho-pool-v1"' in text
     assert hashlib.sha256((machine_dir / f"{name}.mem").read_bytes()).digest() == before
 
 
 def test_dump_refused_handover_and_none(machine_dir: Path) -> None:
     name, kernel = handed_over(machine_dir)
-    assert "no pending handover" in views.dump(name, machine_dir)   # while running
+    live = views.dump(name, machine_dir)                           # while running
+    assert "no pending handover" in live and "the live KHO root" in live
+    assert "pool 'cache'" in live
     kernel.kexec.prepare({})
     phys, _ = kernel.kho.fdt
     kernel.arena.view(phys >> 12)[20] ^= 0xFF                      # damage the root FDT
@@ -91,13 +99,16 @@ def test_memmap_png_live_and_handed_over(machine_dir: Path) -> None:
     assert (width, height) == (live.width, live.height)
     colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
     assert views.COLOURS[views.Paint.USED] in colours
+    assert views.COLOURS[views.Paint.PRESERVED] in colours          # from the live root
+    assert views.COLOURS[views.Paint.POOL] in colours
     assert views.SEPARATOR in colours                                # two nodes
     kernel.kexec.prepare({})
     kernel.shutdown()
     picture = views.memmap_png(name, out, machine_dir)
     assert "preserved-memory map" in picture.source
     assert picture.counts[views.Paint.PRESERVED] >= 40 + 512
-    assert picture.counts[views.Paint.KHO_META] >= 3
+    assert picture.counts[views.Paint.POOL] == 32
+    assert picture.counts[views.Paint.KHO_META] >= 3 + 6             # FDTs, radix nodes
     _, _, pixels = read_png(out)
     colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
     assert views.COLOURS[views.Paint.PRESERVED] in colours
