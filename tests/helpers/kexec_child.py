@@ -3,7 +3,7 @@
     python kexec_child.py SPEC.json GENERATION
 
 Generation 0 cold-boots the machine; every later one boots from the handover and checks
-it: exactly the expected folios (plus the handover's own metadata pages) are preserved,
+it: exactly the expected folios (plus the handover's own sub-FDTs) are preserved,
 their contents are unchanged, every allocated-but-unpreserved page reads as the poison
 byte (when poisoning), and after restoring and ``finish_boot`` the accounting is exact.
 Then, unless it is the last, it frees part of what it restored, allocates and preserves
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from kho_backend.boot import Kernel, boot
-from kho_backend.errors import OutOfMemory
+from kho_backend.errors import HandoverError, OutOfMemory
 from kho_backend.kexec import POISON_BYTE
+from kho_backend.kexec_metadata import KexecMetadata
 from kho_backend.units import PAGE_SHIFT, PAGE_SIZE
 
 Folio = tuple[int, int, int]   # pfn, order, tag (the seed of its contents)
@@ -42,17 +43,34 @@ def folio_bytes(kernel: Kernel, pfn: int, order: int) -> np.ndarray:
     return kernel.arena.array()[pfn << PAGE_SHIFT:(pfn + (1 << order)) << PAGE_SHIFT]
 
 
-def metadata_pages(kernel: Kernel) -> set[tuple[int, int]]:
-    """(pfn, order) of the handover's own folios: root FDT, map chunks, sub-FDTs."""
+def metadata_pages(kernel: Kernel, extra: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """(pfn, order) of the handover's own preserved folios: every sub-FDT, and among
+    ``extra`` (preserved folios nobody asked for) the spare of kexec-metadata's copy on
+    write, which holds its previous version and is released at the end of boot. (The
+    root FDT and the radix tree's nodes are reserved beside the preserved folios, not
+    in the map: ``kho_in.page_mask`` covers them.)"""
     kho_in = kernel.kho_in
     assert kho_in is not None
-    own = {(pfn, 0) for pfn in kho_in.pmap.chunk_pfns}
-    for phys in [kho_in.fdt_phys] + [s.phys for s in kho_in.subtrees.values()]:
-        pfn = phys >> PAGE_SHIFT
+    own = set()
+    for sub in kho_in.subtrees.values():
+        pfn = sub.phys >> PAGE_SHIFT
         order = kho_in.pmap.order_of(pfn)
-        assert order is not None, f"handover page {pfn} is not preserved"
+        assert order is not None, f"subtree {sub.name!r} at pfn {pfn} is not preserved"
         own.add((pfn, order))
-    return own
+    spares = {(pfn, order) for pfn, order in extra - own
+              if order == 0 and is_metadata(folio_bytes(kernel, pfn, 0).tobytes())}
+    assert len(spares) <= 1, f"more than one kexec-metadata spare: {sorted(spares)}"
+    return own | spares
+
+
+def is_metadata(page: bytes) -> bool:
+    """Does ``page`` start with a kexec-metadata FDT?"""
+    size = int.from_bytes(page[4:8], "big")     # the FDT header's totalsize
+    try:
+        KexecMetadata.from_fdt(page[:size])
+    except HandoverError:
+        return False
+    return True
 
 
 def check_handover(kernel: Kernel, state: dict, generation: int, poison: bool) -> list[Folio]:
@@ -61,7 +79,7 @@ def check_handover(kernel: Kernel, state: dict, generation: int, poison: bool) -
     assert kho_in.metadata is not None and kho_in.metadata.kexec_count == generation
     kept = [tuple(f) for f in state["preserved"]]
     found = {(int(p), o) for heads, o in kho_in.preserved_ranges() for p in heads.tolist()}
-    own = metadata_pages(kernel)
+    own = metadata_pages(kernel, found - {(p, o) for p, o, _ in kept})
     assert found == {(p, o) for p, o, _ in kept} | own, (
         f"preserved set differs: missing {sorted({(p, o) for p, o, _ in kept} - found)[:5]}, "
         f"extra {sorted(found - {(p, o) for p, o, _ in kept} - own)[:5]}")
@@ -73,7 +91,7 @@ def check_handover(kernel: Kernel, state: dict, generation: int, poison: bool) -
             data = folio_bytes(kernel, pfn, order)
             assert (data == POISON_BYTE).all(), f"unpreserved folio {pfn} is not poisoned"
         # Everything else the next kernel has not touched yet is poison too.
-        mask = ~kho_in.pmap.page_mask(kernel.arena.npages)
+        mask = ~kho_in.page_mask()
         for start, n in kernel.scratch_ranges():
             mask[start:start + n] = False
         mask[0] = False
@@ -147,7 +165,10 @@ def main() -> None:
                                   spec["poison"])
         released = kernel.finish_boot()
         gens.append(stats(kernel, released))
-        assert gens[-1]["used"] == sum(1 << o for _, o, _ in held), "used pages leak"
+        # Used: what this kernel took back, and KHO's own pages: its live root FDT and
+        # the root node of its (still empty) radix tree, nothing more.
+        assert kernel.kho.own_pages == 2, f"KHO holds {kernel.kho.own_pages} pages"
+        assert gens[-1]["used"] == sum(1 << o for _, o, _ in held) + 2, "used pages leak"
         assert gens[-1]["preserved"] == 0
         if generation == spec["generations"]:
             Path(spec["result"]).write_text(json.dumps(result))

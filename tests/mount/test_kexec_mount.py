@@ -168,7 +168,7 @@ def test_unmount_hands_over_and_a_later_mount_finds_every_file(mount_factory: Mo
     before = snapshot(m)
     m.cli("umount", os.fspath(m.mountpoint))
     dump = m.cli("kho", "dump", "--machine", m.machine).stdout
-    assert '"guestfs-v1"' in dump and '"kho-v1"' in dump
+    assert '"guestfs-v1"' in dump and '"kho-v3"' in dump
     m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
     m.pid = m.status()["pid"]
     assert snapshot(m) == before
