@@ -269,7 +269,7 @@ class Daemon:
                 inode = fs.lookup(inode.ino, os.fsencode(part))
         except FsError as e:
             raise control.ControlError(f"{request.get('path')}: {e}") from None
-        extents = inode.pages.extents() if inode.pages is not None else []
+        extents = fs.extents(inode.ino) if inode.is_reg else []
         return {"ino": inode.ino, "size": inode.size,
                 "extents": [list(e) for e in extents]}
 
@@ -477,8 +477,7 @@ class Daemon:
                                    what: str) -> list[str]:
         session = self._session()
         t0 = time.perf_counter_ns()
-        root_fd = await trio.to_thread.run_sync(os.open, self.mountpoint,
-                                                os.O_RDONLY | os.O_DIRECTORY)
+        root_fd = await trio.to_thread.run_sync(_open_root, self.mountpoint)
         try:
             with trio.fail_after(QUIESCE_TIMEOUT):
                 warnings = await quiesce.quiesce(self.gate, root_fd, self.mountpoint)
@@ -486,7 +485,8 @@ class Daemon:
             raise KexecError(f"requests did not drain within {QUIESCE_TIMEOUT:.0f} s",
                              "quiesce") from None
         finally:
-            os.close(root_fd)      # not awaited: this must happen even when cancelled
+            if root_fd is not None:
+                os.close(root_fd)      # not awaited: this must happen even when cancelled
         for warning in warnings:
             log.warning("%s: %s", what, warning)
         if session.take_fault(Fault.QUIESCE):
@@ -552,3 +552,13 @@ class Daemon:
 def run_foreground(config: DaemonConfig, ready_fd: int | None = None) -> int:
     """Run the daemon in this process; returns the exit code."""
     return Daemon(config, Readiness(ready_fd)).run()
+
+
+def _open_root(mountpoint: Path) -> int | None:
+    """The mount's root directory, to syncfs through; None if it cannot be opened (its
+    metadata is corrupt: EIO), which must not keep the filesystem from handing over."""
+    try:
+        return os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        log.warning("cannot open %s to write back mapped pages: %s", mountpoint, e.strerror)
+        return None

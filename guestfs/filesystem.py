@@ -1,4 +1,4 @@
-"""The filesystem core: every POSIX operation, on plain Python objects.
+"""The filesystem core: every POSIX operation, over the metadata store in the arena.
 
 No FUSE here: the adapter (`fuse_ops`) turns requests into these calls and `FsError`
 into errno answers. The kernel mounts with ``default_permissions``, so access bits, the
@@ -7,35 +7,42 @@ the core checks what only the filesystem can know (names, types, link counts, sp
 limits) and the rules the kernel leaves to it (xattr namespaces, set-gid inheritance,
 clearing set-id bits on chown).
 
-Every call either succeeds completely or raises `FsError` with nothing changed (a write
-may be short; it never reports more than it stored).
+Every change is one transaction of the store (`guestfs.store`): when a call returns,
+what it did is in the arena and survives a kexec, an unmount and a SIGKILL of the
+daemon alike; when it raises `FsError`, nothing changed. A metadata page that fails its
+checks makes the call fail with EIO, naming the page, and is never trusted.
+
+The kernel's lookup counts and open counts are this mount's alone and live here, not in
+the arena; an inode whose last name goes while it is still open is kept on the store's
+orphan list, so that a daemon that dies before the last close does not leak it.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from guestfs import acl
-from guestfs.directory import DOT_COOKIE, DOTDOT_COOKIE, Directory
+from guestfs import acl, fsck
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
-from guestfs.pagemap import Extent, PageMap, PagePool
-from guestfs.reserve import DIRENT_BYTES, INODE_BYTES, HandoverReserve, dirent_bytes, xattr_bytes
-from guestfs.superblock import MAX_FILE_SIZE, Superblock
+from guestfs.store.directory import DOT_COOKIE, DOTDOT_COOKIE
+from guestfs.store.journal import Pool, Txn, TxnTooLarge
+from guestfs.store.page import CorruptPage
+from guestfs.store.pagemap import Extent, NoRoom
+from guestfs.store.store import ORPHAN_FREE, MetaStore
+from guestfs.store.superblock import MAX_FILE_SIZE, Superblock
+from kho_backend.arena import Arena
+from kho_backend.errors import OutOfMemory
 from kho_backend.units import PAGE_SIZE
 
-if TYPE_CHECKING:
-    from kho_backend.boot import Kernel
+log = logging.getLogger(__name__)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -56,6 +63,8 @@ TIME_MIN_NS = -(1 << 63) * 10**9
 TIME_MAX_NS = ((1 << 63) - 1) * 10**9 + 999_999_999
 #: The mode of a whiteout (renameat2 RENAME_WHITEOUT): a character device 0:0.
 WHITEOUT_MODE = stat.S_IFCHR
+#: Journal entries a transaction keeps for its own bookkeeping when it frees in bulk.
+FREE_MARGIN = 64
 
 
 class AtimeMode(enum.Enum):
@@ -100,56 +109,93 @@ class StatFs:
     f_namemax: int
 
 
+@dataclass(slots=True)
+class _Refs:
+    """The kernel's references to one inode in this mount."""
+
+    lookups: int = 0
+    opens: int = 0
+
+
 class Filesystem:
-    """A guestfs filesystem over one booted kernel's arena. Inode 1 is the root."""
+    """A guestfs filesystem over a metadata store. Inode 1 is the root."""
 
-    def __init__(self, kernel: Kernel, sb: Superblock | None = None, *,
-                 inodes: Iterable[Inode] = (),
-                 clock: Callable[[], int] | None = None,
+    def __init__(self, store: MetaStore, *, clock: Callable[[], int] | None = None,
                  atime: AtimePolicy = AtimePolicy()) -> None:
-        """Format a fresh filesystem (`sb` None), or take over `inodes` restored with `sb`.
-
-        Restored inodes must include the root; their page maps must point at pages this
-        kernel owns (the handover restores them before building the filesystem).
-        `clock` gives timestamps in ns (default: the wall clock, CLOCK_REALTIME, in full
-        nanoseconds: never behind the kernel's coarser clock, so a file the filesystem
-        stamps after one the kernel stamped never looks older). `atime` is the mount's
-        atime policy.
-        """
-        self.kernel = kernel
-        self.reserve = HandoverReserve(kernel.arena.npages)
-        self.pool = PagePool(kernel.arena, kernel.buddy, self.reserve)
+        """The filesystem in `store` (made by `MetaStore.format` or opened by
+        `MetaStore.open`). `clock` gives timestamps in ns (default: the wall clock,
+        CLOCK_REALTIME, in full nanoseconds: never behind the kernel's coarser clock, so
+        a file the filesystem stamps after one the kernel stamped never looks older).
+        `atime` is the mount's atime policy."""
+        self.store = store
         self.atime = atime
         self._clock = clock or time.time_ns
-        self._inodes: dict[int, Inode] = {}
-        if sb is None:
-            self.sb = Superblock.new(kernel.arena.size)
-            self._make_root()
-        else:
-            self.sb = sb
-            self._install(inodes)
+        self._refs: dict[int, _Refs] = {}
+        self._after: list[Callable[[], None]] = []
 
-    # --- introspection (status, handover, tests) -----------------------------
+    @classmethod
+    def format(cls, arena: Arena, pool: Pool, *, options: dict[str, str] | None = None,
+               max_inodes: int | None = None, clock: Callable[[], int] | None = None,
+               atime: AtimePolicy = AtimePolicy()) -> Filesystem:
+        """A new empty filesystem in `pool`. Its root directory takes ``mode`` (octal),
+        ``uid`` and ``gid`` from `options` (default 755 and the daemon's own ids)."""
+        sb = Superblock.new(arena.size, options=options, max_inodes=max_inodes)
+        clock = clock or time.time_ns
+        now = clock()
+        opts = sb.options
+        root = Inode(ino=ROOT_INO, mode=stat.S_IFDIR | int(opts.get("mode", "755"), 8),
+                     uid=int(opts.get("uid", os.getuid())), gid=int(opts.get("gid", os.getgid())),
+                     nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now,
+                     generation=sb.ino_generation, parent=ROOT_INO)
+        return cls(MetaStore.format(arena, pool, sb, root), clock=clock, atime=atime)
 
     @property
-    def inodes(self) -> Mapping[int, Inode]:
-        """Every live inode by number, read-only (includes unlinked ones still open)."""
-        return MappingProxyType(self._inodes)
+    def sb(self) -> Superblock:
+        """The superblock (read-only use: the store writes it)."""
+        return self.store.sb
+
+    # --- introspection (status, tests) ------------------------------------------
 
     def get(self, ino: int) -> Inode:
-        """The inode numbered `ino`; ENOENT if there is none."""
-        try:
-            return self._inodes[ino]
-        except KeyError:
-            raise FsError(errno.ENOENT, f"no inode {ino}") from None
+        """The inode numbered `ino`; ENOENT if there is none, EIO if its record cannot
+        be trusted."""
+        with self._reading():
+            inode = self.store.get(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"no inode {ino}")
+        return inode
 
-    def check(self, *, pages: bool = True) -> list[str]:
-        """Consistency problems (an fsck): empty when the filesystem is sound.
+    def check(self) -> list[str]:
+        """Consistency problems (an fsck of everything in the arena): empty when the
+        filesystem is sound."""
+        return fsck.check(self.store)
 
-        `pages` False leaves out the page accounting and the search for pages two files
-        share (a restore has KHO refuse a page claimed twice, at a fraction of the cost).
-        """
-        return _Checker(self).run(pages=pages)
+    def extents(self, ino: int) -> list[Extent]:
+        """Where a regular file's data lies: (file page, PFN, pages, order) runs."""
+        inode = self._regular(ino)
+        with self._reading():
+            return self.store.maps.extents(inode)
+
+    def finish_orphans(self) -> int:
+        """Free the inodes left on the orphan list and finish the truncates left half
+        done (by a process that ended before their last close, or died); returns how
+        many. Run when a filesystem is opened, before it is used."""
+        done = 0
+        for ino, value in self.store.orphans():
+            self._refs.pop(ino, None)
+            if value == ORPHAN_FREE:
+                self._reap(ino)
+            else:
+                self._finish_truncate(ino, value)
+            done += 1
+        return done
+
+    def count_boot(self) -> None:
+        """Count one more kernel that took the filesystem over (the superblock's
+        generation): run when a handed-over filesystem is opened."""
+        with self._change() as txn:
+            self.sb.generation += 1
+            self.store.save_superblock(txn)
 
     # --- names ---------------------------------------------------------------
 
@@ -163,12 +209,8 @@ class Filesystem:
             return self.get(parent)
         d = self._dir(parent)
         if name == b"..":
-            return self._inodes[d.parent]
-        _check_name(name)
-        ino = _entries(d).lookup(name)
-        if ino is None:
-            raise FsError(errno.ENOENT, f"no entry {name!r} in {parent}")
-        return self._inodes[ino]
+            return self.get(d.parent)
+        return self._child(d, name)
 
     def create(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Inode:
         """A new empty regular file."""
@@ -213,12 +255,13 @@ class Filesystem:
             raise FsError(errno.ENOENT, f"inode {ino} has been deleted")
         if inode.nlink >= LINK_MAX:
             raise FsError(errno.EMLINK, f"inode {ino} has {inode.nlink} links")
-        self._charge(dirent_bytes(new_name))
-        now = self._clock()
-        _entries(d).add(bytes(new_name), inode.ino)
-        inode.nlink += 1
-        inode.touch(now, ctime=True)
-        d.touch(now, mtime=True, ctime=True)
+        with self._change(inode, d) as txn:
+            now = self._clock()
+            self.store.dirs.add(txn, d, bytes(new_name), inode.ino, inode.mode)
+            inode.nlink += 1
+            inode.touch(now, ctime=True)
+            d.touch(now, mtime=True, ctime=True)
+            self._put(txn, inode, d)
         return inode
 
     def unlink(self, parent: int, name: bytes, ctx: Ctx) -> None:
@@ -229,13 +272,14 @@ class Filesystem:
         inode = self._child(d, name)
         if inode.is_dir:
             raise FsError(errno.EISDIR, f"{name!r} is a directory")
-        now = self._clock()
-        _entries(d).remove(name)
-        self._uncharge(dirent_bytes(name))
-        inode.nlink -= 1
-        inode.touch(now, ctime=True)
-        d.touch(now, mtime=True, ctime=True)
-        self._maybe_free(inode)
+        with self._change(inode, d) as txn:
+            now = self._clock()
+            self.store.dirs.remove(txn, d, name)
+            inode.nlink -= 1
+            inode.touch(now, ctime=True)
+            d.touch(now, mtime=True, ctime=True)
+            self._put(txn, inode, d)
+            self._maybe_free(txn, inode)
 
     def rmdir(self, parent: int, name: bytes, ctx: Ctx) -> None:
         """Remove an empty directory."""
@@ -247,16 +291,17 @@ class Filesystem:
         inode = self._child(d, name)
         if not inode.is_dir:
             raise FsError(errno.ENOTDIR, f"{name!r} is not a directory")
-        if len(_entries(inode)):
+        if inode.entries:
             raise FsError(errno.ENOTEMPTY, f"directory {name!r} is not empty")
-        now = self._clock()
-        _entries(d).remove(name)
-        self._uncharge(dirent_bytes(name))
-        d.nlink -= 1
-        inode.nlink = 0
-        inode.touch(now, ctime=True)
-        d.touch(now, mtime=True, ctime=True)
-        self._maybe_free(inode)
+        with self._change(inode, d) as txn:
+            now = self._clock()
+            self.store.dirs.remove(txn, d, name)
+            d.nlink -= 1
+            inode.nlink = 0
+            inode.touch(now, ctime=True)
+            d.touch(now, mtime=True, ctime=True)
+            self._put(txn, inode, d)
+            self._maybe_free(txn, inode)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int, ctx: Ctx) -> None:
@@ -272,8 +317,8 @@ class Filesystem:
                 raise FsError(errno.EINVAL, f"cannot rename {name!r}")
             _check_name(name)
         src = self._child(od, old_name)
-        dst_ino = _entries(nd).lookup(new_name)
-        dst = None if dst_ino is None else self._inodes[dst_ino]
+        found = self._find(nd, new_name)
+        dst = None if found is None else self.get(found)
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise FsError(errno.ENOENT, f"no entry {new_name!r} to exchange with")
@@ -281,43 +326,41 @@ class Filesystem:
             return
         if dst is not None and flags & RENAME_NOREPLACE:
             raise FsError(errno.EEXIST, f"{new_name!r} exists")
-        if dst is src:
+        if dst is not None and dst.ino == src.ino:
             return  # two names of one inode: POSIX says rename does nothing
         self._check_move(src, nd, dst)
         whiteout = bool(flags & RENAME_WHITEOUT)
-        # The table keeps the old name only for a whiteout, and the new one only if it
-        # did not replace an entry (which keeps its place and cookie).
-        grows = (dirent_bytes(new_name) if dst is None else 0) + \
-            (INODE_BYTES if whiteout else -dirent_bytes(old_name))
         if whiteout:
             self._check_inode_room()
-        self._charge(grows)
-        now = self._clock()
-        _entries(od).remove(old_name)
-        if dst is None:
-            _entries(nd).add(bytes(new_name), src.ino)
-        else:
-            _entries(nd).replace(new_name, src.ino)
-            self._drop_name(nd, dst, now)
-        if src.is_dir and od is not nd:
-            od.nlink -= 1
-            nd.nlink += 1
-            src.parent = nd.ino
-        if whiteout:
-            gid = od.gid if od.mode & stat.S_ISGID else ctx.gid
-            self._new_inode(od, bytes(old_name), WHITEOUT_MODE, ctx.uid, gid, now)
-        src.touch(now, ctime=True)
-        od.touch(now, mtime=True, ctime=True)
-        nd.touch(now, mtime=True, ctime=True)
-        if dst is not None:
-            self._maybe_free(dst)
+        with self._change(src, od, nd, *([dst] if dst is not None else [])) as txn:
+            now = self._clock()
+            self.store.dirs.remove(txn, od, old_name)
+            if dst is None:
+                self.store.dirs.add(txn, nd, bytes(new_name), src.ino, src.mode)
+            else:
+                self.store.dirs.replace(txn, nd, new_name, src.ino, src.mode)
+                self._drop_name(nd, dst, now)
+            if src.is_dir and od.ino != nd.ino:
+                od.nlink -= 1
+                nd.nlink += 1
+                src.parent = nd.ino
+            if whiteout:
+                gid = od.gid if od.mode & stat.S_ISGID else ctx.gid
+                self._new_inode(txn, od, bytes(old_name), WHITEOUT_MODE, ctx.uid, gid, now)
+            src.touch(now, ctime=True)
+            od.touch(now, mtime=True, ctime=True)
+            nd.touch(now, mtime=True, ctime=True)
+            self._put(txn, src, od, nd, *([dst] if dst is not None else []))
+            if dst is not None:
+                self._maybe_free(txn, dst)
 
     def readlink(self, ino: int) -> bytes:
         """A symlink's target; EINVAL for other types."""
         inode = self.get(ino)
-        if inode.target is None:
+        if not inode.is_symlink:
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
-        return inode.target
+        with self._reading():
+            return self.store.target(inode)
 
     # --- attributes ----------------------------------------------------------
 
@@ -336,29 +379,31 @@ class Filesystem:
         inode = self.get(ino)
         if size is not None:
             self._check_truncate(inode, size)
-        now = self._clock()
-        changed = False
-        if size is not None and size != inode.size:
-            # A truncate to the current size changes nothing, times included (as tmpfs).
-            self._truncate(inode, size, now)
-            changed = True
-        if uid not in (None, -1) or gid not in (None, -1):
-            self._chown(inode, uid, gid)
-            changed = True
-        if mode is not None:
-            inode.mode = intern_int(stat.S_IFMT(inode.mode) | stat.S_IMODE(mode))
-            self._chmod_acl(inode)
-            changed = True
-        if atime_ns is not None:
-            inode.atime_ns = atime_ns
-            changed = True
-        if mtime_ns is not None:
-            inode.mtime_ns = mtime_ns
-            changed = True
-        if ctime_ns is not None:
-            inode.ctime_ns = ctime_ns
-        elif changed:
-            inode.ctime_ns = now
+        with self._change(inode) as txn:
+            now = self._clock()
+            changed = False
+            if size is not None and size != inode.size:
+                # A truncate to the current size changes nothing, times included (tmpfs).
+                self._truncate(txn, inode, size, now)
+                changed = True
+            if uid not in (None, -1) or gid not in (None, -1):
+                self._chown(inode, uid, gid)
+                changed = True
+            if mode is not None:
+                inode.mode = intern_int(stat.S_IFMT(inode.mode) | stat.S_IMODE(mode))
+                self._chmod_acl(txn, inode)
+                changed = True
+            if atime_ns is not None:
+                inode.atime_ns = atime_ns
+                changed = True
+            if mtime_ns is not None:
+                inode.mtime_ns = mtime_ns
+                changed = True
+            if ctime_ns is not None:
+                inode.ctime_ns = ctime_ns
+            elif changed:
+                inode.ctime_ns = now
+            self._put(txn, inode)
         return inode
 
     # --- file data -----------------------------------------------------------
@@ -367,16 +412,18 @@ class Filesystem:
         """Count an open; O_TRUNC empties a regular file and sets its mtime and ctime."""
         inode = self.get(ino)
         if flags & os.O_TRUNC and inode.is_reg:
-            self._truncate(inode, 0, self._clock(), always_touch=True)
-        inode.opens += 1
+            with self._change(inode) as txn:
+                self._truncate(txn, inode, 0, self._clock(), always_touch=True)
+                self._put(txn, inode)
+        self._refs.setdefault(ino, _Refs()).opens += 1
 
     def release(self, ino: int) -> None:
         """Count a close; the last close of an unlinked, forgotten inode frees it."""
-        inode = self._inodes.get(ino)
-        if inode is None:
+        refs = self._refs.get(ino)
+        if refs is None:
             return
-        inode.opens = max(inode.opens - 1, 0)
-        self._maybe_free(inode)
+        refs.opens = max(refs.opens - 1, 0)
+        self._settle(ino)
 
     def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes at `off` (fewer at the end of the file), zero-copy where the
@@ -388,9 +435,8 @@ class Filesystem:
         size = min(size, inode.size - off)
         if size <= 0:
             return b""
-        if inode.pages is None:
-            return bytes(size)
-        return inode.pages.read(self.pool, off, size)
+        with self._reading():
+            return self.store.maps.read(inode, off, size)
 
     def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
         """Store `data` at `off`; returns the bytes written: all of them, or fewer only
@@ -407,20 +453,15 @@ class Filesystem:
             raise FsError(errno.EFBIG, f"write at {off}: files end at {MAX_FILE_SIZE}")
         if off + length > MAX_FILE_SIZE:
             data = memoryview(data)[:MAX_FILE_SIZE - off]
-        pages = inode.pages if inode.pages is not None else PageMap()
-        if not pages.write(self.pool, off, data):
-            raise FsError(errno.ENOSPC, f"no room for {len(data)} bytes in inode {ino}")
-        inode.pages = pages
         written = len(data)
-        if off + written > inode.size:
-            inode.size = off + written
-        inode.touch(self._clock(), mtime=True, ctime=True)
+        with self._change(inode) as txn:
+            self.store.maps.zero_past_end(inode, inode.size, off + written)
+            self.store.maps.write(txn, inode, off, data)
+            if off + written > inode.size:
+                inode.size = off + written
+            inode.touch(self._clock(), mtime=True, ctime=True)
+            self._put(txn, inode)
         return written
-
-    def extents(self, ino: int) -> list[Extent]:
-        """Where a regular file's data lies: (file page, PFN, pages, order) runs."""
-        pages = self._regular(ino).pages
-        return pages.extents() if pages is not None else []
 
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
         """Mode 0 allocates (and extends the size), FALLOC_FL_KEEP_SIZE allocates only,
@@ -435,33 +476,34 @@ class Filesystem:
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE) or \
                 (mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE):
             raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x}")
-        if mode & FALLOC_FL_PUNCH_HOLE:
-            if inode.pages is not None:
-                inode.pages.punch_hole(self.pool, off, length)
-                if not inode.pages.npages:
-                    inode.pages = None
-        else:
-            self._allocate(inode, off, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
-        inode.touch(self._clock(), mtime=True, ctime=True)
+        end = off + length
+        if end > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG, f"fallocate to {end} is beyond {MAX_FILE_SIZE}")
+        with self._change(inode) as txn:
+            if mode & FALLOC_FL_PUNCH_HOLE:
+                self.store.maps.punch_hole(txn, inode, off, length)
+            else:
+                self.store.maps.allocate(txn, inode, off, length)
+                if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
+                    self.store.maps.zero_past_end(inode, inode.size, end)
+                    inode.size = end
+            inode.touch(self._clock(), mtime=True, ctime=True)
+            self._put(txn, inode)
 
     # --- directories ---------------------------------------------------------
 
-    def readdir(self, ino: int, after: int, before: int | None = None
-                ) -> Iterator[tuple[int, bytes, Inode]]:
-        """(cookie, name, inode) of the entries past cookie `after`: ``.`` (1), ``..`` (2),
-        then the entries in the order they were added. Lazy: the caller may stop early
-        and resume later from the last cookie it used, even if the directory changed.
+    def opendir(self, ino: int) -> None:
+        """Check that `ino` is a directory that can be read (ENOENT, ENOTDIR)."""
+        self._dir(ino)
 
-        `before` (from `readdir_end` when the walk began) leaves out entries added
-        since, so that a walk always ends: POSIX lets it skip them.
-        """
+    def readdir(self, ino: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """(cookie, name, inode) of the entries past cookie `after`: ``.`` (1), ``..`` (2),
+        then the entries in cookie order (see `guestfs.store.directory`). Lazy: the
+        caller may stop early and resume later from the last cookie it used, even if the
+        directory changed; a walk always ends."""
         d = self._dir(ino)
         self._accessed(d)
-        return self._listing(d, after, before)
-
-    def readdir_end(self, ino: int) -> int:
-        """The cookie bound of a directory walk that begins now (see `readdir`)."""
-        return _entries(self._dir(ino)).next_cookie
+        return self._listing(d, after)
 
     # --- extended attributes -------------------------------------------------
 
@@ -476,10 +518,17 @@ class Filesystem:
         bits = None
         if name in acl.NAMES:
             value, bits = self._checked_acl(inode, name, value)
-        self._put_xattr(inode, name, value)
-        if bits is not None:
-            inode.mode = intern_int(inode.mode & ~0o777 | bits)
-        inode.touch(self._clock(), ctime=True)
+        with self._change(inode) as txn:
+            xattrs = self._xattrs(inode)
+            if not value and name in acl.NAMES:
+                xattrs.pop(name, None)
+            else:
+                xattrs[name] = value
+            self.store.set_xattrs(txn, inode, xattrs)
+            if bits is not None:
+                inode.mode = intern_int(inode.mode & ~0o777 | bits)
+            inode.touch(self._clock(), ctime=True)
+            self._put(txn, inode)
 
     @staticmethod
     def _checked_acl(inode: Inode, name: bytes, value: bytes) -> tuple[bytes, int | None]:
@@ -496,91 +545,122 @@ class Filesystem:
         bits, equivalent = acl.mode_bits(parsed)
         return (b"" if equivalent else acl.pack(parsed)), bits
 
-    def _put_xattr(self, inode: Inode, name: bytes, value: bytes) -> None:
-        """Store (or, for an empty ACL value, drop) one xattr, within the reserve."""
-        old = inode.xattrs.get(name) if inode.xattrs else None
-        if not value and name in acl.NAMES:
-            if old is not None:
-                self._drop_xattr(inode, name)
-            return
-        self._charge(xattr_bytes(name, value) - (0 if old is None else xattr_bytes(name, old)))
-        if inode.xattrs is None:
-            inode.xattrs = {}
-        inode.xattrs[name] = value
-
-    def _drop_xattr(self, inode: Inode, name: bytes) -> None:
-        assert inode.xattrs is not None
-        self._uncharge(xattr_bytes(name, inode.xattrs.pop(name)))
-        if not inode.xattrs:
-            inode.xattrs = None
-
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """An extended attribute's value; ENODATA if it is not set."""
         inode = self.get(ino)
         xattr_namespace(name)
-        value = inode.xattrs.get(name) if inode.xattrs else None
+        value = self._xattrs(inode).get(name)
         if value is None:
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:
         """The names of the inode's extended attributes."""
-        inode = self.get(ino)
-        return list(inode.xattrs) if inode.xattrs else []
+        return list(self._xattrs(self.get(ino)))
 
     def listxattr_items(self, ino: int) -> list[tuple[bytes, bytes]]:
         """The inode's extended attributes as (name, value) pairs."""
-        inode = self.get(ino)
-        return list(inode.xattrs.items()) if inode.xattrs else []
+        return list(self._xattrs(self.get(ino)).items())
 
     def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
         """Remove an extended attribute; ENODATA if it is not set."""
         inode = self.get(ino)
         self._check_xattr_write(inode, name, ctx)
-        if not inode.xattrs or name not in inode.xattrs:
+        xattrs = self._xattrs(inode)
+        if name not in xattrs:
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
-        self._drop_xattr(inode, name)
-        inode.touch(self._clock(), ctime=True)
+        del xattrs[name]
+        with self._change(inode) as txn:
+            self.store.set_xattrs(txn, inode, xattrs)
+            inode.touch(self._clock(), ctime=True)
+            self._put(txn, inode)
 
     # --- the whole filesystem ------------------------------------------------
 
     def statfs(self) -> StatFs:
-        """Real figures: blocks are arena pages (held by files + free for files); the
-        handover's reserve and the metadata's headroom are free but not available, as a
-        filesystem's reserved blocks, so `f_bavail` is the room writes still have."""
-        free = self.pool.free_pages()
-        ffree = max(self.sb.max_inodes - len(self._inodes), 0)
+        """Real figures: blocks are arena pages (held by the filesystem + free); the
+        pages kept for metadata and for the next handover are free but not available,
+        as a filesystem's reserved blocks, so `f_bavail` is the room writes still have."""
+        free = self.store.free_pages()
+        ffree = max(self.sb.max_inodes - self.sb.inode_count, 0)
         return StatFs(f_bsize=PAGE_SIZE, f_frsize=PAGE_SIZE,
-                      f_blocks=self.pool.used_pages + free, f_bfree=free,
-                      f_bavail=max(free - self.pool.data_floor(extra_blocks=1), 0),
+                      f_blocks=self.store.pool.nr_pages + free, f_bfree=free,
+                      f_bavail=max(free - self.store.data_floor(), 0),
                       f_files=self.sb.max_inodes, f_ffree=ffree, f_favail=ffree,
                       f_namemax=NAME_MAX)
 
     def ref(self, ino: int, n: int = 1) -> None:
         """The kernel took `n` more lookup references to `ino`."""
-        self.get(ino).lookups += n
+        self.get(ino)
+        self._refs.setdefault(ino, _Refs()).lookups += n
+
+    def references(self, ino: int) -> tuple[int, int]:
+        """(lookups, opens) the kernel holds on `ino` in this mount."""
+        refs = self._refs.get(ino)
+        return (refs.lookups, refs.opens) if refs is not None else (0, 0)
 
     def forget_session(self) -> None:
         """The kernel's mount of this filesystem ended: its lookups and opens are gone,
         and inodes no name reaches any more are freed (before mounting again)."""
-        for inode in list(self._inodes.values()):
-            inode.lookups = inode.opens = 0
-            self._maybe_free(inode)
+        inos = list(self._refs)
+        self._refs.clear()
+        for ino in inos:
+            self._settle(ino)
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references; may free an unlinked inode.
         Never fails: the kernel does not expect an answer."""
-        inode = self._inodes.get(ino)
-        if inode is None:
+        refs = self._refs.get(ino)
+        if refs is None:
             return
-        inode.lookups = max(inode.lookups - n, 0)
-        self._maybe_free(inode)
+        refs.lookups = max(refs.lookups - n, 0)
+        try:
+            self._settle(ino)
+        except FsError as e:
+            log.error("could not free inode %d after its last reference: %s", ino, e)
+
+    # --- internals: transactions ------------------------------------------------
+
+    @contextmanager
+    def _change(self, *inodes: Inode) -> Iterator[Txn]:
+        """A transaction of the store changing `inodes`, with its failures as errno
+        answers: after a rollback those objects hold what the arena holds again. Work
+        queued in `_after` (frees too large for one transaction) runs once it committed."""
+        try:
+            with self._reading(), self.store.transaction() as txn:
+                yield txn
+        except BaseException as e:
+            self._after.clear()
+            with self._reading():
+                for inode in inodes:
+                    self.store.refresh(inode)
+            if isinstance(e, (NoRoom, OutOfMemory)):
+                raise FsError(errno.ENOSPC, str(e)) from None
+            raise
+        while self._after:
+            self._after.pop(0)()
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Metadata that fails its checks is an I/O error (EIO), named in the log."""
+        try:
+            yield
+        except CorruptPage as e:
+            log.error("%s", e)
+            raise FsError(errno.EIO, str(e)) from None
+        except TxnTooLarge as e:
+            log.error("%s", e)
+            raise FsError(errno.EIO, str(e)) from None
+
+    def _put(self, txn: Txn, *inodes: Inode) -> None:
+        for inode in inodes:
+            self.store.put(txn, inode)
 
     # --- internals: lookups --------------------------------------------------
 
     def _dir(self, ino: int) -> Inode:
         inode = self.get(ino)
-        if inode.dir is None:
+        if not inode.is_dir:
             raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
         return inode
 
@@ -592,77 +672,58 @@ class Filesystem:
             raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
         return inode
 
+    def _find(self, d: Inode, name: bytes) -> int | None:
+        with self._reading():
+            found = self.store.dirs.lookup(d, name)
+        return None if found is None else found[1]
+
     def _child(self, d: Inode, name: bytes) -> Inode:
         _check_name(name)
-        ino = _entries(d).lookup(name)
+        ino = self._find(d, name)
         if ino is None:
             raise FsError(errno.ENOENT, f"no entry {name!r} in {d.ino}")
-        return self._inodes[ino]
+        return self.get(ino)
 
-    def _listing(self, d: Inode, after: int, before: int | None
-                 ) -> Iterator[tuple[int, bytes, Inode]]:
+    def _listing(self, d: Inode, after: int) -> Iterator[tuple[int, bytes, Inode]]:
         if after < DOT_COOKIE:
             yield DOT_COOKIE, b".", d
         if after < DOTDOT_COOKIE:
-            yield DOTDOT_COOKIE, b"..", self._inodes[d.parent]
-        for cookie, name, ino in _entries(d).entries_after(max(after, DOTDOT_COOKIE), before):
-            yield cookie, name, self._inodes[ino]
+            yield DOTDOT_COOKIE, b"..", self.get(d.parent)
+        store = self.store
+
+        def root() -> int:
+            current = store.get(d.ino)
+            return current.tree if current is not None else 0
+        entries = store.dirs.entries_after(root, d.ino, after)
+        while True:
+            with self._reading():
+                item = next(entries, None)
+            if item is None:
+                return
+            cookie, name, ino = item
+            yield cookie, name, self.get(ino)
 
     def _is_within(self, d: Inode, top: Inode) -> bool:
         """True if directory `d` is `top` or lies below it."""
-        while d is not top:
+        while d.ino != top.ino:
             if d.ino == ROOT_INO:
                 return False
-            d = self._inodes[d.parent]
+            d = self.get(d.parent)
         return True
 
-    # --- internals: the root and a restored tree ------------------------------
-
-    def _make_root(self) -> None:
-        opts = self.sb.options
-        now = self._clock()
-        root = Inode(ino=ROOT_INO, mode=stat.S_IFDIR | int(opts.get("mode", "755"), 8),
-                     uid=int(opts.get("uid", os.getuid())), gid=int(opts.get("gid", os.getgid())),
-                     nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now,
-                     generation=self.sb.ino_generation, dir=Directory(), parent=ROOT_INO)
-        self._inodes[ROOT_INO] = root
-        self.reserve.meta_bytes += INODE_BYTES
-
-    def _install(self, inodes: Iterable[Inode]) -> None:
-        for inode in inodes:
-            if inode.ino in self._inodes or not 0 < inode.ino < self.sb.next_ino:
-                raise ValueError(f"restored inode {inode.ino}: repeated or out of range")
-            self._inodes[inode.ino] = inode
-            if inode.pages is not None:
-                self.pool.used_pages += inode.pages.npages
-                self.pool.allocations += inode.pages.allocations()
-        root = self._inodes.get(ROOT_INO)
-        if root is None or root.dir is None:
-            raise ValueError("restored inodes have no root directory")
-        self.reserve.meta_bytes += sum(map(inode_table_bytes, self._inodes.values()))
-
-    # --- internals: the handover's reserve ------------------------------------
-
-    def _charge(self, nbytes: int) -> None:
-        """The tree grows by `nbytes` of inode table: ENOSPC (nothing changed) if the
-        handover could then no longer be written into the free pages."""
-        if nbytes > 0 and self.pool.free_pages() < self.pool.reserved_pages(extra_bytes=nbytes):
-            raise FsError(errno.ENOSPC, "the arena has no room left for the handover of "
-                                        f"{nbytes} more bytes of metadata")
-        self.reserve.meta_bytes += nbytes
-
-    def _uncharge(self, nbytes: int) -> None:
-        self.reserve.meta_bytes -= nbytes
-
-    def _check_inode_room(self) -> None:
-        if len(self._inodes) >= self.sb.max_inodes:
-            raise FsError(errno.ENOSPC, f"all {self.sb.max_inodes} inodes are in use")
+    def _xattrs(self, inode: Inode) -> dict[bytes, bytes]:
+        with self._reading():
+            return self.store.xattrs(inode)
 
     # --- internals: creating and dropping ------------------------------------
 
+    def _check_inode_room(self) -> None:
+        if self.sb.inode_count >= self.sb.max_inodes:
+            raise FsError(errno.ENOSPC, f"all {self.sb.max_inodes} inodes are in use")
+
     def _check_new_name(self, d: Inode, name: bytes) -> None:
         _check_name(name)
-        if name in (b".", b"..") or name in _entries(d):
+        if name in (b".", b"..") or self._find(d, name) is not None:
             raise FsError(errno.EEXIST, f"{name!r} exists in {d.ino}")
         if d.nlink == 0:
             raise FsError(errno.ENOENT, f"directory {d.ino} has been removed")
@@ -682,40 +743,40 @@ class Filesystem:
             if is_dir:
                 mode |= stat.S_ISGID
         xattrs: dict[bytes, bytes] = {}
-        if d.xattrs and target is None:
+        if d.xattr and target is None:
             bits, xattrs = self._inherited_acls(d, mode)
             mode = mode & ~0o777 | bits
-        self._charge(INODE_BYTES + dirent_bytes(name) + len(target or b"")
-                     + sum(xattr_bytes(k, v) for k, v in xattrs.items()))
-        inode = self._new_inode(d, bytes(name), mode, ctx.uid, gid, self._clock(),
-                                rdev=rdev, target=target)
-        inode.xattrs = xattrs or None
+        with self._change(d) as txn:
+            inode = self._new_inode(txn, d, bytes(name), mode, ctx.uid, gid, self._clock(),
+                                    rdev=rdev, target=target, xattrs=xattrs)
         return inode
 
-    def _new_inode(self, d: Inode, name: bytes, mode: int, uid: int, gid: int, now: int,
-                   *, rdev: int = 0, target: bytes | None = None) -> Inode:
-        """Enter a new inode as `name` in `d` (checks and reserve already done)."""
+    def _new_inode(self, txn: Txn, d: Inode, name: bytes, mode: int, uid: int, gid: int,
+                   now: int, *, rdev: int = 0, target: bytes | None = None,
+                   xattrs: dict[bytes, bytes] | None = None) -> Inode:
+        """Enter a new inode as `name` in `d` (checks done), in transaction `txn`."""
         is_dir = stat.S_ISDIR(mode)
-        ino = self.sb.allocate_ino()
+        ino = self.store.new_ino(txn)
         inode = Inode(ino=ino, mode=intern_int(mode), uid=intern_int(uid),
                       gid=intern_int(gid), nlink=2 if is_dir else 1,
                       atime_ns=now, mtime_ns=now, ctime_ns=now,
-                      generation=self.sb.ino_generation, rdev=rdev, target=target,
-                      size=0 if target is None else len(target))
+                      generation=self.sb.ino_generation, rdev=rdev)
+        if target is not None:
+            self.store.set_target(txn, inode, target)
+        if xattrs:
+            self.store.set_xattrs(txn, inode, xattrs)
         if is_dir:
-            inode.dir = Directory()
             inode.parent = d.ino
             d.nlink += 1
-        self._inodes[ino] = inode
-        _entries(d).add(name, ino)
+        self.store.dirs.add(txn, d, name, ino, mode)
         d.touch(now, mtime=True, ctime=True)
+        self._put(txn, inode, d)
         return inode
 
-    @staticmethod
-    def _inherited_acls(d: Inode, mode: int) -> tuple[int, dict[bytes, bytes]]:
+    def _inherited_acls(self, d: Inode, mode: int) -> tuple[int, dict[bytes, bytes]]:
         """(permission bits, ACL xattrs) of a new inode of `mode` in directory `d`: what
         d's default ACL gives it (the mode's own bits and nothing without one)."""
-        default = d.xattrs.get(acl.DEFAULT) if d.xattrs else None
+        default = self._xattrs(d).get(acl.DEFAULT)
         if default is None:
             return mode & 0o777, {}
         access, bits = acl.inherit(acl.parse(default), mode)
@@ -735,15 +796,59 @@ class Filesystem:
             inode.nlink -= 1
         inode.touch(now, ctime=True)
 
-    def _maybe_free(self, inode: Inode) -> None:
-        """Drop an inode nobody can reach any more, and give back its pages."""
-        if inode.nlink or inode.lookups or inode.opens or inode.ino == ROOT_INO:
+    def _maybe_free(self, txn: Txn, inode: Inode) -> None:
+        """`inode` may have lost its last name: free it now if nothing holds it, or put
+        it on the orphan list until the last reference goes."""
+        if inode.nlink or inode.ino == ROOT_INO:
             return
-        if inode.pages is not None:
-            inode.pages.release(self.pool)
-            inode.pages = None
-        self._uncharge(inode_table_bytes(inode))
-        del self._inodes[inode.ino]
+        refs = self._refs.get(inode.ino)
+        if refs is not None and (refs.lookups or refs.opens):
+            self.store.add_orphan(txn, inode.ino)
+            return
+        self._free(txn, inode)
+
+    def _settle(self, ino: int) -> None:
+        """A reference to `ino` went: free it if it was its last and no name is left."""
+        refs = self._refs.get(ino)
+        if refs is not None and (refs.lookups or refs.opens):
+            return
+        self._refs.pop(ino, None)
+        inode = self.store.get(ino)
+        if inode is None or inode.nlink or ino == ROOT_INO:
+            return
+        with self._change(inode) as txn:
+            self._free(txn, inode)
+
+    def _free(self, txn: Txn, inode: Inode) -> None:
+        """Free an inode nobody can reach: in this transaction if it fits, else it goes
+        on the orphan list now and is freed in steps once this transaction committed."""
+        if inode.is_reg and not self.store.maps.release(txn, inode,
+                                                        txn.room() - FREE_MARGIN):
+            self.store.add_orphan(txn, inode.ino)
+            self._put(txn, inode)
+            self._after.append(lambda: self._reap(inode.ino))
+            return
+        self.store.free_owned(txn, inode)
+        self.store.remove_orphan(txn, inode.ino)
+        self.store.remove(txn, inode.ino)
+
+    def _reap(self, ino: int) -> None:
+        """Free an orphan, in as many transactions as its pages need."""
+        while True:
+            inode = self.store.get(ino)
+            if inode is None:
+                with self._change() as txn:
+                    self.store.remove_orphan(txn, ino)
+                return
+            with self._change(inode) as txn:
+                if inode.is_reg and not self.store.maps.release(txn, inode,
+                                                                txn.room() - FREE_MARGIN):
+                    self._put(txn, inode)
+                    continue
+                self.store.free_owned(txn, inode)
+                self.store.remove_orphan(txn, ino)
+                self.store.remove(txn, ino)
+                return
 
     # --- internals: rename ---------------------------------------------------
 
@@ -760,7 +865,7 @@ class Filesystem:
             if not src.is_dir and dst.is_dir:
                 raise FsError(errno.EISDIR, f"cannot replace directory {dst.ino} "
                                             "with a non-directory")
-            if dst.is_dir and len(_entries(dst)):
+            if dst.is_dir and dst.entries:
                 raise FsError(errno.ENOTEMPTY, f"directory {dst.ino} is not empty")
         moves_dir = src.is_dir and src.parent != nd.ino
         if moves_dir and (dst is None or not dst.is_dir) and nd.nlink >= LINK_MAX:
@@ -769,29 +874,31 @@ class Filesystem:
     def _exchange(self, od: Inode, old_name: bytes, src: Inode,
                   nd: Inode, new_name: bytes, dst: Inode) -> None:
         """RENAME_EXCHANGE: the two names swap inodes."""
-        if src is dst:
+        if src.ino == dst.ino:
             return
         if (src.is_dir and self._is_within(nd, src)) or (dst.is_dir and self._is_within(od, dst)):
             raise FsError(errno.EINVAL, "cannot exchange a directory with its own descendant")
-        if od is not nd and src.is_dir != dst.is_dir:
+        if od.ino != nd.ino and src.is_dir != dst.is_dir:
             # One directory changes parent: its new parent gains a link.
             joined = nd if src.is_dir else od
             if joined.nlink >= LINK_MAX:
                 raise FsError(errno.EMLINK, f"directory {joined.ino} has too many "
                                             "subdirectories")
-        now = self._clock()
-        _entries(od).replace(old_name, dst.ino)
-        _entries(nd).replace(new_name, src.ino)
-        if od is not nd:
-            for moved, left, joined in ((src, od, nd), (dst, nd, od)):
-                if moved.is_dir:
-                    left.nlink -= 1
-                    joined.nlink += 1
-                    moved.parent = joined.ino
-        for inode in (src, dst):
-            inode.touch(now, ctime=True)
-        for d in (od, nd):
-            d.touch(now, mtime=True, ctime=True)
+        with self._change(src, dst, od, nd) as txn:
+            now = self._clock()
+            self.store.dirs.replace(txn, od, old_name, dst.ino, dst.mode)
+            self.store.dirs.replace(txn, nd, new_name, src.ino, src.mode)
+            if od.ino != nd.ino:
+                for moved, left, joined in ((src, od, nd), (dst, nd, od)):
+                    if moved.is_dir:
+                        left.nlink -= 1
+                        joined.nlink += 1
+                        moved.parent = joined.ino
+            for inode in (src, dst):
+                inode.touch(now, ctime=True)
+            for d in (od, nd):
+                d.touch(now, mtime=True, ctime=True)
+            self._put(txn, src, dst, od, nd)
 
     # --- internals: attributes and data --------------------------------------
 
@@ -805,17 +912,41 @@ class Filesystem:
         if size > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, f"size {size} is beyond {MAX_FILE_SIZE}")
 
-    def _truncate(self, inode: Inode, size: int, now: int, *, always_touch: bool = False) -> None:
-        """Set a regular file's size; shrinking frees pages. mtime and ctime change when
-        the size does (or `always_touch`, as for O_TRUNC)."""
+    def _truncate(self, txn: Txn, inode: Inode, size: int, now: int, *,
+                  always_touch: bool = False) -> None:
+        """Set a regular file's size; shrinking frees pages (in later transactions too,
+        when they are too many for this one: the orphan list finishes the job after a
+        crash). mtime and ctime change when the size does (or `always_touch`)."""
         old = inode.size
-        if size < old and inode.pages is not None:
-            inode.pages.truncate(self.pool, size)
-            if not inode.pages.npages:
-                inode.pages = None
+        if size < old and not self.store.maps.truncate(txn, inode, size,
+                                                      txn.room() - FREE_MARGIN):
+            self.store.add_orphan(txn, inode.ino, size)
+            self._after.append(lambda: self._finish_truncate(inode.ino, size))
+        elif size > old:
+            self.store.maps.zero_past_end(inode, old, size)
         inode.size = size
         if size != old or always_touch:
             inode.touch(now, mtime=True, ctime=True)
+
+    def _finish_truncate(self, ino: int, size: int) -> None:
+        """Free what a truncate to `size` left past it, in as many transactions as that
+        takes."""
+        while True:
+            inode = self.store.get(ino)
+            with self._change(*([inode] if inode is not None else [])) as txn:
+                if inode is None:
+                    self.store.remove_orphan(txn, ino)
+                    return
+                done = self.store.maps.truncate(txn, inode, max(size, inode.size),
+                                                txn.room() - FREE_MARGIN)
+                self._put(txn, inode)
+                if done:
+                    if inode.nlink or ino == ROOT_INO:
+                        self.store.remove_orphan(txn, ino)
+                    else:
+                        self.store.add_orphan(txn, ino)
+                        self._after.append(lambda: self._reap(ino))
+                    return
 
     def _chown(self, inode: Inode, uid: int | None, gid: int | None) -> None:
         if uid not in (None, -1):
@@ -828,17 +959,6 @@ class Filesystem:
                 mode &= ~stat.S_ISGID
             inode.mode = intern_int(mode)
 
-    def _allocate(self, inode: Inode, off: int, length: int, *, keep_size: bool) -> None:
-        end = off + length
-        if end > MAX_FILE_SIZE:
-            raise FsError(errno.EFBIG, f"fallocate to {end} is beyond {MAX_FILE_SIZE}")
-        pages = inode.pages if inode.pages is not None else PageMap()
-        if not pages.allocate(self.pool, off, length):
-            raise FsError(errno.ENOSPC, f"no room for {length} bytes in inode {inode.ino}")
-        inode.pages = pages if pages.npages else None
-        if not keep_size and end > inode.size:
-            inode.size = end
-
     def _accessed(self, inode: Inode) -> None:
         """A read or readdir: atime moves as the mount's atime policy says (relatime:
         if it is not newer than mtime or ctime, or a day old)."""
@@ -849,13 +969,19 @@ class Filesystem:
         atime = inode.atime_ns
         if (policy.mode is AtimeMode.STRICTATIME or atime <= inode.mtime_ns
                 or atime <= inode.ctime_ns or now - atime >= RELATIME_NS):
-            inode.atime_ns = now
+            with self._change(inode) as txn:
+                inode.atime_ns = now
+                self._put(txn, inode)
 
-    def _chmod_acl(self, inode: Inode) -> None:
+    def _chmod_acl(self, txn: Txn, inode: Inode) -> None:
         """Keep an access ACL in step with a new mode (a chmod)."""
-        value = inode.xattrs.get(acl.ACCESS) if inode.xattrs else None
+        if not inode.xattr:
+            return
+        xattrs = self._xattrs(inode)
+        value = xattrs.get(acl.ACCESS)
         if value is not None:
-            inode.xattrs[acl.ACCESS] = acl.pack(acl.chmod(acl.parse(value), inode.mode))
+            xattrs[acl.ACCESS] = acl.pack(acl.chmod(acl.parse(value), inode.mode))
+            self.store.set_xattrs(txn, inode, xattrs)
 
     def _check_xattr_write(self, inode: Inode, name: bytes, ctx: Ctx) -> None:
         """The Linux rules for changing an xattr: user.* only on regular files and
@@ -866,24 +992,6 @@ class Filesystem:
             raise FsError(errno.EPERM, "user.* xattrs exist only on files and directories")
         if namespace == b"trusted." and ctx.uid != 0:
             raise FsError(errno.EPERM, "trusted.* xattrs need root")
-
-
-def inode_table_bytes(inode: Inode) -> int:
-    """The bound of what `inode` adds to a handover's inode table (`HandoverReserve`):
-    its records, a directory's entries, a symlink's target, its xattrs (the extents are
-    the page pool's to count)."""
-    total = INODE_BYTES + len(inode.target or b"")
-    if inode.dir is not None:
-        total += DIRENT_BYTES * len(inode.dir) + sum(map(len, inode.dir.names()))
-    if inode.xattrs:
-        total += sum(xattr_bytes(k, v) for k, v in inode.xattrs.items())
-    return total
-
-
-def _entries(d: Inode) -> Directory:
-    """The entries of an inode already known to be a directory."""
-    assert d.dir is not None, f"inode {d.ino} is not a directory"
-    return d.dir
 
 
 def _check_name(name: bytes) -> None:
@@ -905,89 +1013,3 @@ def xattr_namespace(name: bytes) -> bytes:
                 break       # of system.*, only the POSIX ACLs exist here
             return prefix
     raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} is not supported")
-
-
-class _Checker:
-    """The consistency checks behind `Filesystem.check`."""
-
-    def __init__(self, fs: Filesystem) -> None:
-        self.fs = fs
-        self.inodes = fs._inodes
-        self.problems: list[str] = []
-
-    def run(self, *, pages: bool = True) -> list[str]:
-        root = self.inodes.get(ROOT_INO)
-        if root is None or root.dir is None or root.parent != ROOT_INO:
-            return ["the root directory is missing or malformed"]
-        refs, subdirs = self._count_names()
-        for inode in self.inodes.values():
-            self._check_inode(inode, refs.get(inode.ino, 0), subdirs.get(inode.ino, 0))
-        if pages:
-            self._check_pages()
-        return self.problems
-
-    def _count_names(self) -> tuple[dict[int, int], dict[int, int]]:
-        refs: dict[int, int] = {}
-        subdirs: dict[int, int] = {}
-        for d in self.inodes.values():
-            if d.dir is None:
-                continue
-            for name, ino, _cookie in d.dir.export():
-                child = self.inodes.get(ino)
-                if child is None:
-                    self.problems.append(f"entry {name!r} in {d.ino} names missing inode {ino}")
-                    continue
-                refs[ino] = refs.get(ino, 0) + 1
-                if child.is_dir:
-                    subdirs[d.ino] = subdirs.get(d.ino, 0) + 1
-                    if child.parent != d.ino:
-                        self.problems.append(f"directory {ino} is in {d.ino} but its '..' "
-                                             f"is {child.parent}")
-        return refs, subdirs
-
-    def _check_inode(self, inode: Inode, refs: int, subdirs: int) -> None:
-        ino = inode.ino
-        if ino >= self.fs.sb.next_ino:
-            self.problems.append(f"inode {ino} is not below next_ino {self.fs.sb.next_ino}")
-        if inode.is_dir:
-            if inode.dir is None:
-                self.problems.append(f"directory {ino} has no entries table")
-                return
-            linked = ino == ROOT_INO or refs == 1
-            expected = 2 + subdirs if linked else 0
-            if refs > 1 or (ino == ROOT_INO and refs):
-                self.problems.append(f"directory {ino} has {refs} names")
-        else:
-            expected = refs
-        if inode.nlink != expected:
-            self.problems.append(f"inode {ino} has nlink {inode.nlink}, expected {expected}")
-        if not expected and not (inode.lookups or inode.opens):
-            self.problems.append(f"inode {ino} is unreachable, unused and still kept")
-        if inode.is_symlink and (inode.target is None or inode.size != len(inode.target)):
-            self.problems.append(f"symlink {ino} has a bad target or size")
-        if inode.pages is not None and not inode.is_reg:
-            self.problems.append(f"inode {ino} of type {inode.file_type.name} has pages")
-
-    def _check_pages(self) -> None:
-        starts: list[int] = []
-        counts: list[int] = []
-        total = 0
-        for inode in self.inodes.values():
-            if inode.pages is None:
-                continue
-            extents = inode.pages.extents()
-            npages = sum(e[2] for e in extents)
-            if npages != inode.pages.npages:
-                self.problems.append(f"inode {inode.ino} counts {inode.pages.npages} pages, "
-                                     f"maps {npages}")
-            total += npages
-            starts.extend(e[1] for e in extents)
-            counts.extend(e[2] for e in extents)
-        if total != self.fs.pool.used_pages:
-            self.problems.append(f"files map {total} pages, the pool counts "
-                                 f"{self.fs.pool.used_pages}")
-        order = np.argsort(np.array(starts, dtype=np.int64))
-        s = np.array(starts, dtype=np.int64)[order]
-        c = np.array(counts, dtype=np.int64)[order]
-        if len(s) > 1 and np.any(s[:-1] + c[:-1] > s[1:]):
-            self.problems.append("two files share an arena page")

@@ -204,7 +204,7 @@ def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
     attr.st_rdev = inode.rdev
     attr.st_size = inode.size
     attr.st_blksize = 4096
-    attr.st_blocks = inode.pages.blocks() if inode.pages is not None else 0
+    attr.st_blocks = inode.blocks
     attr.st_atime_ns = inode.atime_ns
     attr.st_mtime_ns = inode.mtime_ns
     attr.st_ctime_ns = inode.ctime_ns
@@ -243,10 +243,9 @@ class OpenFile:
 
 @dataclass(slots=True)
 class OpenDir:
-    """One open of a directory: the cookie bound of the walk under way (`readdir_end`)."""
+    """One open of a directory."""
 
     ino: int
-    end: int | None = None
 
 
 class Operations(pyfuse3.Operations):
@@ -443,11 +442,11 @@ class Operations(pyfuse3.Operations):
 
     @_handler(Traffic.WRITEBACK)
     async def flush(self, fh: int) -> None:
-        """Nothing to do: data lives in memory as soon as `write` returns."""
+        """Nothing to do: a write is in the arena when it returns, and survives a crash."""
 
     @_handler(Traffic.WRITEBACK)
     async def fsync(self, fh: int, datasync: bool) -> None:
-        """Nothing to do: data lives in memory as soon as `write` returns."""
+        """Nothing to do: a write is in the arena when it returns, and survives a crash."""
 
     @_handler(Traffic.WRITEBACK)
     async def release(self, fh: int) -> None:
@@ -459,16 +458,13 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self.fs.readdir_end(inode)          # ENOTDIR, ENOENT
+        self.fs.opendir(inode)              # ENOTDIR, ENOENT
         return self._open_handle(OpenDir(inode))
 
     @_handler()
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dir_handle(fh)
-        if start_id == 0 or handle.end is None:
-            # A walk begins (opendir or rewinddir): it ends at the entries there are now.
-            handle.end = self.fs.readdir_end(handle.ino)
-        for cookie, name, inode in self.fs.readdir(handle.ino, start_id, handle.end):
+        for cookie, name, inode in self.fs.readdir(handle.ino, start_id):
             if not pyfuse3.readdir_reply(token, name, entry_attributes(inode), cookie):
                 return
             # The kernel takes a lookup reference for every entry but "." and "..".
@@ -481,7 +477,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler(Traffic.WRITEBACK)
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        """Nothing to do: metadata lives in memory."""
+        """Nothing to do: every change is committed to the arena when it returns."""
 
     # --- extended attributes ---------------------------------------------------
 

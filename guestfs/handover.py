@@ -1,126 +1,173 @@
-"""Hand a guestfs filesystem over through KHO, and take it back after kexec.
+"""The filesystem's place in KHO: made once, found again by every later kernel.
 
-The outgoing kernel (`GuestfsHandover`, a KHO participant) writes the superblock as the
-``guestfs`` sub-FDT (`guestfs.subtree`) and every inode into the inode table
-(`guestfs.inode_table`) in a chain of preserved pages. Data pages are never copied: each
-file's page map is recorded as extents and its pages and folios are preserved where they
-are. The incoming kernel (`restore`) validates all of it before it claims a single
-page, rebuilds the inodes with page maps pointing at the same PFNs, and frees the inode
-table's pages. The byte layouts are specified in docs/handover-abi.md.
+Everything the filesystem has lives in the ``guestfs`` pool (`kho.create_pool`),
+preserved from allocation, so no kexec serializes anything: the ``guestfs`` subtree
+(``compatible = "guestfs-v2"``, docs/handover-abi.md) only says where the superblock
+is, and is written once when the filesystem is made. The next kernel, booted by kexec,
+by a later mount or after the daemon died, takes the pool back whole
+(`kho_in.restore_pool`), lets the journal finish or undo what was cut short, and opens
+the store; nothing else is read until it is used. A ``guestfs-v1`` handover (release
+0.2.0) is converted once (`guestfs.upgrade_v1`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from guestfs import inode_table, subtree
-from guestfs.filesystem import Filesystem
-from guestfs.inode import Inode
-from guestfs.superblock import Superblock
-from kho_backend.chain import free_chain, walk_chain, write_chain
-from kho_backend.errors import HandoverError
+from guestfs import upgrade_v1
+from guestfs.filesystem import AtimePolicy, Filesystem
+from guestfs.store.journal import JournalError
+from guestfs.store.page import CorruptPage, Pages
+from guestfs.store.store import MetaStore
+from guestfs.store.superblock import Superblock
+from kho_backend.arena import Arena
+from kho_backend.errors import HandoverError, KhoError
+from kho_backend.fdt import FdtNode, FdtReader, build, u32
+from kho_backend.units import PAGE_SIZE, PAGE_SHIFT
 
 if TYPE_CHECKING:
     from kho_backend.boot import Kernel
     from kho_backend.kho import KHO
+    from kho_backend.kho_in import IncomingHandover
+
+log = logging.getLogger(__name__)
+
+COMPATIBLE = "guestfs-v2"
+COMPATIBLE_V1 = "guestfs-v1"
+NAME = "guestfs"
+POOL = "guestfs"
 
 
-@dataclass
-class _Outgoing:
-    """What one finalize did, so that an abort can undo exactly that."""
+@dataclass(frozen=True)
+class Subtree:
+    """What the ``guestfs`` subtree says."""
 
-    table_phys: int = 0
-    preserved: dict[int, np.ndarray] = field(default_factory=dict)
-    subtree_added: bool = False
+    superblock_phys: int
+    pool: str
+    uuid: str
+
+
+def subtree_fdt(sub: Subtree) -> bytes:
+    """The ``guestfs`` sub-FDT (sealed)."""
+    return build(FdtNode("", {"compatible": COMPATIBLE, "page-size": u32(PAGE_SIZE),
+                              "superblock": sub.superblock_phys, "pool": sub.pool,
+                              "uuid": sub.uuid}), sealed=True)
+
+
+def compatible_of(blob: bytes) -> str:
+    """The ``compatible`` of a ``guestfs`` sub-FDT (any version); HandoverError if the
+    blob is no sound FDT."""
+    r = FdtReader(blob, "the guestfs sub-FDT")
+    return r.string(r.node("/"), "compatible")
+
+
+def read_subtree(blob: bytes) -> Subtree:
+    """Parse and check a ``guestfs-v2`` sub-FDT; HandoverError naming what is wrong."""
+    r = FdtReader(blob, "the guestfs sub-FDT")
+    r.check_seal()
+    root = r.node("/")
+    r.expect_compatible(root, COMPATIBLE)
+    page_size = r.u32(root, "page-size")
+    if page_size != PAGE_SIZE:
+        raise HandoverError(f"the guestfs handover uses {page_size}-byte pages; this kernel "
+                            f"uses {PAGE_SIZE}")
+    phys = r.u64(root, "superblock")
+    if phys % PAGE_SIZE:
+        raise HandoverError(f"the guestfs superblock address {phys:#x} is not page-aligned")
+    return Subtree(phys, r.string(root, "pool"), r.string(root, "uuid"))
 
 
 class GuestfsHandover:
-    """The KHO participant that serializes one mounted filesystem at finalize."""
+    """The KHO participant of one mounted filesystem. A handover has nothing to write
+    (the filesystem is in its pool all along); finalize only checks that no transaction
+    is open, since the quiesce gate should have let every request finish."""
 
-    name = subtree.NAME
+    name = NAME
 
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
-        self._out: _Outgoing | None = None
 
     def kho_finalize(self, kho: KHO) -> None:
-        """Write the inode table, preserve every data page, add the ``guestfs`` subtree."""
-        out = self._out = _Outgoing()
-        table = inode_table.encode_table(self.fs)
-        out.table_phys = write_chain(kho, table.payload, inode_table.MAGIC)
-        for order, pfns in table.data_pfns.items():
-            kho.preserve_pfns(pfns, order)
-            out.preserved[order] = pfns
-        kho.add_subtree(subtree.NAME, subtree.superblock_fdt(self.fs.sb, table, out.table_phys))
-        out.subtree_added = True
+        """Refuse to hand over in the middle of a transaction."""
+        if self.fs.store.journal.busy:
+            raise KhoError("guestfs has a metadata transaction open; the handover would "
+                           "leave it to the next kernel's recovery")
 
     def kho_abort(self, kho: KHO) -> None:
-        """Undo `kho_finalize`: the filesystem goes on as if nothing happened."""
-        out, self._out = self._out, None
-        if out is None:
-            return
-        if out.subtree_added:
-            kho.remove_subtree(subtree.NAME)
-        for order, pfns in out.preserved.items():
-            kho.unpreserve_pfns(pfns, order)
-        if out.table_phys:
-            free_chain(kho, out.table_phys, inode_table.MAGIC)
+        """Nothing to undo."""
 
 
-# --- restore ----------------------------------------------------------------------
+def format(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy()) -> Filesystem:
+    """Make a new filesystem in a new ``guestfs`` pool, and publish where it is."""
+    pool = kernel.kho.create_pool(POOL)
+    fs = Filesystem.format(kernel.arena, pool, atime=atime)
+    _publish(kernel.kho, fs)
+    return fs
 
 
-def restore(kernel: Kernel) -> Filesystem | None:
-    """The filesystem handed over to `kernel`, or None when there is none to restore.
-
-    Everything is checked (the sub-FDT's seal and version, the inode table's chain and
-    checksums, the counts, the directory tree, that every mapped page was preserved
-    exactly so) before the filesystem exists; a handover that fails any check raises
-    HandoverError and leaves the arena's data as it was, so that it can be inspected.
+def restore(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy()) -> Filesystem | None:
+    """The filesystem handed over to `kernel` (by kexec, an unmount, or a kernel that
+    died), or None when there is none. Opens the store (recovering its journal), frees
+    what the orphan list holds, counts the boot in the superblock's generation and
+    publishes the subtree for the next kernel. HandoverError if the superblock or the
+    journal cannot be trusted: the arena keeps the handover for an inspection or retry.
     """
     kho_in = kernel.kho_in
-    if kho_in is None or subtree.NAME not in kho_in.subtrees:
+    if kho_in is None or NAME not in kho_in.subtrees:
         return None
-    _, blob = kho_in.retrieve_subtree(subtree.NAME)
-    meta = subtree.read_superblock(blob)
-    try:
-        chain = walk_chain(kernel.arena, meta.table_phys, inode_table.MAGIC)
-    except HandoverError as e:
-        raise HandoverError(f"the guestfs inode table cannot be trusted: {e}") from None
-    if len(chain.payload) != meta.table_size:
-        raise HandoverError(f"the guestfs inode table holds {len(chain.payload)} bytes; "
-                            f"the sub-FDT says {meta.table_size}")
-    table = inode_table.decode_table(chain.payload, meta.sb.next_ino)
-    _check_counts(meta, len(table.inodes), table.dirents, len(table.extents),
-                  table.data_pages)
-    fs = _build(kernel, meta.sb, table.inodes)
-    for order, pfns in inode_table.extent_heads(table.extents).items():
-        kho_in.restore_pfns(pfns, order)
-    kho_in.free_chain(chain)
+    _, blob = kho_in.retrieve_subtree(NAME)
+    if compatible_of(blob) == COMPATIBLE_V1:
+        fs = upgrade_v1.upgrade(kernel, blob, POOL, atime=atime)
+    else:
+        fs = _open(kernel, read_subtree(blob), atime)
+    _publish(kernel.kho, fs)
     return fs
 
 
-def _build(kernel: Kernel, sb: Superblock, inodes: list[Inode]) -> Filesystem:
+def waiting_generation(arena: Arena, kho_in: IncomingHandover) -> int | None:
+    """The generation the filesystem in a handover will run at its next mount (read
+    without changing anything: for ``guestfs status``), or None if it has none or it
+    cannot be read."""
     try:
-        fs = Filesystem(kernel, sb, inodes=inodes)
-    except ValueError as e:
-        raise HandoverError(f"the guestfs inode table is inconsistent: {e}") from None
-    problems = fs.check(pages=False)     # restore_pfns refuses a page claimed twice
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise HandoverError(f"the guestfs inode table is inconsistent: {problems[0]}{more}")
+        blob = kho_in.retrieve_subtree(NAME)[1]
+        if compatible_of(blob) == COMPATIBLE_V1:
+            return upgrade_v1.read_superblock(blob).generation
+        pfn = read_subtree(blob).superblock_phys >> PAGE_SHIFT
+        return Superblock.read(Pages(arena), pfn).generation + 1
+    except (HandoverError, CorruptPage):
+        return None
+
+
+def _open(kernel: Kernel, sub: Subtree, atime: AtimePolicy) -> Filesystem:
+    if sub.pool != POOL:
+        raise HandoverError(f"the guestfs subtree names the pool {sub.pool!r}, not {POOL!r}")
+    pool = kernel.kho_in.restore_pool(POOL)
+    sb_pfn = sub.superblock_phys >> PAGE_SHIFT
+    if not pool.owns(sb_pfn, 0):
+        raise HandoverError(f"the guestfs superblock at {sub.superblock_phys:#x} is not a "
+                            "page of the guestfs pool")
+    try:
+        store, opened = MetaStore.open(kernel.arena, pool, sb_pfn)
+    except (CorruptPage, JournalError) as e:
+        raise HandoverError(f"the guestfs metadata cannot be trusted: {e}") from None
+    if store.sb.uuid != sub.uuid:
+        raise HandoverError(f"the guestfs superblock is of filesystem {store.sb.uuid}; the "
+                            f"subtree names {sub.uuid}")
+    recovery = opened.recovery
+    if recovery.undone or recovery.released or recovery.freed:
+        log.warning("guestfs journal recovery: transaction %d (%s) %s", recovery.seq,
+                    recovery.phase.name, "undone" if recovery.undone or recovery.released
+                    else "finished")
+    fs = Filesystem(store, atime=atime)
+    finished = fs.finish_orphans()
+    if finished:
+        log.info("freed or truncated %d orphaned inodes", finished)
+    fs.count_boot()
     return fs
 
 
-def _check_counts(meta: subtree.HandedOver, inodes: int, dirents: int, extents: int,
-                  data_pages: int) -> None:
-    for what, said, found in (("inodes", meta.inode_count, inodes),
-                              ("directory entries", meta.dirent_count, dirents),
-                              ("extents", meta.extent_count, extents),
-                              ("data pages", meta.data_pages, data_pages)):
-        if said != found:
-            raise HandoverError(f"the guestfs sub-FDT counts {said} {what}; the inode table "
-                                f"holds {found}")
+def _publish(kho: KHO, fs: Filesystem) -> None:
+    kho.add_subtree(NAME, subtree_fdt(Subtree(fs.store.sb_pfn << PAGE_SHIFT, POOL,
+                                              fs.sb.uuid)))

@@ -1,9 +1,8 @@
-"""The inode record and file-type helpers.
+"""The inode as the filesystem core sees it, and file-type helpers.
 
-An `Inode` is kept small on purpose (the daemon's budget is about 600 bytes of Python
-memory per small file, directory entry included): one slotted record, no per-inode dict,
-and recurring values (modes, owners, the timestamps of one operation) shared between
-inodes rather than copied.
+An `Inode` is the decoded form of a record of the inode table (`guestfs.store.records`),
+kept in a bounded cache: slotted, and with recurring values (modes, owners) shared
+between inodes rather than copied.
 """
 
 from __future__ import annotations
@@ -11,13 +10,9 @@ from __future__ import annotations
 import enum
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from guestfs.directory import Directory
-    from guestfs.pagemap import PageMap
 
 ROOT_INO = 1
+SECTORS_PER_PAGE = 8       # st_blocks counts 512-byte sectors; a page holds 8
 
 
 class FileType(enum.IntEnum):
@@ -58,13 +53,15 @@ def intern_int(value: int) -> int:
 
 @dataclass(slots=True, eq=False)
 class Inode:
-    """One file of any type.
+    """One file of any type: its record in the inode table, decoded (a cache entry;
+    the record in the arena is the truth, written back by the store).
 
-    `dir` is set for directories, `pages` for regular files once they hold data (None
-    while empty), `target` for symlinks, `rdev` for device nodes. `parent` is the inode
-    number of a directory's ``..`` (the root is its own parent); 0 for other types.
-    `lookups` (the kernel's lookup count) and `opens` are runtime state of one mount and
-    are not part of the handover.
+    Type-specific fields: `parent` (a directory's ``..``; the root is its own parent),
+    `tree` and `entries` (a directory's B+tree and entry count), `map_root`,
+    `map_height`, `inline` and `npages` (a regular file's page map: see
+    `guestfs.store.pagemap`), `target` or `target_blob` (a symlink's target, in the record or
+    in a blob), `rdev` (device nodes). `xattr` is the first page of the inode's xattr
+    blob, 0 when it has none.
     """
 
     ino: int
@@ -78,13 +75,16 @@ class Inode:
     generation: int = 0
     size: int = 0
     rdev: int = 0
-    xattrs: dict[bytes, bytes] | None = None
-    dir: Directory | None = None
     parent: int = 0
+    xattr: int = 0
+    tree: int = 0
+    entries: int = 0
+    map_root: int = 0
+    map_height: int = 0
+    inline: tuple[int, ...] = ()
+    npages: int = 0
     target: bytes | None = None
-    pages: PageMap | None = None
-    lookups: int = 0
-    opens: int = 0
+    target_blob: int = 0
 
     @property
     def file_type(self) -> FileType:
@@ -106,9 +106,14 @@ class Inode:
         """True for a symbolic link."""
         return stat.S_ISLNK(self.mode)
 
+    @property
+    def blocks(self) -> int:
+        """Allocated 512-byte blocks, for `st_blocks`."""
+        return self.npages * SECTORS_PER_PAGE
+
     def touch(self, now: int, *, atime: bool = False, mtime: bool = False,
               ctime: bool = False) -> None:
-        """Set the chosen timestamps to `now` (one shared int object for all of them)."""
+        """Set the chosen timestamps to `now`."""
         if atime:
             self.atime_ns = now
         if mtime:

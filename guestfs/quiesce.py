@@ -69,7 +69,7 @@ def describe_holders(found: dict[int, str]) -> str:
     return ", ".join(f"{pid} ({name})" for pid, name in sorted(found.items()))
 
 
-async def quiesce(gate: RequestGate, root_fd: int, mountpoint: Path) -> list[str]:
+async def quiesce(gate: RequestGate, root_fd: int | None, mountpoint: Path) -> list[str]:
     """Flush, then freeze: no acknowledged write is lost, no request is half done.
 
     The kernel's dirty pages (of shared writable mappings) reach us as write requests
@@ -80,6 +80,7 @@ async def quiesce(gate: RequestGate, root_fd: int, mountpoint: Path) -> list[str
     A write-back that failed (the arena was full when a mapped page came back) belongs
     to the process that wrote the page, whose msync or fsync reports it; it does not
     hold up the handover of everything that was stored, and comes back as a warning.
+    Without `root_fd` (the root cannot be opened) there is nothing to write back through.
     """
     gate.freeze(admit_writeback=True)
     # Abandoned (not waited for) if the caller's deadline passes.
@@ -90,7 +91,10 @@ async def quiesce(gate: RequestGate, root_fd: int, mountpoint: Path) -> list[str
     return [warning] if warning else []
 
 
-def _flush(root_fd: int, mountpoint: Path) -> str | None:
+def _flush(root_fd: int | None, mountpoint: Path) -> str | None:
+    if root_fd is None:
+        return (f"the root of {mountpoint} cannot be opened, so mapped pages were not "
+                "written back")
     try:
         mounts.syncfs(root_fd, mountpoint)
     except OSError as e:

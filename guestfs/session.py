@@ -4,9 +4,10 @@ Everything that runs a guestfs "kernel" goes through a `Session`: the daemon (wh
 the FUSE mount and the request gate around it), the kernel process of the model test,
 and the benchmark's tree builder. The sequence, with its states:
 
-    open():        boot -> restore the handed-over filesystem, or format a fresh one ->
-                   register it with KHO -> finish boot                   RUNNING
-    hand_over():   serialize, finalize KHO, write the boot parameters    HANDED_OVER
+    open():        boot -> take the filesystem over (handed over, or left by a kernel
+                   that died), or format a fresh one -> register it with KHO -> finish
+                   boot                                                  RUNNING
+    hand_over():   finalize KHO, write the boot parameters              HANDED_OVER
                    (for the exec of the next kernel, or for a later mount)
     abort():       take the handover back                                RUNNING
     poison():      overwrite what is not preserved (no way back)         POISONED
@@ -31,7 +32,7 @@ from guestfs import handover
 from guestfs.filesystem import AtimePolicy, Filesystem
 from kho_backend import boot as kboot
 from kho_backend.boot import Kernel
-from kho_backend.errors import KexecError
+from kho_backend.errors import KexecError, MachineError
 from kho_backend.kexec import KexecState
 from kho_backend.kexec_metadata import KexecMetadata
 
@@ -72,6 +73,7 @@ class Options:
     format: bool = False
     cmdline: str = ""
     atime: AtimePolicy = AtimePolicy()
+    restore_only: bool = False      # a machine without a filesystem is an error (fsck)
 
 
 class Session:
@@ -117,13 +119,14 @@ class Session:
                             cmdline=options.cmdline, create=True, format=options.format)
         try:
             t0 = time.perf_counter_ns()
-            fs = handover.restore(kernel)
+            fs = handover.restore(kernel, atime=options.atime)
+            if fs is None and options.restore_only:
+                raise MachineError(f"machine {options.machine} holds no filesystem")
             if fs is None:
-                fs = Filesystem(kernel)
+                fs = handover.format(kernel, atime=options.atime)
             else:
                 log.info("restored filesystem %s: generation %d, %d inodes", fs.sb.uuid,
-                         fs.sb.generation, len(fs.inodes))
-            fs.atime = options.atime
+                         fs.sb.generation, fs.sb.inode_count)
             kernel.kho.register(handover.GuestfsHandover(fs))
             released = kernel.finish_boot()
         except BaseException:
@@ -155,9 +158,10 @@ class Session:
         return False
 
     def hand_over(self, phases: dict[str, int], *, for_exec: bool) -> None:
-        """Serialize, finalize KHO and write the boot parameters: for the exec of the
-        next kernel, or for a later mount (an unmount: no kexec is counted). Adds its
-        phases to `phases`; KexecError names the phase of a failure, after undoing."""
+        """Finalize KHO (its participants first) and write the boot parameters: for the
+        exec of the next kernel, or for a later mount (an unmount: no kexec is counted).
+        Adds its phases to `phases`; KexecError names the phase of a failure, after
+        undoing."""
         self._expect(State.RUNNING, "hand over")
         fault = next((f.value for f in (Fault.SERIALIZE, Fault.FINALIZE, Fault.BOOT_PARAMS)
                       if self.take_fault(f)), None)

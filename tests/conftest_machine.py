@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from guestfs.directory import Directory
-from guestfs.inode import Inode
-from guestfs.pagemap import PageMap
+from helpers.fake_pool import FakePool
+
+from guestfs.filesystem import Filesystem
 from kho_backend.boot import Kernel, boot
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -89,13 +89,11 @@ def boot_kernel(machine_env: Path) -> Iterator[BootKernel]:
         kernel.shutdown()
 
 
-def copy_inode(i: Inode) -> Inode:
-    """An inode rebuilt from the records a handover writes."""
-    return Inode(
-        ino=i.ino, mode=i.mode, uid=i.uid, gid=i.gid, nlink=i.nlink, atime_ns=i.atime_ns,
-        mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, generation=i.generation, size=i.size,
-        rdev=i.rdev, xattrs=dict(i.xattrs) if i.xattrs else None,
-        dir=None if i.dir is None else Directory.from_entries(i.dir.export(),
-                                                               i.dir.next_cookie),
-        parent=i.parent, target=i.target,
-        pages=None if i.pages is None else PageMap.from_extents(i.pages.extents()))
+def new_fs(kernel: Kernel, **kwargs: object) -> Filesystem:
+    """A fresh filesystem on `kernel`'s arena, in a pool of its own (no handover)."""
+    return Filesystem.format(kernel.arena, FakePool(kernel.buddy), **kwargs)
+
+
+def gone(fs: Filesystem, ino: int) -> bool:
+    """Whether inode `ino` no longer exists (freed, its record cleared)."""
+    return fs.store.get(ino) is None

@@ -2,7 +2,7 @@
 with ``func`` set to what runs it), and the options and errors they share in `common`.
 
 Exit codes: 0 success, 1 failure (the reason on stderr as ``guestfs: <message>``),
-2 usage error, 130 interrupted.
+2 usage error, 4 problems found (``fsck``), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import sys
 from collections.abc import Sequence
 
 from guestfs import __version__, control
-from guestfs.cli import filefrag, kexec, kho, machine, mount, status, umount
+from guestfs.cli import filefrag, fsck, kexec, kho, machine, mount, status, umount
 from guestfs.cli.common import CarriesOn, CliError, Parser, say
 from guestfs.config import StartError
 from kho_backend.errors import MachineError
 
-COMMANDS = (mount, umount, status, kexec, filefrag, machine, kho)
+COMMANDS = (mount, umount, status, kexec, filefrag, fsck, machine, kho)
 
 
 def build_parser() -> Parser:

@@ -41,6 +41,16 @@ def say(message: str) -> None:
     print(f"guestfs: {message}", file=sys.stderr, flush=True)
 
 
+def unmount_dead(mountpoint: Path, machine: str) -> None:
+    """Unmount a guestfs mount whose daemon is gone (it answers ENOTCONN), and the
+    shield under it."""
+    try:
+        mounts.umount2(mountpoint)
+        mounts.uncover(mountpoint, machine)
+    except OSError as e:
+        raise CliError(f"cannot unmount {mountpoint}: {e.strerror}") from None
+
+
 # --- argument types ------------------------------------------------------------------
 
 

@@ -22,10 +22,10 @@ def add(sub: Subparsers) -> None:
     p = sub.add_parser(
         "kexec", help="hand the mounted filesystem over to a new kernel (simulated kexec)",
         description="Quiesce the mount (flush the kernel's dirty pages, hold new requests, "
-        "let in-flight ones finish), serialize the superblock and inodes into KHO, preserve "
-        "every data page where it is, unmount, and exec the next kernel image in the "
+        "let in-flight ones finish), finalize KHO (the filesystem lives in a preserved pool "
+        "already: nothing is serialized or copied), unmount, and exec the next kernel image in the "
         "daemon's own process (same PID). The next kernel boots from scratch memory, "
-        "restores the filesystem without copying a data page and mounts it at the same "
+        "takes the pool back, opens the filesystem where it is and mounts it at the same "
         "place with the same options. Returns when the new mount serves and prints the "
         "blackout by phase. Any failure before the exec aborts: the filesystem serves as "
         "before. Refused while other processes use files on the mount, unless --force.")

@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from guestfs import background
-from guestfs.cli.common import (CarriesOn, Subparsers, machine_option, mount_options,
-                                positive, say, size)
-from guestfs.config import DEFAULT_MEMORY, DaemonConfig, MountOptions
+from guestfs import background, control, mounts
+from guestfs.cli.common import (STATUS_TIMEOUT, CarriesOn, Subparsers, machine_option,
+                                mount_options, positive, say, size, unmount_dead)
+from guestfs.config import DEFAULT_MEMORY, DaemonConfig, MountOptions, control_path
 from kho_backend import machine as kmachine
 from kho_backend.units import format_size
 
@@ -53,6 +53,7 @@ def run_mount(args: argparse.Namespace) -> int:
         from guestfs import daemon   # the daemon's own imports (pyfuse3, trio): only here
         return daemon.run_foreground(config, args.ready_fd)
     _warn_above_ram(config)
+    _clear_dead_mount(config)
     try:
         background.start_background(config, progress=say)
     except background.StillStarting as e:
@@ -60,6 +61,21 @@ def run_mount(args: argparse.Namespace) -> int:
                         f"'guestfs status --machine {args.machine}' shows when it is "
                         f"live, 'guestfs umount {args.mountpoint}' stops it") from None
     return 0
+
+
+def _clear_dead_mount(config: DaemonConfig) -> None:
+    """The machine's last daemon died (SIGKILL, OOM) and left its FUSE mount behind,
+    answering ENOTCONN: unmount it, so that the new daemon mounts there and recovers."""
+    entry = mounts.mount_at(config.mountpoint)
+    if entry is None or config.machine not in (entry.machine, entry.shield_of):
+        return
+    try:
+        control.request(control_path(config.machine), {"op": "status"},
+                        timeout=STATUS_TIMEOUT)
+    except control.NoDaemon:
+        say(f"the last daemon of machine {config.machine} is gone; unmounting its dead "
+            f"mount {config.mountpoint}")
+        unmount_dead(config.mountpoint, config.machine)
 
 
 def _warn_above_ram(config: DaemonConfig) -> None:

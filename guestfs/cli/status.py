@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from guestfs import control, subtree
+from guestfs import control, handover
 from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Subparsers, machine_at,
                                 machine_info, machine_name)
 from guestfs.config import control_path
@@ -63,7 +63,7 @@ def _handed_over_generation(machine: str) -> int | None:
             if not params.valid:
                 return None
             kho = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
-            return subtree.read_superblock(kho.retrieve_subtree(subtree.NAME)[1]).sb.generation
+            return handover.waiting_generation(mem, kho)
     except (MachineError, OSError):
         return None
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from guestfs import control, mounts
 from guestfs.cli.common import (STATUS_TIMEOUT, CarriesOn, CliError, Subparsers, machine_at,
-                                say)
+                                say, unmount_dead)
 from guestfs.config import control_path
 
 DAEMON_EXIT_TIMEOUT = 120.0  # seconds `umount` waits for the daemon once unmounted
@@ -38,7 +38,10 @@ def run_umount(args: argparse.Namespace) -> int:
     try:
         pid = control.request(sock, {"op": "status"}, timeout=STATUS_TIMEOUT)["pid"]
     except control.NoDaemon:
-        return _umount_orphan(args.mountpoint, machine)
+        say(f"no daemon answers for machine {machine}; unmounting the dead mount "
+            f"{args.mountpoint}")
+        unmount_dead(args.mountpoint, machine)
+        return 0
     # Opened before asking, so the wait cannot pick up another process that reuses the PID.
     pidfd = os.pidfd_open(pid)
     try:
@@ -54,18 +57,6 @@ def run_umount(args: argparse.Namespace) -> int:
                         f"'guestfs status --machine {machine}' shows when it is done") from None
     finally:
         os.close(pidfd)
-    return 0
-
-
-def _umount_orphan(mountpoint: Path, machine: str) -> int:
-    """Unmount a guestfs mount whose daemon is gone (it answers ENOTCONN), and the
-    shield under it."""
-    say(f"no daemon answers for machine {machine}; unmounting the dead mount {mountpoint}")
-    try:
-        mounts.umount2(mountpoint)
-        mounts.uncover(mountpoint, machine)
-    except OSError as e:
-        raise CliError(f"cannot unmount {mountpoint}: {e.strerror}") from None
     return 0
 
 

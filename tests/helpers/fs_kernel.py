@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -117,25 +118,26 @@ class Server:
                 "problems": self.fs.check(), "pid": os.getpid()}
 
     def _walk(self, ino: int, path: str, tree: dict) -> None:
-        # Straight from the records, so that taking a snapshot changes no atime.
-        for _cookie, name, child_ino in self.fs.get(ino).dir.entries_after(2):
+        # Straight from the store, so that taking a snapshot changes no atime.
+        store = self.fs.store
+        for _cookie, name, child_ino, _mode in list(store.dirs.entries(self.fs.get(ino))):
             inode = self.fs.get(child_ino)
             child = f"{path}/{name.decode()}"
             tree[child] = self._describe(inode)
-            if inode.dir is not None:
+            if inode.is_dir:
                 self._walk(inode.ino, child, tree)
 
     def _describe(self, inode) -> dict:
+        store = self.fs.store
         rec = {"ino": inode.ino, "mode": inode.mode, "uid": inode.uid, "gid": inode.gid,
                "nlink": inode.nlink, "size": inode.size, "mtime": inode.mtime_ns,
-               "atime": inode.atime_ns, "xattrs": dict(inode.xattrs or {})}
-        if inode.target is not None:
-            rec["target"] = inode.target
+               "atime": inode.atime_ns, "xattrs": store.xattrs(inode)}
+        if inode.is_symlink:
+            rec["target"] = store.target(inode)
         if inode.is_reg:
-            data = (bytes(inode.pages.read(self.fs.pool, 0, inode.size)) if inode.pages
-                    else bytes(inode.size))
+            data = bytes(store.maps.read(inode, 0, inode.size))
             rec["sha"] = hashlib.sha256(data).hexdigest()
-            rec["extents"] = [list(e) for e in inode.pages.extents()] if inode.pages else []
+            rec["extents"] = [list(e) for e in store.maps.extents(inode)]
         return rec
 
     def op_kexec(self, poison: bool) -> None:
@@ -183,12 +185,13 @@ def reply(msg: dict) -> None:
 class FsKernel:
     """The test side: start a kernel process and call it."""
 
-    def __init__(self, machine: str, memory: int = 64 << 20) -> None:
+    def __init__(self, machine: str, memory: int = 64 << 20, *, wait: bool = True) -> None:
+        """Start the process; with `wait`, until it booted (its reply is `boot_reply`)."""
         self.proc = subprocess.Popen([sys.executable, __file__, machine, str(memory)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.unpacker = msgpack.Unpacker(raw=False)
-        self.boot_reply = self._read()["value"]
+        self.boot_reply = self._read()["value"] if wait else None
 
     @property
     def pid(self) -> int:
@@ -217,13 +220,37 @@ class FsKernel:
                 raise RuntimeError(f"the kernel process {self.proc.pid} ended: {err[-3000:]}")
             self.unpacker.feed(chunk)
 
-    def close(self) -> None:
-        """Stop this process (by its own PID) if it still runs."""
+    def send_raw(self, payload: bytes) -> None:
+        """Write requests without waiting for answers (a killed process ends it)."""
+        try:
+            self.proc.stdin.write(payload)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def replies(self) -> Iterator[dict]:
+        """Answers as they come, until the process's output ends."""
+        while True:
+            yield from self.unpacker
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                return
+            self.unpacker.feed(chunk)
+
+    def kill(self) -> None:
+        """SIGKILL the process (by its own PID) if it still runs."""
         if self.proc.poll() is None:
             self.proc.kill()
+
+    def close(self) -> None:
+        """Stop this process (by its own PID) if it still runs."""
+        self.kill()
         self.proc.wait(timeout=30)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            f.close()
+            try:
+                f.close()
+            except BrokenPipeError:     # requests it never read
+                pass
 
 
 if __name__ == "__main__":

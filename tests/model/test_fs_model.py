@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from conftest_machine import (BootKernel, boot_kernel, copy_inode, examples,  # noqa: F401
+from conftest_machine import (BootKernel, boot_kernel, examples, new_fs,  # noqa: F401
                               machine_env, unique_name)
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -32,7 +32,8 @@ from guestfs.filesystem import (
     Filesystem,
 )
 from guestfs.inode import ROOT_INO
-from guestfs.pagemap import REGION_SIZE
+from guestfs.store.pagemap import REGION_SIZE
+from guestfs.store.store import MetaStore
 from kho_backend.boot import Kernel
 
 NAMES = st.sampled_from([b"a", b"b", b"c", b"d"])
@@ -69,18 +70,36 @@ class FsModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fs = Filesystem(self.kernel)
+        self.fs = new_fs(self.kernel)
         root = self.fs.get(ROOT_INO)
         self.root = Node(ROOT_INO, "dir", stat.S_IMODE(root.mode), root.uid, root.gid)
         self.root.parent = self.root
         self.held: list[tuple[str, Node]] = []   # ("open" | "ref", node)
-        self.free = self.fs.pool.free_pages()
+        self.free = self.kernel.buddy.free_pages() + self.fs.store.pool.nr_pages
 
     def teardown(self) -> None:
-        for inode in list(self.fs.inodes.values()):
-            if inode.pages is not None:
-                inode.pages.release(self.fs.pool)
-        assert self.fs.pool.free_pages() == self.free
+        """Unlink and close everything: every page of the filesystem but the ones an
+        empty one holds must be free again."""
+        for kind, node in self.held:
+            if kind == "open":
+                self.fs.release(node.ino)
+            else:
+                self.fs.forget(node.ino, 1)
+        self.held.clear()
+        for d, name, child in sorted(self.entries(), key=lambda e: -self._depth(e[0])):
+            (self.fs.rmdir if child.is_dir else self.fs.unlink)(d.ino, name, Ctx(0, 0))
+        assert self.fs.check() == []
+        pool = self.fs.store.pool
+        for heads, order in list(pool.blocks()):
+            for pfn in heads.tolist():
+                pool.free(int(pfn), order)
+        assert self.kernel.buddy.free_pages() == self.free
+
+    def _depth(self, d: Node) -> int:
+        depth = 0
+        while d is not self.root:
+            d, depth = d.parent, depth + 1
+        return depth
 
     # --- walking the model --------------------------------------------------------
 
@@ -326,13 +345,13 @@ class FsModel(RuleBasedStateMachine):
 
     @rule()
     def handover(self) -> None:
-        """Rebuild the filesystem from exported records, as a kexec does: runtime state
-        (opens, lookups) does not survive, so unlinked files go."""
-        for inode in list(self.fs.inodes.values()):
-            if inode.nlink == 0 and inode.pages is not None:
-                inode.pages.release(self.fs.pool)
-        copies = [copy_inode(i) for i in self.fs.inodes.values() if i.nlink]
-        self.fs = Filesystem(self.kernel, self.fs.sb, inodes=copies)
+        """Open the filesystem again from what the arena holds, as the next kernel does:
+        a new store (no cached inode, no verified page), its orphans freed; runtime
+        state (opens, lookups) does not survive, so unlinked files go."""
+        store = self.fs.store
+        fresh, _ = MetaStore.open(store.arena, store.pool.pool, store.sb_pfn)
+        self.fs = Filesystem(fresh)
+        self.fs.finish_orphans()
         self.held.clear()
 
     # --- the comparison ---------------------------------------------------------------
@@ -359,7 +378,7 @@ class FsModel(RuleBasedStateMachine):
         assert stat.S_IFMT(inode.mode) == KINDS[node.kind]
         assert stat.S_IMODE(inode.mode) == node.perm
         assert (inode.uid, inode.gid, inode.nlink) == (node.uid, node.gid, nlink)
-        assert (inode.xattrs or {}) == node.xattrs
+        assert dict(self.fs.listxattr_items(node.ino)) == node.xattrs
         if node.kind == "reg":
             assert inode.size == len(node.data)
             assert bytes(self.fs.read(node.ino, 0, inode.size + 10)) == node.data

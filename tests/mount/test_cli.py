@@ -3,6 +3,7 @@ stderr), status output, and the daemon's ways to stop."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -207,3 +208,42 @@ def test_kho_dump_and_memmap(mount: Mount, tmp_path: Path) -> None:
     picture = tmp_path / "memmap.png"
     mount.cli("kho", "memmap", "--machine", mount.machine, "-o", os.fspath(picture))
     assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.fuse
+def test_fsck_live_offline_and_of_a_damaged_record(mount: Mount) -> None:
+    (mount / "f").write_bytes(b"data")
+    live = mount.cli("fsck", "--machine", mount.machine)
+    assert "(mounted): no problems" in live.stdout
+    mount.cli("umount", os.fspath(mount.mountpoint))
+    offline = mount.cli("fsck", "--machine", mount.machine, "--json")
+    assert json.loads(offline.stdout) == {"machine": mount.machine, "problems": []}
+    _flip_record_page_byte(Path(mount.env["GUESTFS_MACHINE_DIR"]) / f"{mount.machine}.mem")
+    damaged = mount.cli("fsck", "--machine", mount.machine, check=False)
+    assert damaged.returncode == 4 and "corrupt" in damaged.stdout, damaged.stdout
+    mount.cli("mount", "--machine", mount.machine, os.fspath(mount.mountpoint))
+    mount.pid = mount.status()["pid"]
+    with pytest.raises(OSError) as eio:
+        (mount / "f").read_bytes()
+    assert eio.value.errno == errno.EIO
+
+
+def _flip_record_page_byte(arena: Path) -> None:
+    """Flip a byte in the record page of inode 2 of a handed-over arena."""
+    from guestfs.handover import NAME, read_subtree
+    from guestfs.store.page import Pages
+    from guestfs.store.records import InodeTable
+    from guestfs.store.superblock import Superblock
+    from kho_backend.arena import Arena
+    from kho_backend.header import MachineHeader
+    from kho_backend.kho_in import IncomingHandover
+    from kho_backend.units import PAGE_SHIFT
+
+    with Arena.open(arena) as mem:
+        params = MachineHeader.read(mem).boot_params
+        handover = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
+        sb_pfn = read_subtree(handover.retrieve_subtree(NAME)[1]).superblock_phys >> PAGE_SHIFT
+        pages = Pages(mem)
+        sb = Superblock.read(pages, sb_pfn)
+        page = InodeTable(pages, sb.itable, sb.ino_generation).page_of(2)
+        mem.view(page)[4000] ^= 0x01

@@ -168,7 +168,7 @@ def test_unmount_hands_over_and_a_later_mount_finds_every_file(mount_factory: Mo
     before = snapshot(m)
     m.cli("umount", os.fspath(m.mountpoint))
     dump = m.cli("kho", "dump", "--machine", m.machine).stdout
-    assert '"guestfs-v1"' in dump and '"kho-v3"' in dump
+    assert '"guestfs-v2"' in dump and '"kho-v3"' in dump
     m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
     m.pid = m.status()["pid"]
     assert snapshot(m) == before
@@ -180,39 +180,39 @@ def test_a_corrupt_handover_is_refused_and_left_untouched(mount_factory: MountFa
     write_sample(m)
     m.cli("umount", os.fspath(m.mountpoint))
     arena = Path(m.env["GUESTFS_MACHINE_DIR"]) / f"{m.machine}.mem"
-    flip_inode_table_byte(arena)
+    flip_superblock_byte(arena)
     handed_over = handover_state(arena)
     for _attempt in range(2):       # refused every time: nothing was consumed or lost
         refused = m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint), check=False)
         assert refused.returncode == 1
-        assert "inode table" in refused.stderr and "--format" in refused.stderr, refused.stderr
+        assert "superblock" in refused.stderr and "--format" in refused.stderr, refused.stderr
         assert handover_state(arena) == handed_over, "the handover must be left as it was"
-    assert '"guestfs-v1"' in m.cli("kho", "dump", "--machine", m.machine).stdout
+    assert '"guestfs-v2"' in m.cli("kho", "dump", "--machine", m.machine).stdout
     m.cli("mount", "--machine", m.machine, "--format", os.fspath(m.mountpoint))
     m.pid = m.status()["pid"]
     assert os.listdir(m.mountpoint) == []
 
 
 def handover_state(arena: Path) -> tuple:
-    """The boot parameters and a digest of all memory a boot may not write: everything
-    but page 0 (the header's running state) and the scratch areas (where a booting
-    kernel puts its memmap)."""
+    """The boot parameters and a digest of every page the handover occupies (what it
+    preserves, its maps, its root): a boot that refuses it may use free memory, never
+    those."""
+    import numpy as np
+
     from kho_backend.arena import Arena
     from kho_backend.header import MachineHeader
-    from kho_backend.units import PAGE_SIZE
+    from kho_backend.kho_in import IncomingHandover
 
     with Arena.open(arena) as mem:
-        header = MachineHeader.read(mem)
-        data = bytearray(mem.array())
-    for area in header.scratch:
-        start = area.start_pfn * PAGE_SIZE
-        data[start:start + area.npages * PAGE_SIZE] = bytes(area.npages * PAGE_SIZE)
-    return header.boot_params, hashlib.sha256(data[PAGE_SIZE:]).hexdigest()
+        params = MachineHeader.read(mem).boot_params
+        mask = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size).page_mask()
+        pages = mem.array().reshape(mem.npages, -1)[np.flatnonzero(mask)]
+        return params, int(mask.sum()), hashlib.sha256(pages.tobytes()).hexdigest()
 
 
-def flip_inode_table_byte(arena: Path) -> None:
-    """Flip one payload byte of the guestfs inode table in a handed-over arena."""
-    from guestfs.subtree import NAME, read_superblock
+def flip_superblock_byte(arena: Path) -> None:
+    """Flip one byte of the guestfs superblock in a handed-over arena."""
+    from guestfs.handover import NAME, read_subtree
     from kho_backend.arena import Arena
     from kho_backend.header import MachineHeader
     from kho_backend.kho_in import IncomingHandover
@@ -220,8 +220,8 @@ def flip_inode_table_byte(arena: Path) -> None:
     with Arena.open(arena) as mem:
         params = MachineHeader.read(mem).boot_params
         handover = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
-        table = read_superblock(handover.retrieve_subtree(NAME)[1]).table_phys
-        mem.phys_view(table + 100, 1)[0] ^= 0x40
+        sb = read_subtree(handover.retrieve_subtree(NAME)[1]).superblock_phys
+        mem.phys_view(sb + 100, 1)[0] ^= 0x40
 
 
 def test_random_operations_across_kexecs_match_a_tmpfs_twin(mount_factory: MountFactory) -> None:

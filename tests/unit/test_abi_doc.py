@@ -6,9 +6,10 @@ dynamic parts, version 1, scratch entry, kho-v1 memory-map chunk and element, ch
 page), the radix tree's levels and key encoding with ``kho_radix`` and with a tree the
 code really writes, property names and types with FDTs the code really builds (kho-v3
 root, subtree and pool nodes, kexec-metadata, guestfs sub-FDT) or release 0.2.0 built
-(the kho-v1 root of the compatibility fixture), keys and columns with an inode table the
-code really encodes; and the magics, versions and `compatible` strings the document
-names with the constants.
+(the kho-v1 root and guestfs-v1 inode table of the compatibility fixture), the guestfs-v2
+metadata layouts (page header, superblock, journal, inode record, B+tree, blob) with
+their structs and constants; and the magics, versions and `compatible` strings the
+document names with the constants.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import msgpack
 import pytest
 from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
 
-from guestfs import inode_table, subtree
-from guestfs.filesystem import Ctx, Filesystem
-from guestfs.handover import GuestfsHandover
+from guestfs import handover, upgrade_v1
+from guestfs.filesystem import Ctx
+from guestfs.store import blob, btree, journal, page, pagemap, radix, records, superblock
 from kho_backend import chain, header, kexec_metadata, kho, kho_mem, kho_radix
+from kho_backend.arena import Arena
 from kho_backend.fdt import FdtReader
 from kho_backend.units import PAGE_SHIFT, PAGE_SIZE
 
@@ -45,6 +47,15 @@ def sections() -> dict[str, str]:
 def section(title_start: str) -> str:
     found = [body for title, body in sections().items() if title.startswith(title_start)]
     assert len(found) == 1, f"one section starting {title_start!r} in {DOC.name}"
+    return found[0]
+
+
+def subsection(parent: str, title_start: str) -> str:
+    """A ``### `` subsection of the section starting `parent`."""
+    parts = re.split(r"^### (.+)$", section(parent), flags=re.M)
+    found = [body for title, body in zip(parts[1::2], parts[2::2], strict=True)
+             if title.startswith(title_start)]
+    assert len(found) == 1, f"one subsection starting {title_start!r} of {parent!r}"
     return found[0]
 
 
@@ -103,7 +114,10 @@ def test_versions_written_and_read() -> None:
     assert code_names(rows["pool"][0]) == [kho.POOL_COMPATIBLE]
     assert rows["chain page"][0] == f"version {chain.CHAIN_VERSION}"
     assert code_names(rows["kexec-metadata"][0]) == [kexec_metadata.METADATA_COMPATIBLE]
-    assert code_names(rows["guestfs sub-FDT"][0]) == [subtree.COMPATIBLE]
+    assert code_names(rows["guestfs sub-FDT"][0]) == [handover.COMPATIBLE]
+    assert code_names(rows["guestfs sub-FDT"][1]) == [upgrade_v1.COMPATIBLE]
+    assert rows["guestfs superblock"][0] == f"version {superblock.VERSION}"
+    assert rows["guestfs journal"][0] == f"version {journal.VERSION}"
 
 
 def test_machine_header_layout() -> None:
@@ -237,7 +251,7 @@ def test_chain_page_layout() -> None:
         (chain.CHAIN_HDR.size, chain.CHAIN_PAYLOAD)]
     assert page[1][3] == f"version: {chain.CHAIN_VERSION}"
     assert page[4][0] == str(chain.CHAIN_CRC_OFFSET) and "CRC32" in page[4][3]
-    assert f"magic `{inode_table.MAGIC.decode()}`" in section("guestfs inode table")
+    assert f"(`{upgrade_v1.MAGIC.decode()}`)" in section("guestfs-v1")
 
 
 # --- FDTs and the inode table, as the code writes them --------------------------------
@@ -249,7 +263,8 @@ def fdt_properties(blob: bytes, path: str = "/") -> dict[str, str]:
     node = r.node(path)
     out = {}
     for name, raw in r.properties(node):
-        if raw.endswith(b"\0") and len(raw) not in (4, 8):
+        if raw.endswith(b"\0") and (len(raw) not in (4, 8) or raw[:-1].isascii()
+                                     and raw[:-1].decode().isprintable() and raw[0]):
             out[name] = "string"
         else:
             out[name] = {4: "u32", 8: "u64"}.get(len(raw), "string")
@@ -261,33 +276,32 @@ def documented_properties(table: list[list[str]]) -> dict[str, str]:
 
 
 @pytest.fixture
-def handed_over(boot_kernel: BootKernel) -> tuple[dict[str, bytes], bytes]:
-    """A real handover of a small tree: {subtree: blob}, the root FDT and the table."""
+def handed_over(boot_kernel: BootKernel) -> dict[str, bytes]:
+    """A real handover of a small tree: {subtree: blob}, and the root FDT as "/"."""
     kernel = boot_kernel(unique_name("abi"), memory=16 << 20)
+    fs = handover.format(kernel)
+    kernel.kho.register(handover.GuestfsHandover(fs))
     kernel.finish_boot()
-    fs = Filesystem(kernel)
-    kernel.kho.register(GuestfsHandover(fs))
     d = fs.mkdir(1, b"d", 0o755, _ROOT)
     f = fs.create(d.ino, b"f", 0o644, _ROOT)
     fs.write(f.ino, 0, b"data")
     fs.symlink(1, b"l", b"d/f", _ROOT)
     fs.setxattr(f.ino, b"user.k", b"v", _ROOT)
-    table = inode_table.encode_table(fs).payload
     kernel.kho.create_pool(POOL).alloc(0)
     kernel.kexec.prepare({"quiesce": 1})
     root_phys, root_size = kernel.kho.fdt
     blobs = {name: bytes(kernel.arena.phys_view(sub.phys, sub.size))
              for name, sub in kernel.kho.subtrees.items()}
     blobs["/"] = bytes(kernel.arena.phys_view(root_phys, root_size))
-    return blobs, table
+    return blobs
 
 
-def test_kho_root_fdt_properties(handed_over: tuple[dict[str, bytes], bytes]) -> None:
-    blobs, _ = handed_over
+def test_kho_root_fdt_properties(handed_over: dict[str, bytes]) -> None:
+    blobs = handed_over
     text = section("KHO root FDT")
     root, child, pool = tables(text)[:3]
     assert fdt_properties(blobs["/"]) == documented_properties(root)
-    assert fdt_properties(blobs["/"], "/" + subtree.NAME) == documented_properties(child)
+    assert fdt_properties(blobs["/"], "/" + handover.NAME) == documented_properties(child)
     assert fdt_properties(blobs["/"], f"/{kho.POOLS_NODE}") == {}
     assert fdt_properties(blobs["/"], f"/{kho.POOLS_NODE}/{POOL}") == documented_properties(pool)
     assert f"A node `{kho.POOLS_NODE}`" in text
@@ -302,7 +316,7 @@ def test_kho_v1_root_fdt_of_release_0_2_0(tmp_path: Path) -> None:
     blob = arena[bp.fdt_phys:bp.fdt_phys + bp.fdt_size]
     root, child = tables(section("`kho-v1` root FDT"))[:2]
     assert fdt_properties(blob) == documented_properties(root)
-    assert fdt_properties(blob, "/" + subtree.NAME) == documented_properties(child)
+    assert fdt_properties(blob, "/" + handover.NAME) == documented_properties(child)
     assert f'`"{kho_mem.KHO_V1_COMPATIBLE}"`' in root[0][2]
     assert {kho_mem.PROP_FDT, kho_mem.PROP_FDT_SIZE, kho_mem.PROP_FDT_CRC} == set(
         documented_properties(child))
@@ -311,8 +325,8 @@ def test_kho_v1_root_fdt_of_release_0_2_0(tmp_path: Path) -> None:
     assert arena[first_chunk:first_chunk + 4] == kho_mem.CHUNK_MAGIC
 
 
-def test_kexec_metadata_properties(handed_over: tuple[dict[str, bytes], bytes]) -> None:
-    blobs, _ = handed_over
+def test_kexec_metadata_properties(handed_over: dict[str, bytes]) -> None:
+    blobs = handed_over
     table = tables(section("kexec-metadata subtree"))[0]
     blob = blobs[kexec_metadata.METADATA_NODE]
     assert fdt_properties(blob) == documented_properties(table)
@@ -321,20 +335,98 @@ def test_kexec_metadata_properties(handed_over: tuple[dict[str, bytes], bytes]) 
     assert table[1][2] == str(kexec_metadata.METADATA_VERSION)
 
 
-def test_guestfs_subtree_properties(handed_over: tuple[dict[str, bytes], bytes]) -> None:
-    blobs, _ = handed_over
-    table = tables(section("guestfs sub-FDT"))[0]
-    assert fdt_properties(blobs[subtree.NAME]) == documented_properties(table)
-    assert f"`{subtree.COMPATIBLE}`" in table[0][2]
-    assert f"(`{subtree.COMPATIBLE}`)" in [t for t in sections() if t.startswith("guestfs sub-FDT")][0]
+def test_guestfs_subtree_properties(handed_over: dict[str, bytes]) -> None:
+    table = tables(subsection("guestfs-v2", "guestfs sub-FDT"))[0]
+    assert fdt_properties(handed_over[handover.NAME]) == documented_properties(table)
+    assert f"`{handover.COMPATIBLE}`" in table[0][2]
 
 
-def test_inode_table_keys_and_columns(handed_over: tuple[dict[str, bytes], bytes]) -> None:
-    _, payload = handed_over
-    keys, ranges = tables(section("guestfs inode table"))[:2]
+def test_guestfs_v1_of_release_0_2_0(tmp_path: Path) -> None:
+    """The v1 sub-FDT and inode table as the compatibility fixture holds them."""
+    arena = lzma.open(V1_ARENA).read()
+    (tmp_path / "v1.mem").write_bytes(arena)
+    bp = header.MachineHeader.unpack(arena[:header.HEADER_SIZE]).boot_params
+    r = FdtReader(arena[bp.fdt_phys:bp.fdt_phys + bp.fdt_size], "the v1 root")
+    sub = r.node("/" + handover.NAME)
+    phys, size = r.u64(sub, kho_mem.PROP_FDT), r.u64(sub, kho_mem.PROP_FDT_SIZE)
+    blob_ = arena[phys:phys + size]
+    props, keys, ranges = (tables(subsection("guestfs-v1", "guestfs sub-FDT"))[0],
+                           *tables(subsection("guestfs-v1", "guestfs inode table"))[:2])
+    assert fdt_properties(blob_) == documented_properties(props)
+    sb = upgrade_v1.read_superblock(blob_)
+    with Arena.open(tmp_path / "v1.mem") as mem:
+        payload = chain.walk_chain(mem, sb.table_phys, upgrade_v1.MAGIC).payload
     doc = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    assert [code_names(row[0])[0] for row in keys] == list(doc) == list(inode_table.KEYS)
+    assert [code_names(row[0])[0] for row in keys] == list(doc)
     columns = re.search(r"`\[([^\]]+)\]`", keys[0][1]).group(1).replace(" ", "").split(",")
-    assert tuple(columns) == inode_table.ATTRS
+    assert tuple(columns) == upgrade_v1.ATTRS
     ranged = {name for row in ranges for name in code_names(row[0])}
-    assert set(inode_table.ATTRS) - {"ino"} <= ranged | {"ino"} and "ino" in ranged
+    assert set(upgrade_v1.ATTRS) <= ranged | {"atime_ns", "mtime_ns", "ctime_ns"}
+
+
+# --- guestfs-v2 metadata ----------------------------------------------------------------
+
+
+def _field_offsets(table: list[list[str]]) -> list[int]:
+    return [int(row[0]) for row in table]
+
+
+def test_metadata_page_header_and_magics() -> None:
+    text = subsection("guestfs-v2", "Metadata pages")
+    rows = tables(text)[0]
+    assert [(int(r[0]), r[1]) for r in rows] == [(0, "u32"), (4, "u32"), (8, "u64")]
+    assert page.HEADER.format == "<IIQ" and page.CRC_OFFSET == 4
+    magics = code_names(rows[0][2])
+    assert magics == [kind.to_bytes(4, "little").decode() for kind in page.Kind]
+
+
+def test_superblock_layout() -> None:
+    rows = tables(subsection("guestfs-v2", "Superblock"))[0]
+    layout = shifted(struct_layout(superblock.FIELDS.format), page.HEADER_SIZE)
+    starts = [offset for offset, size in layout]
+    assert set(_field_offsets(rows)) <= set(starts)
+    assert _field_offsets(rows)[-1] == superblock.OPTIONS_OFFSET - 2
+    assert superblock.JOURNAL_OFFSET == 128 and "| 128 | u64 | journal" in \
+        subsection("guestfs-v2", "Superblock")
+    assert rows[0][2] == f"version ({superblock.VERSION})"
+
+
+def test_journal_layout() -> None:
+    text = " ".join(subsection("guestfs-v2", "Journal").split())
+    rows = tables(subsection("guestfs-v2", "Journal"))[0]
+    assert _field_offsets(rows) == [journal.STATE_OFFSET, journal.GEOMETRY_OFFSET,
+                                    journal.PFNS_OFFSET]
+    assert f"version ({journal.VERSION}), undo slots ({journal.DEFAULT_SLOTS}), entry pages " \
+           f"({journal.DEFAULT_ENTRY_PAGES})" in rows[1][2]
+    assert f"Entry pages hold {journal.ENTRIES_PER_PAGE} entries of {journal.ENTRY.size} bytes" in text
+    kinds = {k.name: k.value for k in journal.EntryKind}
+    assert f"({kinds['UNDO']} UNDO, {kinds['ALLOC']} ALLOC, {kinds['FREE']} FREE)" in text
+    assert f"`pfn | order << {journal.ORDER_SHIFT}`" in text
+    phases = {p.name.lower(): p.value for p in journal.Phase}
+    assert f"phase {phases['idle']} idle, {phases['active']} active, " \
+           f"{phases['committing']} committing" in rows[0][2]
+
+
+def test_radix_inode_record_btree_blob_and_page_map() -> None:
+    radix_text = " ".join(subsection("guestfs-v2", "Radix table").split())
+    assert f"{radix.FANOUT} u64 slots at offset {page.HEADER_SIZE}" in radix_text
+    assert f"At most {radix.MAX_HEIGHT} levels" in radix_text
+    itable = subsection("guestfs-v2", "Inode table")
+    text = " ".join(itable.split())
+    assert f"{records.PER_PAGE} records of {records.RECORD_SIZE} bytes" in text
+    assert f"`ino // {records.PER_PAGE}`" in text
+    record = tables(itable)[0]
+    starts = [offset for offset, _ in struct_layout(records.RECORD.format)]
+    assert set(_field_offsets(record)) <= set(starts)
+    assert f"u32 inline PFNs[{records.INLINE_PFNS}]" in record[-1][2]
+    assert f"at most {records.INLINE_TARGET} bytes" in record[-1][2]
+    bt = " ".join(subsection("guestfs-v2", "B+tree").split())
+    assert f"at most {btree.MAX_VALUE} bytes" in bt
+    assert f"up to {btree.LEAF_KEYS} keys) has u16 value offsets at {btree.OFFSETS_OFFSET}" in bt
+    assert f"up to {btree.INNER_KEYS} keys) has `keys + 1` u64 child PFNs at " \
+           f"{btree.CHILDREN_OFFSET}" in bt
+    bl = " ".join(subsection("guestfs-v2", "Blob").split())
+    assert blob.LINK.format == "<II" and f"the bytes from {blob.DATA_OFFSET}" in bl
+    pm = " ".join(subsection("guestfs-v2", "Page map").split())
+    assert f"{pagemap.REGION_PAGES} u32 PFNs at offset {page.HEADER_SIZE}" in pm
+    assert f"order-{pagemap.FOLIO_ORDER} folio" in pm

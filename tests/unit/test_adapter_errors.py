@@ -34,12 +34,7 @@ class FakeInode:
     atime_ns: int = 1_000_000_001
     mtime_ns: int = 2_000_000_002
     ctime_ns: int = 3_000_000_003
-    pages: Any = None
-
-
-class FakePages:
-    def blocks(self) -> int:
-        return 16
+    blocks: int = 0
 
 
 @dataclass
@@ -61,7 +56,7 @@ class FakeFs:
 
     def get(self, ino: int) -> FakeInode:
         self._call("get", ino)
-        return FakeInode(ino=ino, pages=FakePages())
+        return FakeInode(ino=ino, blocks=16)
 
     def setattr(self, ino: int, ctx: Any, **changes: Any) -> FakeInode:
         self._call("setattr", ino, changes)
@@ -77,15 +72,14 @@ class FakeFs:
     def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
         self._call("setxattr", ino, name, value)
 
-    def readdir_end(self, ino: int) -> int:
-        return 6
+    def opendir(self, ino: int) -> None:
+        self._call("opendir", ino)
 
-    def readdir(self, ino: int, after: int, before: int | None = None
-                ) -> Iterator[tuple[int, bytes, FakeInode]]:
+    def readdir(self, ino: int, after: int) -> Iterator[tuple[int, bytes, FakeInode]]:
         self._call("readdir", ino, after)
         names = [b".", b"..", b"a", b"b", b"c"]
         for cookie, name in enumerate(names, start=1):
-            if after < cookie < (before or 1 << 63):
+            if after < cookie:
                 yield cookie, name, FakeInode(ino=100 + cookie)
 
     def ref(self, ino: int, n: int = 1) -> None:
@@ -158,7 +152,7 @@ def test_lookup_counts_and_negative_entries() -> None:
 
 
 def test_entry_attributes_carry_every_field() -> None:
-    attr = entry_attributes(FakeInode(ino=9, pages=FakePages()))
+    attr = entry_attributes(FakeInode(ino=9, blocks=16))
     assert (attr.st_ino, attr.generation, attr.st_uid, attr.st_gid) == (9, 7, 1000, 100)
     assert (attr.st_size, attr.st_blocks, attr.st_blksize) == (5000, 16, 4096)
     assert (attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns) == (

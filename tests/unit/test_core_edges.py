@@ -1,5 +1,5 @@
 """The filesystem core at its edges, without FUSE: times over the kernel's whole range,
-the handover's reserve on a full arena, restore refusing impossible values, sparse files
+a full arena and a kernel that dies, restore refusing what it cannot trust, sparse files
 far beyond the arena, whiteouts, file handles, directory walks that end, ACLs and the
 atime options. Handovers here are real (KHO finalize, boot parameters, a new boot)."""
 
@@ -15,16 +15,14 @@ import msgpack
 import pytest
 from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
 
-from guestfs import acl, inode_table
+from guestfs import acl, handover
 from guestfs.acl import Entry, Tag
 from guestfs.errors import FsError
 from guestfs.filesystem import (RENAME_NOREPLACE, RENAME_WHITEOUT, TIME_MAX_NS, TIME_MIN_NS,
-                                AtimeMode, AtimePolicy, Ctx, Filesystem, inode_table_bytes)
-from guestfs.handover import GuestfsHandover, restore
-from guestfs.inode_table import encode_table
+                                AtimeMode, AtimePolicy, Ctx, Filesystem)
 from guestfs.inode import ROOT_INO
-from guestfs.reserve import EXTENT_BYTES, TABLE_BYTES
-from guestfs.superblock import MAX_FILE_SIZE
+from guestfs.store.superblock import MAX_FILE_SIZE
+from kho_backend.boot import Kernel
 from kho_backend.errors import HandoverError
 from kho_backend.units import PAGE_SIZE
 
@@ -35,34 +33,46 @@ REG = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 
 
-@pytest.fixture
-def new_fs(boot_kernel: BootKernel) -> Callable[..., Filesystem]:
-    """``new_fs(memory)``: a fresh filesystem on a new machine, registered with KHO."""
-    def make(memory: int = 32 * MiB) -> Filesystem:
-        kernel = boot_kernel(unique_name("edge"), memory=memory)
+class NewFs:
+    """``new_fs(memory)``: a fresh filesystem on a new machine, as a mount makes it;
+    ``new_fs.kernels`` are the kernels booted so far, the running one last."""
+
+    def __init__(self, boot_kernel: BootKernel) -> None:
+        self.boot_kernel = boot_kernel
+        self.kernels: list[Kernel] = []
+
+    def __call__(self, memory: int = 32 * MiB) -> Filesystem:
+        kernel = self.boot_kernel(unique_name("edge"), memory=memory)
+        return self.started(kernel, handover.format(kernel))
+
+    def started(self, kernel: Kernel, fs: Filesystem) -> Filesystem:
+        kernel.kho.register(handover.GuestfsHandover(fs))
         kernel.finish_boot()
-        fs = Filesystem(kernel)
-        kernel.kho.register(GuestfsHandover(fs))
+        self.kernels.append(kernel)
         return fs
-    return make
 
 
-def hand_over(fs: Filesystem, boot_kernel: BootKernel) -> Filesystem:
+@pytest.fixture
+def new_fs(boot_kernel: BootKernel) -> NewFs:
+    return NewFs(boot_kernel)
+
+
+def hand_over(fs: Filesystem, new_fs: NewFs, boot_kernel: BootKernel, *,
+              check: bool = True) -> Filesystem:
     """Unmount-style handover into the arena, a new boot on the machine, restore."""
-    kernel = fs.kernel
+    kernel = new_fs.kernels[-1]
     kernel.kexec.prepare({}, exec=False)
     kernel.shutdown()
     successor = boot_kernel(kernel.name)
-    restored = restore(successor)
+    restored = handover.restore(successor)
     assert restored is not None
-    successor.finish_boot()
-    successor.kho.register(GuestfsHandover(restored))
-    assert restored.check() == []
-    return restored
+    if check:
+        assert restored.check() == []
+    return new_fs.started(successor, restored)
 
 
-def walk(fs: Filesystem, ino: int = ROOT_INO, before: int | None = None) -> list[bytes]:
-    return [name for _, name, _ in fs.readdir(ino, 0, before)][2:]
+def walk(fs: Filesystem, ino: int = ROOT_INO) -> list[bytes]:
+    return [name for _, name, _ in fs.readdir(ino, 0)][2:]
 
 
 # --- times ------------------------------------------------------------------------------
@@ -76,12 +86,12 @@ def test_times_round_trip_through_a_handover(new_fs, boot_kernel: BootKernel) ->
     for i, t in enumerate(TIMES):
         f = fs.create(ROOT_INO, b"t%d" % i, REG, ROOT)
         fs.setattr(f.ino, ROOT, atime_ns=t, mtime_ns=TIMES[-1 - i], ctime_ns=t)
-    back = hand_over(fs, boot_kernel)
+    back = hand_over(fs, new_fs, boot_kernel)
     for i, t in enumerate(TIMES):
         f = back.lookup(ROOT_INO, b"t%d" % i)
         assert (f.atime_ns, f.mtime_ns, f.ctime_ns) == (t, TIMES[-1 - i], t)
-    # and once more, from a table that holds msgpack timestamps
-    again = hand_over(back, boot_kernel)
+    # and once more
+    again = hand_over(back, new_fs, boot_kernel)
     assert again.lookup(ROOT_INO, b"t2").atime_ns == TIME_MIN_NS
 
 
@@ -91,7 +101,7 @@ def test_the_clock_has_nanoseconds(new_fs) -> None:
     assert stamps != {0}, "times are rounded to milliseconds"
 
 
-# --- the handover's reserve -------------------------------------------------------------
+# --- a full arena, and a kernel that dies ------------------------------------------------
 
 
 def random_tree(fs: Filesystem, rng: random.Random, n: int) -> None:
@@ -119,14 +129,36 @@ def random_tree(fs: Filesystem, rng: random.Random, n: int) -> None:
             fs.unlink(parent, name, ROOT)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_reserve_bounds_the_inode_table(new_fs, seed: int) -> None:
+def snapshot(fs: Filesystem, ino: int = ROOT_INO, path: bytes = b"") -> dict:
+    """Every path with its attributes, xattrs, target or bytes."""
+    out = {}
+    for _, name, inode in list(fs.readdir(ino, 0))[2:]:
+        p = path + b"/" + name
+        out[p] = (inode.ino, inode.mode, inode.nlink, inode.size, inode.mtime_ns,
+                  sorted(fs.listxattr_items(inode.ino)),
+                  fs.readlink(inode.ino) if inode.is_symlink else
+                  bytes(fs.read(inode.ino, 0, inode.size)) if inode.is_reg else None)
+        if inode.is_dir:
+            out.update(snapshot(fs, inode.ino, p))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_kernel_that_dies_without_handing_over_loses_nothing(new_fs, seed: int,
+                                                               boot_kernel: BootKernel) -> None:
+    """Everything a call returned is in the arena already: the next boot takes it up
+    from the dead kernel's live KHO root (a crash boot), with no handover at all."""
     fs = new_fs(64 * MiB)
-    random_tree(fs, random.Random(seed), 400)
-    measured = TABLE_BYTES + sum(map(inode_table_bytes, fs.inodes.values()))
-    assert fs.reserve.meta_bytes == measured, "an operation did not keep the bound"
-    table = encode_table(fs)
-    assert len(table.payload) <= fs.reserve.meta_bytes + fs.pool.allocations * EXTENT_BYTES
+    random_tree(fs, random.Random(seed), 300)
+    before = snapshot(fs)
+    generation = fs.sb.generation
+    name = new_fs.kernels[-1].name
+    new_fs.kernels[-1].shutdown()           # no kexec, no unmount: as a SIGKILL leaves it
+    successor = boot_kernel(name)
+    assert successor.kho_in is not None and successor.kho_in.crashed
+    back = handover.restore(successor)
+    assert back is not None and back.check() == []
+    assert snapshot(back) == before and back.sb.generation == generation + 1
 
 
 def test_a_full_arena_still_hands_over_every_file(new_fs, boot_kernel: BootKernel) -> None:
@@ -149,69 +181,50 @@ def test_a_full_arena_still_hands_over_every_file(new_fs, boot_kernel: BootKerne
             names.append(name)
             fs.setxattr(g.ino, b"user.k", b"v" * 100, ROOT)
     assert meta_full.value.errno == errno.ENOSPC and len(names) > 10
-    back = hand_over(fs, boot_kernel)
+    assert fs.check() == []
+    back = hand_over(fs, new_fs, boot_kernel)
     assert back.lookup(ROOT_INO, b"data").size == offset
     assert set(walk(back)) == {b"data", *names}
+    back.unlink(ROOT_INO, names[0], ROOT)           # a full arena still takes an unlink
+    assert back.check() == []
 
 
-# --- restore refuses impossible values ----------------------------------------------------
+# --- restore refuses what it cannot trust ---------------------------------------------------
 
 
-def _tamper(monkeypatch: pytest.MonkeyPatch, change: Callable[[dict], None]) -> None:
-    """Make the next handover's inode table carry a change (valid checksums)."""
-    real = inode_table.encode_table
-
-    def encode(fs: Filesystem) -> inode_table.EncodedTable:
-        table = real(fs)
-        doc = msgpack.unpackb(table.payload, raw=False, strict_map_key=False)
-        change(doc)
-        return dataclasses.replace(table, payload=msgpack.packb(doc, use_bin_type=True))
-    monkeypatch.setattr(inode_table, "encode_table", encode)
-
-
-def _row_of(doc: dict, ino: int) -> list:
-    return next(row for row in doc["attrs"] if row[0] == ino)
-
-
-@pytest.mark.parametrize("change,expect", [
-    (lambda d, ino: _row_of(d, ino).__setitem__(2, 1 << 32), "uid is 4294967296"),
-    (lambda d, ino: _row_of(d, ino).__setitem__(3, -1), "gid is -1"),
-    (lambda d, ino: _row_of(d, ino).__setitem__(9, 1 << 63), "size is"),
-    (lambda d, ino: _row_of(d, ino).__setitem__(4, 0), "nlink is 0"),
-    (lambda d, ino: _row_of(d, ino).__setitem__(6, True), "bool"),
-    (lambda d, ino: _row_of(d, ino).__setitem__(6, "yesterday"), "str"),
-    (lambda d, ino: d["files"][0][1][0].__setitem__(0, True), "not 4 integers"),
-    (lambda d, ino: d["files"][0][1][0].__setitem__(3, 3), "impossible extent"),
-    (lambda d, ino: d["dirs"][0][3].append([b"x", ino, -5]), "not an integer in"),
-    (lambda d, ino: d["xattrs"].append([ino, {b"os2.x": b"1"}]), "malformed xattrs"),
-    (lambda d, ino: d["symlinks"].append([ino, b"a\0b"]), "malformed target|symlink"),
-])
-def test_restore_refuses_impossible_values(new_fs, boot_kernel: BootKernel,
-                                           monkeypatch: pytest.MonkeyPatch, change,
-                                           expect: str) -> None:
+def test_a_corrupt_superblock_is_refused_and_the_arena_kept(new_fs,
+                                                           boot_kernel: BootKernel) -> None:
     fs = new_fs()
-    f = fs.create(ROOT_INO, b"f", REG, ROOT)
-    fs.write(f.ino, 0, b"data")
-    _tamper(monkeypatch, lambda doc: change(doc, f.ino))
-    kernel = fs.kernel
+    fs.create(ROOT_INO, b"f", REG, ROOT)
+    arena, sb_pfn = fs.store.arena, fs.store.sb_pfn
+    kernel = new_fs.kernels[-1]
     kernel.kexec.prepare({}, exec=False)
+    arena.view(sb_pfn)[200] ^= 0x10
     kernel.shutdown()
     successor = boot_kernel(kernel.name)
-    with pytest.raises(HandoverError, match=expect):
-        restore(successor)
+    with pytest.raises(HandoverError, match="superblock"):
+        handover.restore(successor)
+    successor.shutdown()
+    again = boot_kernel(kernel.name)                # still there, still refused
+    assert again.kho_in is not None and handover.NAME in again.kho_in.subtrees
 
 
-def test_restore_refuses_impossible_superblock_values(new_fs, boot_kernel: BootKernel,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_corrupt_record_answers_eio_names_the_page_and_fsck_finds_it(
+        new_fs, boot_kernel: BootKernel, caplog: pytest.LogCaptureFixture) -> None:
     fs = new_fs()
-    fs.sb.max_inodes = 0
-    kernel = fs.kernel
-    kernel.kexec.prepare({}, exec=False)
-    kernel.shutdown()
-    with pytest.raises(HandoverError, match="max-inodes is 0"):
-        restore(boot_kernel(kernel.name))
+    f = fs.create(ROOT_INO, b"f", REG, ROOT)
+    back = hand_over(fs, new_fs, boot_kernel)
+    page = back.store.itable.page_of(f.ino)
+    back.store.arena.view(page)[4096 - 9] ^= 0x01    # a byte of the record page's tail
+    back = hand_over(back, new_fs, boot_kernel, check=False)
+    with pytest.raises(FsError) as eio:
+        back.get(f.ino)
+    assert eio.value.errno == errno.EIO and f"page {page}" in caplog.text
+    problems = back.check()
+    assert problems and any(str(page) in p for p in problems)
 
 
+# --- files, names, directories -----------------------------------------------------------
 # --- files, names, directories -----------------------------------------------------------
 
 
@@ -219,17 +232,17 @@ def test_sparse_files_far_beyond_the_arena(new_fs, boot_kernel: BootKernel) -> N
     fs = new_fs(16 * MiB)
     f = fs.create(ROOT_INO, b"sparse", REG, ROOT)
     fs.setattr(f.ino, ROOT, size=10 * GiB)
-    assert fs.write(f.ino, 10 * 10**9, b"end") == 3 and f.pages.npages == 1
+    assert fs.write(f.ino, 10 * 10**9, b"end") == 3 and fs.get(f.ino).npages == 1
     fs.write(f.ino, MAX_FILE_SIZE - 1, b"!")
     assert f.size == MAX_FILE_SIZE and bytes(fs.read(f.ino, 10 * 10**9 - 2, 5)) == b"\0\0end"
     with pytest.raises(FsError) as too_far:
         fs.write(f.ino, MAX_FILE_SIZE, b"x")
     assert too_far.value.errno == errno.EFBIG
-    back = hand_over(fs, boot_kernel)
+    back = hand_over(fs, new_fs, boot_kernel)
     g = back.lookup(ROOT_INO, b"sparse")
     assert g.size == MAX_FILE_SIZE and bytes(back.read(g.ino, 10 * 10**9, 3)) == b"end"
     back.setattr(g.ino, ROOT, size=PAGE_SIZE)
-    assert g.pages is None
+    assert g.npages == 0
 
 
 def test_dot_lookup_answers_any_inode(new_fs) -> None:
@@ -250,7 +263,7 @@ def test_rename_whiteout_leaves_a_character_device(new_fs, boot_kernel: BootKern
     wo = fs.lookup(ROOT_INO, b"a")
     assert stat.S_ISCHR(wo.mode) and stat.S_IMODE(wo.mode) == 0 and wo.rdev == 0
     assert (wo.uid, wo.gid) == (7, 8) and fs.lookup(ROOT_INO, b"b") is f
-    back = hand_over(fs, boot_kernel)
+    back = hand_over(fs, new_fs, boot_kernel)
     assert stat.S_ISCHR(back.lookup(ROOT_INO, b"a").mode)
 
 
@@ -261,7 +274,7 @@ def test_a_walk_ends_while_entries_are_renamed_away_and_back(new_fs) -> None:
     for i in range(50):
         fs.create(d.ino, b"f%02d" % i, REG, ROOT)
     seen = []
-    for _, name, _ in fs.readdir(d.ino, 0, fs.readdir_end(d.ino)):
+    for _, name, _ in fs.readdir(d.ino, 0):
         if name in (b".", b".."):
             continue
         seen.append(name)
@@ -286,7 +299,7 @@ def test_access_acl_sets_the_mode_and_chmod_sets_the_acl(new_fs) -> None:
     assert acl.mode_bits(acl.parse(fs.getxattr(f.ino, acl.ACCESS))) == (0o604, False)
     plain = acl.pack((Entry(Tag.USER_OBJ, 6), Entry(Tag.GROUP_OBJ, 0), Entry(Tag.OTHER, 0)))
     fs.setxattr(f.ino, acl.ACCESS, plain, ROOT)         # says no more than the mode
-    assert stat.S_IMODE(f.mode) == 0o600 and f.xattrs is None
+    assert stat.S_IMODE(f.mode) == 0o600 and fs.listxattr(f.ino) == []
     with pytest.raises(FsError) as not_dir:
         fs.setxattr(f.ino, acl.DEFAULT, NAMED, ROOT)
     assert not_dir.value.errno == errno.EACCES
@@ -299,12 +312,13 @@ def test_default_acl_is_inherited(new_fs, boot_kernel: BootKernel) -> None:
     f = fs.create(d.ino, b"f", stat.S_IFREG | 0o666, ROOT)
     sub = fs.mkdir(d.ino, b"sub", stat.S_IFDIR | 0o777, ROOT)
     link = fs.symlink(d.ino, b"l", b"f", ROOT)
-    assert stat.S_IMODE(f.mode) == 0o640 and acl.ACCESS in f.xattrs
-    assert sub.xattrs[acl.DEFAULT] == NAMED and stat.S_IMODE(sub.mode) == 0o750
-    assert link.xattrs is None
-    back = hand_over(fs, boot_kernel)
+    assert stat.S_IMODE(f.mode) == 0o640 and acl.ACCESS in fs.listxattr(f.ino)
+    assert fs.getxattr(sub.ino, acl.DEFAULT) == NAMED and stat.S_IMODE(sub.mode) == 0o750
+    assert fs.listxattr(link.ino) == []
+    want = fs.getxattr(f.ino, acl.ACCESS)
+    back = hand_over(fs, new_fs, boot_kernel)
     g = back.lookup(back.lookup(ROOT_INO, b"d").ino, b"f")
-    assert back.getxattr(g.ino, acl.ACCESS) == f.xattrs[acl.ACCESS]
+    assert back.getxattr(g.ino, acl.ACCESS) == want
 
 
 @pytest.mark.parametrize("policy,moves_file,moves_dir", [

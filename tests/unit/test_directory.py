@@ -1,110 +1,89 @@
-"""Directory: names, stable readdir cookies, resuming, export and import."""
+"""Directories (guestfs.store.directory): cookies derived from names, stable while a
+name exists and given back when it returns; names that share a hash; resuming a walk
+from any cookie; against a dict model."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
-from conftest_machine import python_calls
-from hypothesis import given, settings
+from conftest_machine import BootKernel, boot_kernel, examples, machine_env, new_fs, unique_name  # noqa: F401
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guestfs.directory import FIRST_COOKIE, Directory
+from guestfs.errors import FsError
+from guestfs.filesystem import Ctx, Filesystem
+from guestfs.inode import ROOT_INO
+from guestfs.store.directory import FIRST_COOKIE, INDEX_BITS, Directories
+
+ROOT = Ctx(uid=0, gid=0)
 
 
-def listing(d: Directory, after: int = 0) -> list[tuple[int, bytes, int]]:
-    return list(d.entries_after(after))
+@pytest.fixture
+def fs(boot_kernel: BootKernel) -> Filesystem:
+    return new_fs(boot_kernel(unique_name("dir"), memory=32 << 20))
 
 
-def test_entries_get_cookies_from_3_in_insertion_order() -> None:
-    d = Directory()
-    assert [d.add(n, i) for i, n in enumerate([b"b", b"a", b"c"], 10)] == [3, 4, 5]
-    assert listing(d) == [(3, b"b", 10), (4, b"a", 11), (5, b"c", 12)]
-    assert d.lookup(b"a") == 11 and d.lookup(b"zz") is None and len(d) == 3
-    with pytest.raises(ValueError):
-        d.add(b"a", 99)
+def cookies(fs: Filesystem, ino: int = ROOT_INO) -> dict[bytes, int]:
+    return {name: cookie for cookie, name, _ in fs.readdir(ino, 2)}
 
 
-def test_cookies_are_never_reused_and_offsets_survive_changes() -> None:
-    d = Directory()
-    for i in range(10):
-        d.add(b"f%d" % i, 100 + i)
-    first = listing(d)[:4]                     # a reader stopped after cookie 6
-    d.remove(b"f4")                            # the next one goes away
-    d.remove(b"f0")                            # one already seen goes away
-    assert d.add(b"new", 200) == FIRST_COOKIE + 10
-    rest = listing(d, first[-1][0])
-    assert [n for _, n, _ in rest] == [b"f5", b"f6", b"f7", b"f8", b"f9", b"new"]
+def test_cookies_come_from_the_names_and_stay(fs: Filesystem) -> None:
+    for name in (b"a", b"b", b"c"):
+        fs.create(ROOT_INO, name, 0o644, ROOT)
+    first = cookies(fs)
+    assert all(c >= FIRST_COOKIE for c in first.values())
+    assert first[b"a"] == fs.store.dirs.base_cookie(b"a")
+    fs.unlink(ROOT_INO, b"b", ROOT)
+    fs.create(ROOT_INO, b"d", 0o644, ROOT)
+    fs.create(ROOT_INO, b"b", 0o644, ROOT)            # back: the same cookie
+    assert {k: v for k, v in cookies(fs).items() if k != b"d"} == first
 
 
-def test_replace_keeps_the_cookie() -> None:
-    d = Directory()
-    d.add(b"x", 1)
-    d.add(b"y", 2)
-    assert d.replace(b"x", 7) == 1
-    assert listing(d) == [(3, b"x", 7), (4, b"y", 2)]
+def test_another_filesystem_hashes_names_differently(boot_kernel: BootKernel) -> None:
+    a = new_fs(boot_kernel(unique_name("dir"), memory=32 << 20))
+    b = new_fs(boot_kernel(unique_name("dir"), memory=32 << 20))
+    assert a.store.dirs.base_cookie(b"name") != b.store.dirs.base_cookie(b"name")
 
 
-def test_compaction_keeps_cookies_and_a_running_iteration_valid() -> None:
-    d = Directory()
-    for i in range(1000):
-        d.add(b"n%04d" % i, i + 1)
-    it = d.entries_after(0)
-    seen = [next(it) for _ in range(10)]
-    for i in range(5, 995):                    # enough removals to compact
-        d.remove(b"n%04d" % i)
-    seen += list(it)
-    assert [c for c, _, _ in seen] == list(range(3, 13)) + list(range(998, 1003))
-    assert len(d._names) < 100                 # tombstones were squeezed out
-    assert d.lookup(b"n0999") == 1000
+def test_names_that_share_a_hash_get_the_next_index(fs: Filesystem,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Directories, "base_cookie", lambda self, name: 1000 << INDEX_BITS)
+    names = [b"n%d" % i for i in range(1 << INDEX_BITS)]
+    for name in names:
+        fs.create(ROOT_INO, name, 0o644, ROOT)
+    assert sorted(cookies(fs).values()) == list(range(1000 << INDEX_BITS,
+                                                      (1000 << INDEX_BITS) + len(names)))
+    assert all(fs.lookup(ROOT_INO, name).ino for name in names)
+    with pytest.raises(FsError) as full:
+        fs.create(ROOT_INO, b"one-too-many", 0o644, ROOT)
+    assert full.value.errno == errno.ENOSPC
+    fs.unlink(ROOT_INO, b"n3", ROOT)
+    fs.create(ROOT_INO, b"one-too-many", 0o644, ROOT)
+    assert cookies(fs)[b"one-too-many"] == (1000 << INDEX_BITS) + 3
+    assert fs.check() == []
 
 
-def test_export_and_import_keep_cookies_and_the_next_cookie() -> None:
-    d = Directory()
-    for i in range(5):
-        d.add(b"e%d" % i, i + 50)
-    d.remove(b"e1")
-    back = Directory.from_entries(d.export(), d.next_cookie)
-    assert back.export() == d.export() and back.next_cookie == d.next_cookie == 8
-    assert back.add(b"later", 9) == 8
-
-
-@pytest.mark.parametrize("entries,next_cookie", [
-    ([(b"a", 1, 4), (b"b", 2, 3)], 9),         # cookies out of order
-    ([(b"a", 1, 3), (b"a", 2, 4)], 9),         # a name twice
-    ([(b"a", 1, 2)], 9),                       # cookie of '..'
-    ([(b"a", 1, 5)], 5),                       # next cookie not past the last
-])
-def test_from_entries_refuses_inconsistent_input(entries: list, next_cookie: int) -> None:
-    with pytest.raises(ValueError):
-        Directory.from_entries(entries, next_cookie)
-
-
-def test_resuming_in_a_big_directory_does_not_scan_it() -> None:
-    """A resume and a lookup cost the same calls in 2 Ki entries as in 200 Ki."""
-    def work(n: int) -> int:
-        d = Directory()
-        for i in range(n):
-            d.add(b"file-%06d" % i, i + 2)
-
-        def resumes() -> None:
-            for cookie in range(n - 1000, n):
-                next(d.entries_after(cookie))
-                d.lookup(b"file-%06d" % (cookie % n))
-        return python_calls(resumes)
-    assert work(200_000) == work(2_000)
-
-
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=300))
-def test_directory_matches_an_ordered_model(ops: list[tuple[bool, int]]) -> None:
-    d = Directory()
-    model: dict[bytes, tuple[int, int]] = {}   # name -> (cookie, ino); dicts keep order
-    for add, k in ops:
-        name = b"%d" % k
+@settings(max_examples=examples(40), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 400)), max_size=200))
+def test_directory_matches_a_dict(fs: Filesystem, ops: list[tuple[bool, int]]) -> None:
+    d = fs.mkdir(ROOT_INO, b"model", 0o755, ROOT)
+    model: dict[bytes, int] = {}
+    for add, n in ops:
+        name = b"entry-%d" % n
         if add and name not in model:
-            model[name] = (d.add(name, k + 1), k + 1)
+            model[name] = fs.create(d.ino, name, 0o644, ROOT).ino
         elif not add and name in model:
-            assert d.remove(name) == model.pop(name)[1]
-    expected = [(c, n, i) for n, (c, i) in model.items()]
-    assert listing(d) == expected
-    for cut in range(0, d.next_cookie + 1, 7):
-        assert listing(d, cut) == [e for e in expected if e[0] > cut]
+            fs.unlink(d.ino, name, ROOT)
+            del model[name]
+    listing = list(fs.readdir(d.ino, 2))
+    assert {name: inode.ino for _, name, inode in listing} == model
+    assert [c for c, _, _ in listing] == sorted(c for c, _, _ in listing)
+    for i in range(0, len(listing), 7):                 # resume from any cookie
+        assert [(c, n) for c, n, _ in fs.readdir(d.ino, listing[i][0])] == \
+            [(c, n) for c, n, _ in listing[i + 1:]]
+    assert fs.get(d.ino).entries == len(model)
+    for name in list(model):
+        fs.unlink(d.ino, name, ROOT)
+    fs.rmdir(ROOT_INO, b"model", ROOT)

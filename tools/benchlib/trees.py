@@ -8,7 +8,7 @@ copy-to-disk baseline gets the same tree, written to a folder on kernel tmpfs.
 How the pages of a guestfs tree are laid out is part of the spec:
 
 * ``Layout.FOLIOS``: files written front to back in 2 MiB pieces, as a copy does; files
-  of 2 MiB and more get 2 MiB folios (see guestfs/pagemap.py for the policy).
+  of 2 MiB and more get 2 MiB folios (see guestfs/store/pagemap.py for the policy).
 * ``Layout.PAGES``: every file written 4 KiB at a time, its 2 MiB regions back to front:
   no region is ever written whole nor after its predecessor, so every page is an
   order-0 page.
@@ -214,15 +214,14 @@ def fill_alternately(sink: CoreSink, names: tuple[str, str], pages: int) -> None
 
 def layout_stats(fs: Any) -> dict[str, int]:
     """How the tree's data sits in the arena: order-0 pages, 2 MiB folios, extents."""
-    from guestfs.pagemap import FOLIO_ORDER
     stats = {"order0_pages": 0, "folios": 0, "extents": 0}
-    for inode in fs.inodes.values():
-        if inode.pages is None:
+    for ino in list(fs.store.itable.inos()):
+        if not fs.get(ino).is_reg:
             continue
-        arrays = inode.pages.pfn_arrays()
-        stats["order0_pages"] += len(arrays.get(0, ()))
-        stats["folios"] += len(arrays.get(FOLIO_ORDER, ()))
-        stats["extents"] += len(inode.pages.extents())
+        extents = fs.extents(ino)
+        stats["extents"] += len(extents)
+        for _, _, npages, order in extents:
+            stats["order0_pages" if order == 0 else "folios"] += npages >> order
     return stats
 
 

@@ -1,0 +1,402 @@
+"""Transactions over metadata pages: an undo journal in the pool, and its recovery.
+
+Every change to metadata happens inside a transaction. Before a page is first changed,
+its old contents are copied into an undo slot; pages and data blocks allocated are
+recorded before they become the pool's; frees wait until the commit. The commit seals
+the changed pages' checksums and then flips one aligned 8-byte *state word*; that
+store is the commit point. A SIGKILL at any instant therefore leaves one of:
+
+- no transaction, or one that changed nothing yet: nothing to do;
+- an ACTIVE transaction: recovery copies the undo slots back and releases what it
+  allocated, and the metadata is as before it began;
+- a COMMITTING one: it is done; recovery finishes its frees (idempotent).
+
+The arena is a shared mapping, so every completed store survives the process: only the
+program order of the stores matters, never a flush. The byte layout is in
+docs/handover-abi.md, "Journal".
+
+    header page (owner 0; its checksum covers the page with the state word taken as zero)
+      0   page header: magic GJN2, crc32, owner
+      16  u64  state word: seq << 2 | phase (IDLE 0, ACTIVE 1, COMMITTING 2)
+      24  u16  version (1), u16 slots, u16 entry pages, u16 zero
+      32  u32  slot PFNs[slots], then u32 entry-page PFNs[entry pages]
+    entry pages: 256 entries of 16 bytes each, written in order:
+      u64 arg (UNDO: the page's PFN; ALLOC, FREE: PFN | order << 56)
+      u64 tag (seq << 8 | kind); an entry belongs to the transaction whose seq it carries,
+          and the entries of a transaction end at the first that does not
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from guestfs.store.page import CRC_OFFSET, HEADER, Kind, Pages
+from kho_backend.checksum import crc32_at
+from kho_backend.units import PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+STATE_OFFSET = 16
+GEOMETRY = struct.Struct("<HHHH")
+GEOMETRY_OFFSET = 24
+PFNS_OFFSET = 32
+ENTRY = struct.Struct("<QQ")
+ENTRIES_PER_PAGE = PAGE_SIZE // ENTRY.size
+U64 = struct.Struct("<Q")
+ORDER_SHIFT = 56
+#: Pages a transaction may change (each needs an undo slot), and its entry pages.
+DEFAULT_SLOTS = 64
+DEFAULT_ENTRY_PAGES = 8
+
+
+class Phase(enum.IntEnum):
+    """The state word's phase."""
+
+    IDLE = 0
+    ACTIVE = 1
+    COMMITTING = 2
+
+
+class EntryKind(enum.IntEnum):
+    """What a journal entry records."""
+
+    UNDO = 1
+    ALLOC = 2
+    FREE = 3
+
+
+class Pool(Protocol):
+    """What the journal needs of the pool the metadata lives in (kho_backend's
+    `PreservedPool`)."""
+
+    def alloc(self, order: int = 0, *, intent: Callable[[int], None] | None = None) -> int:
+        """A block of 2**order pages; `intent(pfn)` runs before it becomes the pool's."""
+
+    def free(self, pfn: int, order: int = 0) -> None:
+        """Give a block of the pool back."""
+
+    def release_if_owned(self, pfn: int, order: int) -> bool:
+        """Free the block if it is the pool's (recovery: safe to repeat)."""
+
+
+class JournalError(Exception):
+    """The journal cannot be trusted (its header page is not sound)."""
+
+
+class TxnTooLarge(Exception):
+    """A transaction needs more undo slots or entries than the journal has; it is rolled
+    back. Operations that can grow without bound split themselves before this."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What recovery found and did (for the log and the tests)."""
+
+    phase: Phase
+    seq: int
+    undone: int = 0
+    released: int = 0
+    freed: int = 0
+
+
+class Journal:
+    """The journal of one filesystem: its pages, and the transaction in progress."""
+
+    def __init__(self, pages: Pages, pool: Pool, header_pfn: int, slots: list[int],
+                 entry_pages: list[int], seq: int) -> None:
+        self.pages = pages
+        self.pool = pool
+        self.header_pfn = header_pfn
+        self.slots = slots
+        self.entry_pages = entry_pages
+        self.capacity = len(entry_pages) * ENTRIES_PER_PAGE
+        self._seq = seq
+        self._txn: Txn | None = None
+
+    # --- creation and opening --------------------------------------------------------
+
+    @classmethod
+    def create(cls, pages: Pages, pool: Pool, *, slots: int = DEFAULT_SLOTS,
+               entry_pages: int = DEFAULT_ENTRY_PAGES) -> Journal:
+        """A new, idle journal (at format, before the filesystem exists anywhere)."""
+        header = pool.alloc(0)
+        slot_pfns = [pool.alloc(0) for _ in range(slots)]
+        entry_pfns = [pool.alloc(0) for _ in range(entry_pages)]
+        for pfn in entry_pfns:
+            view = pages.arena.view(pfn)
+            view[:] = bytes(len(view))
+        view = pages.init(header, Kind.JOURNAL, 0)
+        GEOMETRY.pack_into(view, GEOMETRY_OFFSET, VERSION, slots, entry_pages, 0)
+        struct.pack_into(f"<{slots + entry_pages}I", view, PFNS_OFFSET, *slot_pfns, *entry_pfns)
+        U64.pack_into(view, STATE_OFFSET, 0)
+        _seal(view)
+        return cls(pages, pool, header, slot_pfns, entry_pfns, 0)
+
+    @classmethod
+    def open(cls, pages: Pages, pool: Pool, header_pfn: int) -> Journal:
+        """The journal whose header is at `header_pfn` (checked; not yet recovered)."""
+        view = pages.arena.view(header_pfn)
+        magic, stored, _owner = HEADER.unpack_from(view)
+        if magic != Kind.JOURNAL:
+            raise JournalError(f"page {header_pfn} is not a journal header")
+        if stored != _crc(view):
+            raise JournalError(f"the journal header (page {header_pfn}) fails its checksum")
+        version, nslots, nentry, _ = GEOMETRY.unpack_from(view, GEOMETRY_OFFSET)
+        if version != VERSION:
+            raise JournalError(f"the journal has version {version}; this guestfs reads "
+                               f"version {VERSION}")
+        pfns = struct.unpack_from(f"<{nslots + nentry}I", view, PFNS_OFFSET)
+        npages = pages.arena.npages
+        if not nslots or not nentry or any(not 0 < p < npages for p in pfns):
+            raise JournalError("the journal header lists pages outside the arena")
+        seq = U64.unpack_from(view, STATE_OFFSET)[0] >> 2
+        return cls(pages, pool, header_pfn, list(pfns[:nslots]), list(pfns[nslots:]), seq)
+
+    def own_pages(self) -> list[int]:
+        """Every page of the journal (for the full check)."""
+        return [self.header_pfn, *self.slots, *self.entry_pages]
+
+    # --- recovery --------------------------------------------------------------------
+
+    def recover(self) -> Recovery:
+        """Finish or undo what a process that died left; afterwards the journal is idle."""
+        seq, phase = self._state()
+        if phase is Phase.IDLE:
+            return Recovery(phase, seq)
+        entries = list(self._entries(seq))
+        undone = released = freed = 0
+        if phase is Phase.ACTIVE:
+            slot = 0
+            for kind, arg in entries:
+                if kind is EntryKind.UNDO:
+                    self._restore(slot, arg)
+                    slot += 1
+                    undone += 1
+            for kind, arg in entries:
+                if kind is EntryKind.ALLOC:
+                    released += self._release(arg)
+        else:
+            for kind, arg in entries:
+                if kind is EntryKind.FREE:
+                    freed += self._release(arg)
+        self._set_state(seq, Phase.IDLE)
+        self._seq = seq
+        done = Recovery(phase, seq, undone, released, freed)
+        log.warning("journal: recovered transaction %d (%s): %d pages restored, %d blocks "
+                    "released, %d frees finished", seq, phase.name.lower(), undone,
+                    released, freed)
+        return done
+
+    def _restore(self, slot: int, pfn: int) -> None:
+        self.pages.arena.view(pfn)[:] = self.pages.arena.view(self.slots[slot])
+        self.pages.forget(pfn)
+
+    def _release(self, arg: int) -> int:
+        pfn, order = _unpack_block(arg)
+        self.pages.forget(pfn)
+        return int(self.pool.release_if_owned(pfn, order))
+
+    # --- transactions ----------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Txn]:
+        """A transaction: committed when the block ends, rolled back if it raises."""
+        if self._txn is not None:
+            raise RuntimeError("a transaction is already open")
+        txn = self._txn = Txn(self, self._seq + 1)
+        try:
+            yield txn
+        except BaseException:
+            txn.rollback()
+            raise
+        else:
+            txn.commit()
+        finally:
+            self._txn = None
+            if txn.activated:
+                self._seq = txn.seq
+
+    @property
+    def busy(self) -> bool:
+        """A transaction is open."""
+        return self._txn is not None
+
+    # --- the state word and the entries ------------------------------------------------
+
+    def _state(self) -> tuple[int, Phase]:
+        word = U64.unpack_from(self.pages.arena.view(self.header_pfn), STATE_OFFSET)[0]
+        try:
+            return word >> 2, Phase(word & 3)
+        except ValueError:
+            raise JournalError(f"the journal's state word {word:#x} has no phase") from None
+
+    def _set_state(self, seq: int, phase: Phase) -> None:
+        U64.pack_into(self.pages.arena.view(self.header_pfn), STATE_OFFSET, seq << 2 | phase)
+
+    def _write_entry(self, index: int, seq: int, kind: EntryKind, arg: int) -> None:
+        page, slot = divmod(index, ENTRIES_PER_PAGE)
+        view = self.pages.arena.view(self.entry_pages[page])
+        at = slot * ENTRY.size
+        U64.pack_into(view, at, arg)                 # the argument first, the tag last:
+        U64.pack_into(view, at + 8, seq << 8 | kind)  # a tagged entry is a whole one
+
+    def _entries(self, seq: int) -> Iterator[tuple[EntryKind, int]]:
+        for index in range(self.capacity):
+            page, slot = divmod(index, ENTRIES_PER_PAGE)
+            arg, tag = ENTRY.unpack_from(self.pages.arena.view(self.entry_pages[page]),
+                                         slot * ENTRY.size)
+            if tag >> 8 != seq:
+                return
+            try:
+                yield EntryKind(tag & 0xFF), arg
+            except ValueError:
+                raise JournalError(f"journal entry {index} has an unknown kind") from None
+
+
+class Txn:
+    """One transaction (see `Journal.transaction`)."""
+
+    def __init__(self, journal: Journal, seq: int) -> None:
+        self.journal = journal
+        self.pages = journal.pages
+        self.seq = seq
+        self.activated = False
+        self._undo: dict[int, int] = {}         # journaled page -> its slot
+        self._fresh: set[int] = set()           # metadata pages allocated in this txn
+        self._dirty: set[int] = set()           # pages to seal at commit
+        self._allocated: list[tuple[int, int]] = []
+        self._frees: list[tuple[int, int]] = []
+        self._entries = 0
+        self._done = False
+        #: Called after a rollback, so that caches drop what they read in this txn.
+        self.on_rollback: list[Callable[[], None]] = []
+
+    # --- changing pages --------------------------------------------------------------
+
+    def write(self, pfn: int, kind: Kind) -> memoryview:
+        """The page, checked, for changing: its old contents are journaled first."""
+        view = self.pages.read(pfn, kind)
+        if pfn not in self._fresh and pfn not in self._undo:
+            self._journal_page(pfn, view)
+        self._dirty.add(pfn)
+        return view
+
+    def new_page(self, kind: Kind, owner: int) -> int:
+        """A new zeroed metadata page of `kind` (released again if the txn rolls back)."""
+        pfn = self.alloc(0)
+        self._fresh.add(pfn)
+        self.pages.init(pfn, kind, owner)
+        self._dirty.add(pfn)
+        return pfn
+
+    def alloc(self, order: int = 0) -> int:
+        """A data block (contents undefined), recorded before it becomes the pool's."""
+        self._reserve_entries(1)
+
+        def record(pfn: int) -> None:
+            self._add_entry(EntryKind.ALLOC, _pack_block(pfn, order))
+        pfn = self.journal.pool.alloc(order, intent=record)
+        self._allocated.append((pfn, order))
+        return pfn
+
+    def free(self, pfn: int, order: int = 0) -> None:
+        """Free a block when the transaction commits (until then it may still be read,
+        and a rollback keeps it)."""
+        self._reserve_entries(1)
+        self._add_entry(EntryKind.FREE, _pack_block(pfn, order))
+        self._frees.append((pfn, order))
+        self._dirty.discard(pfn)
+
+    def room(self) -> int:
+        """Entries (allocations and frees) the transaction can still record."""
+        return self.journal.capacity - self._entries
+
+    # --- ending --------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Seal the changed pages, then the commit point; then the frees."""
+        self._end()
+        if not self.activated:
+            return
+        for pfn in self._dirty:
+            self.pages.seal(pfn)
+        journal = self.journal
+        if not self._frees:
+            journal._set_state(self.seq, Phase.IDLE)
+            return
+        journal._set_state(self.seq, Phase.COMMITTING)
+        for pfn, order in self._frees:
+            self.pages.forget(pfn)
+            journal.pool.free(pfn, order)
+        journal._set_state(self.seq, Phase.IDLE)
+
+    def rollback(self) -> None:
+        """Put every journaled page back and release what was allocated."""
+        self._end()
+        if self.activated:
+            arena = self.pages.arena
+            for pfn, slot in self._undo.items():
+                arena.view(pfn)[:] = arena.view(self.journal.slots[slot])
+            for pfn, order in reversed(self._allocated):
+                self.pages.forget(pfn)
+                self.journal.pool.free(pfn, order)
+            self.journal._set_state(self.seq, Phase.IDLE)
+        for callback in self.on_rollback:
+            callback()
+
+    def _end(self) -> None:
+        if self._done:
+            raise RuntimeError("the transaction has ended already")
+        self._done = True
+
+    # --- internals -------------------------------------------------------------------
+
+    def _activate(self) -> None:
+        if not self.activated:
+            self.journal._set_state(self.seq, Phase.ACTIVE)
+            self.activated = True
+
+    def _journal_page(self, pfn: int, view: memoryview) -> None:
+        slot = len(self._undo)
+        if slot >= len(self.journal.slots):
+            raise TxnTooLarge(f"a transaction changes more than {slot} metadata pages")
+        self._reserve_entries(1)
+        self._activate()
+        self.pages.arena.view(self.journal.slots[slot])[:] = view
+        self._add_entry(EntryKind.UNDO, pfn)
+        self._undo[pfn] = slot
+
+    def _reserve_entries(self, n: int) -> None:
+        if self._entries + n > self.journal.capacity:
+            raise TxnTooLarge(f"a transaction records more than {self.journal.capacity} "
+                              "allocations and frees")
+
+    def _add_entry(self, kind: EntryKind, arg: int) -> None:
+        self._activate()
+        self.journal._write_entry(self._entries, self.seq, kind, arg)
+        self._entries += 1
+
+
+def _pack_block(pfn: int, order: int) -> int:
+    return pfn | order << ORDER_SHIFT
+
+
+def _unpack_block(arg: int) -> tuple[int, int]:
+    return arg & ((1 << ORDER_SHIFT) - 1), arg >> ORDER_SHIFT
+
+
+def _crc(view: memoryview) -> int:
+    page = bytearray(view)
+    U64.pack_into(page, STATE_OFFSET, 0)
+    return crc32_at(page, CRC_OFFSET)
+
+
+def _seal(view: memoryview) -> None:
+    struct.pack_into("<I", view, CRC_OFFSET, _crc(view))

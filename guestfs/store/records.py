@@ -1,0 +1,174 @@
+"""The inode record and the inode table (docs/handover-abi.md, "Inode table").
+
+Records are 128 bytes, 31 to a page; the record of inode n is slot n % 31 of the page
+the inode table (a radix table, its root in the superblock) maps n // 31 to. A slot
+whose inode number is 0 is free. Inode numbers are never reused, so a page whose slots
+are all free again is freed, and the table stays as sparse as the live inodes.
+
+    record page: page header (magic GIR2, crc32, owner = its first inode number), then
+      16 + 128 * slot: the record of inode 31 * key + slot
+    record (little-endian):
+      0   u64 ino          8   u32 mode        12  u32 nlink
+      16  u32 uid          20  u32 gid         24  u64 size
+      32  i64 atime s      40  i64 mtime s     48  i64 ctime s
+      56  u32 atime ns     60  u32 mtime ns    64  u32 ctime ns
+      68  u8 map height, u8 inline PFNs, u16 zero (regular files; else 0)
+      72  u64 rdev (device nodes) or parent (directories)
+      80  u64 first page of the xattr blob (0: none)
+      88  40 bytes by type:
+          regular:   u64 map root, u64 pages held, u32 inline PFNs[6]
+          directory: u64 B+tree root, u64 entry count, 24 zero bytes
+          symlink:   the target if it has at most 40 bytes, else u64 first blob page
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from collections.abc import Iterator
+
+from guestfs.inode import FileType, Inode, intern_int
+from guestfs.store.journal import Txn
+from guestfs.store.page import HEADER_SIZE, CorruptPage, Kind, Pages
+from guestfs.store.radix import Radix, RadixRoot
+
+RECORD = struct.Struct("<QIIIIQqqqIIIBBHQQ40s")
+RECORD_SIZE = RECORD.size
+PER_PAGE = 31
+REGULAR = struct.Struct("<QQ6I")
+DIRECTORY = struct.Struct("<QQ24x")
+BLOB_REF = struct.Struct("<Q32x")
+INLINE_PFNS = 6
+INLINE_TARGET = 40
+NS = 10**9
+assert RECORD_SIZE == 128 and HEADER_SIZE + PER_PAGE * RECORD_SIZE <= 4096
+_FREE = bytes(RECORD_SIZE)
+
+
+def encode(inode: Inode) -> bytes:
+    """The 128-byte record of `inode`."""
+    a_s, a_ns = divmod(inode.atime_ns, NS)
+    m_s, m_ns = divmod(inode.mtime_ns, NS)
+    c_s, c_ns = divmod(inode.ctime_ns, NS)
+    height = ninline = 0
+    if inode.is_reg:
+        height, ninline = inode.map_height, len(inode.inline)
+        pfns = list(inode.inline) + [0] * (INLINE_PFNS - ninline)
+        tail = REGULAR.pack(inode.map_root, inode.npages, *pfns)
+        extra = 0
+    elif inode.is_dir:
+        tail, extra = DIRECTORY.pack(inode.tree, inode.entries), inode.parent
+    elif inode.is_symlink:
+        tail = inode.target if inode.target is not None else BLOB_REF.pack(inode.target_blob)
+        extra = 0
+    else:
+        tail, extra = b"", inode.rdev
+    return RECORD.pack(inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid,
+                       inode.size, a_s, m_s, c_s, a_ns, m_ns, c_ns, height, ninline, 0,
+                       extra, inode.xattr, tail)
+
+
+def decode(raw: bytes | memoryview, ino: int, generation: int) -> Inode | None:
+    """The inode in a record (None for a free slot); CorruptPage(-1, why) for a record
+    that no writer of this format makes."""
+    (rec_ino, mode, nlink, uid, gid, size, a_s, m_s, c_s, a_ns, m_ns, c_ns, height,
+     ninline, _zero, extra, xattr, tail) = RECORD.unpack(raw)
+    if rec_ino == 0:
+        return None
+    if rec_ino != ino:
+        raise CorruptPage(-1, f"the record of inode {ino} says it is inode {rec_ino}")
+    try:
+        FileType.of(mode)
+    except ValueError:
+        raise CorruptPage(-1, f"inode {ino} has mode {mode:o}, of no file type") from None
+    if max(a_ns, m_ns, c_ns) >= NS:
+        raise CorruptPage(-1, f"inode {ino} has a time with {max(a_ns, m_ns, c_ns)} ns")
+    inode = Inode(ino, intern_int(mode), intern_int(uid), intern_int(gid), nlink,
+                  a_s * NS + a_ns, m_s * NS + m_ns, c_s * NS + c_ns, generation, size,
+                  xattr=xattr)
+    if stat.S_ISREG(mode):
+        root, npages, *pfns = REGULAR.unpack(tail)
+        if ninline > INLINE_PFNS or (ninline and (root or height)):
+            raise CorruptPage(-1, f"inode {ino} has a malformed page map")
+        inode.map_root, inode.map_height, inode.npages = root, height, npages
+        inode.inline = tuple(pfns[:ninline])
+    elif stat.S_ISDIR(mode):
+        inode.tree, inode.entries = DIRECTORY.unpack(tail)
+        inode.parent = extra
+    elif stat.S_ISLNK(mode):
+        if not 0 < size <= 4095:
+            raise CorruptPage(-1, f"symlink {ino} has a target of {size} bytes")
+        if size <= INLINE_TARGET:
+            inode.target = bytes(tail[:size])
+        else:
+            inode.target_blob = BLOB_REF.unpack(tail)[0]
+    else:
+        inode.rdev = extra
+    return inode
+
+
+class InodeTable:
+    """The records of every inode, over a radix table whose root the caller keeps."""
+
+    def __init__(self, pages: Pages, table: RadixRoot, generation: int) -> None:
+        self.pages = pages
+        self.table = table
+        self.generation = generation
+        self._radix = Radix(pages, 0)
+
+    def get(self, ino: int) -> Inode | None:
+        """The inode numbered `ino`, or None if there is none (CorruptPage if its page
+        or record is not sound)."""
+        key, slot = divmod(ino, PER_PAGE)
+        page = self._radix.get(self.table, key)
+        if not page:
+            return None
+        view = self.pages.read(page, Kind.RECORDS)
+        at = HEADER_SIZE + slot * RECORD_SIZE
+        try:
+            return decode(view[at:at + RECORD_SIZE], ino, self.generation)
+        except CorruptPage as e:
+            raise CorruptPage(page, str(e).split(": ", 1)[1]) from None
+
+    def page_of(self, ino: int) -> int:
+        """The page that holds (or would hold) inode `ino`'s record, 0 if there is none."""
+        return self._radix.get(self.table, ino // PER_PAGE)
+
+    def put(self, txn: Txn, inode: Inode) -> None:
+        """Write `inode`'s record (its page is made if it is the first of that page)."""
+        key, slot = divmod(inode.ino, PER_PAGE)
+        page = self._radix.get(self.table, key)
+        if not page:
+            page = txn.new_page(Kind.RECORDS, key * PER_PAGE)
+            self._radix.set(txn, self.table, key, page)
+        at = HEADER_SIZE + slot * RECORD_SIZE
+        txn.write(page, Kind.RECORDS)[at:at + RECORD_SIZE] = encode(inode)
+
+    def remove(self, txn: Txn, ino: int) -> None:
+        """Free inode `ino`'s slot; the page goes too when it was its last record."""
+        key, slot = divmod(ino, PER_PAGE)
+        page = self._radix.get(self.table, key)
+        if not page:
+            return
+        view = txn.write(page, Kind.RECORDS)
+        at = HEADER_SIZE + slot * RECORD_SIZE
+        view[at:at + RECORD_SIZE] = _FREE
+        if bytes(view[HEADER_SIZE:HEADER_SIZE + PER_PAGE * RECORD_SIZE]) == \
+                _FREE * PER_PAGE:
+            txn.free(page)
+            self._radix.set(txn, self.table, key, 0)
+
+    def inos(self) -> Iterator[int]:
+        """Every inode number in use, ascending (reads every record page)."""
+        for key, page in self._radix.items(self.table):
+            view = self.pages.read(page, Kind.RECORDS)
+            for slot in range(PER_PAGE):
+                at = HEADER_SIZE + slot * RECORD_SIZE
+                if struct.unpack_from("<Q", view, at)[0]:
+                    yield key * PER_PAGE + slot
+
+    def pages_used(self) -> Iterator[int]:
+        """Every page of the table: radix nodes and record pages (for the full check)."""
+        yield from self._radix.nodes(self.table)
+        for _key, page in self._radix.items(self.table):
+            yield page

@@ -1,0 +1,306 @@
+"""`MetaStore`: the filesystem's metadata in the arena, and a bounded cache over it.
+
+The filesystem core (`guestfs.filesystem`) does every change inside `transaction()`,
+reads inodes with `get` and writes them back with `put`. The store owns the pages
+(checked on first read), the journal, the superblock, the inode table, the directories,
+the page maps, the blobs and the orphan list; decoded inodes are kept in an LRU cache of
+`CACHE_INODES` entries, dropped whole when a transaction rolls back.
+
+Room. Metadata may take every free page but the last `SLACK_PAGES` (kept for the KHO
+root FDT and kexec-metadata of the next handover); file data also leaves the headroom
+(1/256 of the arena, at least 16 pages) to metadata, so that a full arena still takes a
+mkdir, a rename or an unlink.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from guestfs.inode import ROOT_INO, Inode
+from guestfs.store import blob
+from guestfs.store.btree import BTree
+from guestfs.store.directory import Directories
+from guestfs.store.journal import Journal, Pool, Recovery, Txn
+from guestfs.store.page import CorruptPage, Kind, Pages
+from guestfs.store.pagemap import PageMaps
+from guestfs.store.records import INLINE_TARGET, InodeTable
+from guestfs.store.superblock import Superblock, journal_of
+from kho_backend.arena import Arena
+from kho_backend.errors import OutOfMemory
+
+log = logging.getLogger(__name__)
+
+CACHE_INODES = 1 << 15
+SLACK_PAGES = 16
+HEADROOM_SHARE = 256
+MIN_HEADROOM_PAGES = 16
+#: An orphan whose value is this is freed; any other value is a pending truncate size.
+ORPHAN_FREE = (1 << 64) - 1
+ORPHAN_VALUE_SIZE = 8
+
+
+class RoomPool:
+    """The pool as the journal sees it: allocations stop `floor` pages short of empty."""
+
+    def __init__(self, pool: Pool, floor: int) -> None:
+        self.pool = pool
+        self.floor = floor
+
+    def alloc(self, order: int = 0, *, intent: Callable[[int], None] | None = None) -> int:
+        if self.pool.free_pages() - (1 << order) < self.floor:
+            raise OutOfMemory(f"the arena keeps its last {self.floor} free pages for the "
+                              "next handover")
+        return self.pool.alloc(order, intent=intent)
+
+    def free(self, pfn: int, order: int = 0) -> None:
+        self.pool.free(pfn, order)
+
+    def release_if_owned(self, pfn: int, order: int) -> bool:
+        return self.pool.release_if_owned(pfn, order)
+
+    def free_pages(self) -> int:
+        return self.pool.free_pages()
+
+    @property
+    def nr_pages(self) -> int:
+        return self.pool.nr_pages
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, int]]:
+        return self.pool.blocks()
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What opening a store found: the journal's recovery."""
+
+    recovery: Recovery
+
+
+class MetaStore:
+    """The metadata of one filesystem (see the module docstring)."""
+
+    def __init__(self, arena: Arena, pool: Pool, sb_pfn: int, sb: Superblock,
+                 journal: Journal, pages: Pages) -> None:
+        self.arena = arena
+        self.pool = pool
+        self.pages = pages
+        self.sb_pfn = sb_pfn
+        self.sb = sb
+        self.journal = journal
+        self.headroom = max(arena.npages // HEADROOM_SHARE, MIN_HEADROOM_PAGES)
+        self.itable = InodeTable(pages, sb.itable, sb.ino_generation)
+        self.dirs = Directories(pages, sb.hash_key)
+        self.maps = PageMaps(pages, self.data_room)
+        self._orphans = BTree(pages, 0)
+        self._cache: OrderedDict[int, Inode] = OrderedDict()
+
+    # --- making and opening --------------------------------------------------------
+
+    @classmethod
+    def format(cls, arena: Arena, pool: Pool, sb: Superblock, root: Inode) -> MetaStore:
+        """A new filesystem in `pool`: journal, superblock and the root directory."""
+        pages = Pages(arena)
+        room = RoomPool(pool, SLACK_PAGES)
+        journal = Journal.create(pages, room)
+        sb.journal = journal.header_pfn
+        sb.inode_count = 1                      # the root, put below
+        sb_pfn = room.alloc(0)
+        sb.pack_into(pages.init(sb_pfn, Kind.SUPERBLOCK, 0))
+        pages.seal(sb_pfn)
+        store = cls(arena, room, sb_pfn, sb, journal, pages)
+        with store.transaction() as txn:
+            store.put(txn, root)
+        return store
+
+    @classmethod
+    def open(cls, arena: Arena, pool: Pool, sb_pfn: int) -> tuple[MetaStore, Opened]:
+        """The filesystem whose superblock is at `sb_pfn`: the journal is recovered
+        first (a process that died mid-transaction left it), then the superblock is
+        checked. CorruptPage or JournalError if they cannot be trusted."""
+        pages = Pages(arena)
+        room = RoomPool(pool, SLACK_PAGES)
+        journal_pfn = journal_of(arena.view(sb_pfn))       # checked after recovery
+        journal = Journal.open(pages, room, journal_pfn)
+        recovery = journal.recover()
+        sb = Superblock.read(pages, sb_pfn)
+        if sb.journal != journal_pfn:
+            raise CorruptPage(sb_pfn, "the superblock names another journal")
+        return cls(arena, room, sb_pfn, sb, journal, pages), Opened(recovery)
+
+    # --- transactions --------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Txn]:
+        """A transaction over the metadata: committed when the block ends, rolled back
+        (cache and superblock re-read) if it raises."""
+        with self.journal.transaction() as txn:
+            txn.on_rollback.append(self._forget_all)
+            yield txn
+
+    def _forget_all(self) -> None:
+        self._cache.clear()
+        self.sb = Superblock.read(self.pages, self.sb_pfn)
+        self.itable.table = self.sb.itable
+        self.dirs.hash_key = self.sb.hash_key
+
+    def save_superblock(self, txn: Txn) -> None:
+        """Write the superblock's fields (counters, roots) in this transaction."""
+        self.sb.pack_into(txn.write(self.sb_pfn, Kind.SUPERBLOCK))
+
+    # --- inodes ----------------------------------------------------------------------
+
+    def get(self, ino: int) -> Inode | None:
+        """Inode `ino`, or None if there is none (CorruptPage if its record cannot be
+        trusted)."""
+        inode = self._cache.get(ino)
+        if inode is not None:
+            self._cache.move_to_end(ino)
+            return inode
+        if not 0 < ino < self.sb.next_ino:
+            return None
+        inode = self.itable.get(ino)
+        if inode is not None:
+            self._remember(inode)
+        return inode
+
+    def put(self, txn: Txn, inode: Inode) -> None:
+        """Write `inode`'s record (and keep it in the cache)."""
+        before = (self.sb.itable.root, self.sb.itable.height)
+        self.itable.put(txn, inode)
+        if (self.sb.itable.root, self.sb.itable.height) != before:
+            self.save_superblock(txn)
+        self._remember(inode)
+
+    def refresh(self, inode: Inode) -> None:
+        """Make `inode` (an object a caller holds) what the arena says again, after a
+        transaction that changed it rolled back; it is cached again."""
+        fresh = self.itable.get(inode.ino)
+        if fresh is None:
+            self._cache.pop(inode.ino, None)
+            return
+        for name in Inode.__slots__:
+            setattr(inode, name, getattr(fresh, name))
+        self._remember(inode)
+
+    def new_ino(self, txn: Txn) -> int:
+        """A new inode number, counted in use."""
+        ino = self.sb.allocate_ino()
+        self.sb.inode_count += 1
+        self.save_superblock(txn)
+        return ino
+
+    def remove(self, txn: Txn, ino: int) -> None:
+        """Free inode `ino`'s record (the caller freed what it owned)."""
+        self.itable.remove(txn, ino)
+        self.sb.inode_count -= 1
+        self.save_superblock(txn)
+        self._cache.pop(ino, None)
+
+    def cached(self) -> int:
+        """Inodes in the cache."""
+        return len(self._cache)
+
+    def _remember(self, inode: Inode) -> None:
+        self._cache[inode.ino] = inode
+        self._cache.move_to_end(inode.ino)
+        while len(self._cache) > CACHE_INODES:
+            self._cache.popitem(last=False)
+
+    # --- xattrs and symlink targets ---------------------------------------------------
+
+    def xattrs(self, inode: Inode) -> dict[bytes, bytes]:
+        """The inode's extended attributes."""
+        if not inode.xattr:
+            return {}
+        pairs = msgpack.unpackb(blob.read(self.pages, inode.xattr), raw=True)
+        if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(v, bytes) for v in p)
+                for p in pairs):
+            raise CorruptPage(inode.xattr, f"the xattrs of inode {inode.ino} are malformed")
+        return dict(pairs)
+
+    def set_xattrs(self, txn: Txn, inode: Inode, xattrs: dict[bytes, bytes]) -> None:
+        """Replace the inode's extended attributes (the caller writes its record)."""
+        old = inode.xattr
+        inode.xattr = blob.write(txn, msgpack.packb(sorted(xattrs.items()), use_bin_type=True),
+                                 inode.ino) if xattrs else 0
+        if old:
+            blob.free(txn, self.pages, old)
+
+    def target(self, inode: Inode) -> bytes:
+        """A symlink's target."""
+        if inode.target is not None:
+            return inode.target
+        target = blob.read(self.pages, inode.target_blob)
+        if len(target) != inode.size:
+            raise CorruptPage(inode.target_blob, f"symlink {inode.ino}'s target has "
+                                                 f"{len(target)} bytes, not {inode.size}")
+        return target
+
+    def set_target(self, txn: Txn, inode: Inode, target: bytes) -> None:
+        """Store a new symlink's target: in its record when it fits, else in a blob."""
+        inode.size = len(target)
+        if len(target) <= INLINE_TARGET:
+            inode.target = target
+        else:
+            inode.target, inode.target_blob = None, blob.write(txn, target, inode.ino)
+
+    def free_owned(self, txn: Txn, inode: Inode) -> None:
+        """Free what an inode owns besides its data pages: xattrs, target, directory."""
+        if inode.xattr:
+            blob.free(txn, self.pages, inode.xattr)
+            inode.xattr = 0
+        if inode.target_blob:
+            blob.free(txn, self.pages, inode.target_blob)
+            inode.target_blob = 0
+        if inode.tree:
+            self.dirs.free(txn, inode)
+
+    # --- the orphan list -----------------------------------------------------------------
+
+    def add_orphan(self, txn: Txn, ino: int, value: int = ORPHAN_FREE) -> None:
+        """Note that inode `ino` must be freed (or truncated to `value`) even if this
+        process dies first."""
+        key = ino
+        payload = value.to_bytes(ORPHAN_VALUE_SIZE, "little")
+        if self._orphans.get(self.sb.orphans, key) is None:
+            self.sb.orphans = self._orphans.insert(txn, self.sb.orphans, key, payload)
+        else:
+            self.sb.orphans = self._orphans.replace(txn, self.sb.orphans, key, payload)
+        self.save_superblock(txn)
+
+    def remove_orphan(self, txn: Txn, ino: int) -> None:
+        """The work noted for `ino` is done."""
+        if self._orphans.get(self.sb.orphans, ino) is not None:
+            self.sb.orphans = self._orphans.delete(txn, self.sb.orphans, ino)
+            self.save_superblock(txn)
+
+    def orphans(self) -> list[tuple[int, int]]:
+        """(ino, value) of every orphan."""
+        return [(ino, int.from_bytes(value, "little"))
+                for ino, value in self._orphans.after(lambda: self.sb.orphans, -1)]
+
+    def orphan_pages(self) -> Iterator[int]:
+        """The orphan list's pages (for the full check)."""
+        return self._orphans.nodes(self.sb.orphans)
+
+    # --- room ---------------------------------------------------------------------------
+
+    def free_pages(self) -> int:
+        """Pages an allocation could still get (the slack and headroom included)."""
+        return self.pool.free_pages()
+
+    def data_room(self, npages: int) -> bool:
+        """May file data take `npages` more pages?"""
+        return self.pool.free_pages() - npages >= SLACK_PAGES + self.headroom
+
+    def data_floor(self) -> int:
+        """Free pages file data leaves alone."""
+        return SLACK_PAGES + self.headroom
