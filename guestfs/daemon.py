@@ -311,6 +311,7 @@ class Daemon:
             "inodes": {"used": st.f_files - st.f_ffree, "free": st.f_ffree},
             "uptime_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "boot_timings_ns": dict(kernel.boot_timings),
+            "restore_ns": session.restore_ns,
             "last_blackout": self.last_blackout,
         }
 

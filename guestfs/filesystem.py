@@ -35,7 +35,7 @@ from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
 from guestfs.store.directory import DOT_COOKIE, DOTDOT_COOKIE
 from guestfs.store.journal import Pool, Txn, TxnTooLarge
 from guestfs.store.page import CorruptPage
-from guestfs.store.pagemap import Extent, NoRoom
+from guestfs.store.pagemap import REGION_SIZE, Extent, Keep, NoRoom
 from guestfs.store.store import ORPHAN_FREE, MetaStore
 from guestfs.store.superblock import MAX_FILE_SIZE, Superblock
 from kho_backend.arena import Arena
@@ -56,6 +56,9 @@ SYMLINK_MAX = 4095          # PATH_MAX less the terminating NUL
 LINK_MAX = 65000            # cap on nlink (hard links, subdirectories)
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+#: All names and values of one inode, as ext4 bounds them by its xattr block: a blob is
+#: rewritten whole in one transaction.
+XATTR_TOTAL_MAX = 1 << 20
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
 RELATIME_NS = 24 * 3600 * 10**9
 #: Times the kernel can hold: signed 64-bit seconds and nanoseconds.
@@ -63,8 +66,12 @@ TIME_MIN_NS = -(1 << 63) * 10**9
 TIME_MAX_NS = ((1 << 63) - 1) * 10**9 + 999_999_999
 #: The mode of a whiteout (renameat2 RENAME_WHITEOUT): a character device 0:0.
 WHITEOUT_MODE = stat.S_IFCHR
-#: Journal entries a transaction keeps for its own bookkeeping when it frees in bulk.
-FREE_MARGIN = 64
+#: What a transaction keeps for its own bookkeeping (the inode's record, the
+#: superblock, the orphan list) when it frees pages in bulk.
+FREE_KEEP = Keep(pages=12, entries=64)
+#: Bytes a fallocate or hole punch changes per transaction: two 2 MiB regions of 4 KiB
+#: pages are 1024 allocations or frees, half of what one transaction may record.
+FALLOCATE_STEP = 2 * REGION_SIZE
 
 
 class AtimeMode(enum.Enum):
@@ -181,7 +188,9 @@ class Filesystem:
         done (by a process that ended before their last close, or died); returns how
         many. Run when a filesystem is opened, before it is used."""
         done = 0
-        for ino, value in self.store.orphans():
+        with self._reading():
+            orphans = self.store.orphans()
+        for ino, value in orphans:
             self._refs.pop(ino, None)
             if value == ORPHAN_FREE:
                 self._reap(ino)
@@ -479,16 +488,36 @@ class Filesystem:
         end = off + length
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, f"fallocate to {end} is beyond {MAX_FILE_SIZE}")
-        with self._change(inode) as txn:
-            if mode & FALLOC_FL_PUNCH_HOLE:
-                self.store.maps.punch_hole(txn, inode, off, length)
-            else:
-                self.store.maps.allocate(txn, inode, off, length)
-                if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
-                    self.store.maps.zero_past_end(inode, inode.size, end)
-                    inode.size = end
-            inode.touch(self._clock(), mtime=True, ctime=True)
-            self._put(txn, inode)
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            self._check_allocation_room(inode, off, end)
+        # One transaction per step, each within the journal's limits. The room was
+        # checked first; should a step still fail (a 2 MiB folio taken where pages
+        # would have done), the steps done are kept, as ext4 keeps what it allocated.
+        pos = off
+        while pos < end:
+            stop = min(end, (pos // FALLOCATE_STEP + 1) * FALLOCATE_STEP)
+            with self._change(inode) as txn:
+                if mode & FALLOC_FL_PUNCH_HOLE:
+                    self.store.maps.punch_hole(txn, inode, pos, stop - pos)
+                else:
+                    self.store.maps.allocate(txn, inode, pos, stop - pos)
+                    if stop == end and not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
+                        self.store.maps.zero_past_end(inode, inode.size, end)
+                        inode.size = end
+                if stop == end:
+                    inode.touch(self._clock(), mtime=True, ctime=True)
+                self._put(txn, inode)
+            pos = stop
+
+    def _check_allocation_room(self, inode: Inode, off: int, end: int) -> None:
+        """ENOSPC, with nothing changed, if the pages [off, end) lacks cannot fit."""
+        first, last = off // PAGE_SIZE, -(-end // PAGE_SIZE)
+        with self._reading():
+            backed = sum(max(0, min(last, p + n) - max(first, p))
+                         for p, _, n, _ in self.store.maps.extents(inode))
+        needed = last - first - backed
+        if not self.store.data_room(needed):
+            raise FsError(errno.ENOSPC, f"no room for {needed} more pages of file data")
 
     # --- directories ---------------------------------------------------------
 
@@ -524,6 +553,10 @@ class Filesystem:
                 xattrs.pop(name, None)
             else:
                 xattrs[name] = value
+            total = sum(len(k) + len(v) for k, v in xattrs.items())
+            if total > XATTR_TOTAL_MAX:
+                raise FsError(errno.ENOSPC, f"the xattrs of inode {ino} would hold {total} "
+                                            f"bytes (at most {XATTR_TOTAL_MAX})")
             self.store.set_xattrs(txn, inode, xattrs)
             if bits is not None:
                 inode.mode = intern_int(inode.mode & ~0o777 | bits)
@@ -626,29 +659,33 @@ class Filesystem:
         """A transaction of the store changing `inodes`, with its failures as errno
         answers: after a rollback those objects hold what the arena holds again. Work
         queued in `_after` (frees too large for one transaction) runs once it committed."""
+        queued = len(self._after)
         try:
             with self._reading(), self.store.transaction() as txn:
                 yield txn
         except BaseException as e:
-            self._after.clear()
+            del self._after[queued:]            # this transaction's follow-up work
             with self._reading():
                 for inode in inodes:
                     self.store.refresh(inode)
             if isinstance(e, (NoRoom, OutOfMemory)):
                 raise FsError(errno.ENOSPC, str(e)) from None
             raise
-        while self._after:
-            self._after.pop(0)()
+        while len(self._after) > queued:
+            work = self._after.pop(queued)
+            try:
+                work()
+            except FsError as e:
+                # The change committed; what is left stays on the orphan list, which
+                # the next mount finishes.
+                log.error("finishing a committed change failed: %s", e)
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
         """Metadata that fails its checks is an I/O error (EIO), named in the log."""
         try:
             yield
-        except CorruptPage as e:
-            log.error("%s", e)
-            raise FsError(errno.EIO, str(e)) from None
-        except TxnTooLarge as e:
+        except (CorruptPage, TxnTooLarge) as e:
             log.error("%s", e)
             raise FsError(errno.EIO, str(e)) from None
 
@@ -801,19 +838,27 @@ class Filesystem:
         it on the orphan list until the last reference goes."""
         if inode.nlink or inode.ino == ROOT_INO:
             return
-        refs = self._refs.get(inode.ino)
-        if refs is not None and (refs.lookups or refs.opens):
+        if self._held(inode.ino):
             self.store.add_orphan(txn, inode.ino)
             return
         self._free(txn, inode)
 
+    def _held(self, ino: int) -> bool:
+        """Whether the kernel still holds `ino` (a lookup or an open)."""
+        refs = self._refs.get(ino)
+        return refs is not None and bool(refs.lookups or refs.opens)
+
+    def _stored(self, ino: int) -> Inode | None:
+        """Inode `ino` from the store, or None (EIO if its record cannot be trusted)."""
+        with self._reading():
+            return self.store.get(ino)
+
     def _settle(self, ino: int) -> None:
         """A reference to `ino` went: free it if it was its last and no name is left."""
-        refs = self._refs.get(ino)
-        if refs is not None and (refs.lookups or refs.opens):
+        if self._held(ino):
             return
         self._refs.pop(ino, None)
-        inode = self.store.get(ino)
+        inode = self._stored(ino)
         if inode is None or inode.nlink or ino == ROOT_INO:
             return
         with self._change(inode) as txn:
@@ -822,8 +867,7 @@ class Filesystem:
     def _free(self, txn: Txn, inode: Inode) -> None:
         """Free an inode nobody can reach: in this transaction if it fits, else it goes
         on the orphan list now and is freed in steps once this transaction committed."""
-        if inode.is_reg and not self.store.maps.release(txn, inode,
-                                                        txn.room() - FREE_MARGIN):
+        if inode.is_reg and not self.store.maps.release(txn, inode, FREE_KEEP):
             self.store.add_orphan(txn, inode.ino)
             self._put(txn, inode)
             self._after.append(lambda: self._reap(inode.ino))
@@ -835,14 +879,13 @@ class Filesystem:
     def _reap(self, ino: int) -> None:
         """Free an orphan, in as many transactions as its pages need."""
         while True:
-            inode = self.store.get(ino)
+            inode = self._stored(ino)
             if inode is None:
                 with self._change() as txn:
                     self.store.remove_orphan(txn, ino)
                 return
             with self._change(inode) as txn:
-                if inode.is_reg and not self.store.maps.release(txn, inode,
-                                                                txn.room() - FREE_MARGIN):
+                if inode.is_reg and not self.store.maps.release(txn, inode, FREE_KEEP):
                     self._put(txn, inode)
                     continue
                 self.store.free_owned(txn, inode)
@@ -918,8 +961,7 @@ class Filesystem:
         when they are too many for this one: the orphan list finishes the job after a
         crash). mtime and ctime change when the size does (or `always_touch`)."""
         old = inode.size
-        if size < old and not self.store.maps.truncate(txn, inode, size,
-                                                      txn.room() - FREE_MARGIN):
+        if size < old and not self.store.maps.truncate(txn, inode, size, FREE_KEEP):
             self.store.add_orphan(txn, inode.ino, size)
             self._after.append(lambda: self._finish_truncate(inode.ino, size))
         elif size > old:
@@ -932,20 +974,21 @@ class Filesystem:
         """Free what a truncate to `size` left past it, in as many transactions as that
         takes."""
         while True:
-            inode = self.store.get(ino)
+            inode = self._stored(ino)
             with self._change(*([inode] if inode is not None else [])) as txn:
                 if inode is None:
                     self.store.remove_orphan(txn, ino)
                     return
                 done = self.store.maps.truncate(txn, inode, max(size, inode.size),
-                                                txn.room() - FREE_MARGIN)
+                                                FREE_KEEP)
                 self._put(txn, inode)
                 if done:
                     if inode.nlink or ino == ROOT_INO:
                         self.store.remove_orphan(txn, ino)
-                    else:
+                    else:       # unlinked: freed with its last reference, or now
                         self.store.add_orphan(txn, ino)
-                        self._after.append(lambda: self._reap(ino))
+                        if not self._held(ino):
+                            self._after.append(lambda: self._reap(ino))
                     return
 
     def _chown(self, inode: Inode, uid: int | None, gid: int | None) -> None:

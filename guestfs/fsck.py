@@ -34,6 +34,7 @@ class _Check:
         self.blocks: list[tuple[int, int, str]] = []      # (pfn, order, what)
 
     def run(self) -> list[str]:
+        self.store.pages.forget_all()
         self._structures()
         if ROOT_INO not in self.inodes or not self.inodes[ROOT_INO].is_dir:
             self.problem("the root directory is missing")

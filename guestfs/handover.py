@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from guestfs import upgrade_v1
+from guestfs.errors import FsError
 from guestfs.filesystem import AtimePolicy, Filesystem
 from guestfs.store.journal import JournalError
 from guestfs.store.page import CorruptPage, Pages
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPATIBLE = "guestfs-v2"
-COMPATIBLE_V1 = "guestfs-v1"
 NAME = "guestfs"
 POOL = "guestfs"
 
@@ -118,7 +118,7 @@ def restore(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy()) -> Filesystem
     if kho_in is None or NAME not in kho_in.subtrees:
         return None
     _, blob = kho_in.retrieve_subtree(NAME)
-    if compatible_of(blob) == COMPATIBLE_V1:
+    if compatible_of(blob) == upgrade_v1.COMPATIBLE:
         fs = upgrade_v1.upgrade(kernel, blob, POOL, atime=atime)
     else:
         fs = _open(kernel, read_subtree(blob), atime)
@@ -132,7 +132,7 @@ def waiting_generation(arena: Arena, kho_in: IncomingHandover) -> int | None:
     cannot be read."""
     try:
         blob = kho_in.retrieve_subtree(NAME)[1]
-        if compatible_of(blob) == COMPATIBLE_V1:
+        if compatible_of(blob) == upgrade_v1.COMPATIBLE:
             return upgrade_v1.read_superblock(blob).generation
         pfn = read_subtree(blob).superblock_phys >> PAGE_SHIFT
         return Superblock.read(Pages(arena), pfn).generation + 1
@@ -149,22 +149,23 @@ def _open(kernel: Kernel, sub: Subtree, atime: AtimePolicy) -> Filesystem:
         raise HandoverError(f"the guestfs superblock at {sub.superblock_phys:#x} is not a "
                             "page of the guestfs pool")
     try:
-        store, opened = MetaStore.open(kernel.arena, pool, sb_pfn)
+        store, _ = MetaStore.open(kernel.arena, pool, sb_pfn)
     except (CorruptPage, JournalError) as e:
         raise HandoverError(f"the guestfs metadata cannot be trusted: {e}") from None
     if store.sb.uuid != sub.uuid:
         raise HandoverError(f"the guestfs superblock is of filesystem {store.sb.uuid}; the "
                             f"subtree names {sub.uuid}")
-    recovery = opened.recovery
-    if recovery.undone or recovery.released or recovery.freed:
-        log.warning("guestfs journal recovery: transaction %d (%s) %s", recovery.seq,
-                    recovery.phase.name, "undone" if recovery.undone or recovery.released
-                    else "finished")
     fs = Filesystem(store, atime=atime)
-    finished = fs.finish_orphans()
-    if finished:
-        log.info("freed or truncated %d orphaned inodes", finished)
-    fs.count_boot()
+    try:
+        finished = fs.finish_orphans()
+        if finished:
+            log.info("freed or truncated %d orphaned inodes", finished)
+    except FsError as e:        # they stay listed; the filesystem serves without them
+        log.error("orphaned inodes left for a later mount: %s", e)
+    try:
+        fs.count_boot()
+    except FsError as e:
+        raise HandoverError(f"the guestfs superblock cannot be updated: {e}") from None
     return fs
 
 

@@ -11,7 +11,8 @@ written anew. Inode numbers, generations and times are kept; readdir cookies are
 
 It is restartable: until the kernel finishes booting, the boot parameters still name the
 v1 handover, whose pages nothing here writes, so a conversion cut short is simply done
-again by the next mount. The inode table's pages are freed last.
+again by the next mount. The inode table's pages are not claimed: the end of boot frees
+them, after the boot parameters stop naming the v1 handover.
 """
 
 from __future__ import annotations
@@ -115,7 +116,6 @@ def upgrade(kernel: Kernel, blob: bytes, pool_name: str, *,
     problems = fs.check()
     if problems:
         raise HandoverError(f"the guestfs-v1 tree is inconsistent: {problems[0]}")
-    kho_in.free_chain(chain)
     return fs
 
 

@@ -38,6 +38,7 @@ from typing import Protocol
 
 from guestfs.store.page import CRC_OFFSET, HEADER, Kind, Pages
 from kho_backend.checksum import crc32_at
+from kho_backend.units import MAX_ORDER
 from kho_backend.units import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class Pool(Protocol):
 
     def release_if_owned(self, pfn: int, order: int) -> bool:
         """Free the block if it is the pool's (recovery: safe to repeat)."""
+
+    def owns(self, pfn: int, order: int) -> bool:
+        """Whether the block of `order` at `pfn` is the pool's."""
 
 
 class JournalError(Exception):
@@ -153,9 +157,8 @@ class Journal:
             raise JournalError(f"the journal has version {version}; this guestfs reads "
                                f"version {VERSION}")
         pfns = struct.unpack_from(f"<{nslots + nentry}I", view, PFNS_OFFSET)
-        npages = pages.arena.npages
-        if not nslots or not nentry or any(not 0 < p < npages for p in pfns):
-            raise JournalError("the journal header lists pages outside the arena")
+        if not nslots or not nentry or not all(pool.owns(p, 0) for p in pfns):
+            raise JournalError("the journal header lists pages that are not the pool's")
         seq = U64.unpack_from(view, STATE_OFFSET)[0] >> 2
         return cls(pages, pool, header_pfn, list(pfns[:nslots]), list(pfns[nslots:]), seq)
 
@@ -171,6 +174,7 @@ class Journal:
         if phase is Phase.IDLE:
             return Recovery(phase, seq)
         entries = list(self._entries(seq))
+        self._check(entries)
         undone = released = freed = 0
         if phase is Phase.ACTIVE:
             slot = 0
@@ -193,6 +197,25 @@ class Journal:
                     "released, %d frees finished", seq, phase.name.lower(), undone,
                     released, freed)
         return done
+
+    def _check(self, entries: list[tuple[EntryKind, int]]) -> None:
+        """Refuse entries a sound journal cannot hold, before recovery changes a page:
+        more undo records than slots, or a page or block that is not the pool's."""
+        undo = [arg for kind, arg in entries if kind is EntryKind.UNDO]
+        if len(undo) > len(self.slots):
+            raise JournalError(f"the journal holds {len(undo)} undo records for "
+                               f"{len(self.slots)} slots")
+        own = set(self.own_pages())
+        for pfn in undo:
+            if pfn in own or not self.pool.owns(pfn, 0):
+                raise JournalError(f"the journal would restore page {pfn}, which is not "
+                                   "a metadata page of the pool")
+        for kind, arg in entries:
+            pfn, order = _unpack_block(arg)
+            if kind is not EntryKind.UNDO and (order > MAX_ORDER or pfn & ((1 << order) - 1)
+                                               or not 0 < pfn < self.pages.arena.npages):
+                raise JournalError(f"the journal names an impossible block {pfn} of order "
+                                   f"{order}")
 
     def _restore(self, slot: int, pfn: int) -> None:
         self.pages.arena.view(pfn)[:] = self.pages.arena.view(self.slots[slot])
@@ -317,6 +340,12 @@ class Txn:
     def room(self) -> int:
         """Entries (allocations and frees) the transaction can still record."""
         return self.journal.capacity - self._entries
+
+    def affords(self, pages: int, entries: int) -> bool:
+        """Whether the transaction can still change `pages` more pages and record
+        `entries` more entries: bulk work stops short of the journal's limits."""
+        return (len(self.journal.slots) - len(self._undo) >= pages
+                and self.room() >= entries)
 
     # --- ending --------------------------------------------------------------------
 

@@ -96,6 +96,10 @@ class Pages:
         """The page may change outside a transaction (freed, restored by recovery)."""
         self._verified[pfn] = False
 
+    def forget_all(self) -> None:
+        """Check every page again at its next read (a full check trusts nothing)."""
+        self._verified[:] = False
+
     @staticmethod
     def _check(pfn: int, view: memoryview, kind: Kind) -> None:
         magic = HEADER.unpack_from(view)[0]

@@ -27,6 +27,7 @@ are cleared when the file grows over them again (`zero_past_end`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,6 +51,15 @@ _SMALL_RUN_SCAN = 64   # below this many pages a plain loop beats numpy's per-ca
 
 class NoRoom(Exception):
     """The arena cannot hold what a write or fallocate needs (the caller rolls back)."""
+
+
+@dataclass(frozen=True)
+class Keep:
+    """What the caller of a bulk free keeps of its transaction for its own changes
+    afterwards (pages to change, journal entries)."""
+
+    pages: int
+    entries: int
 
 
 def folio_entry(pfn: int) -> int:
@@ -161,25 +171,25 @@ class PageMaps:
             if pfn:
                 self._view(pfn, at, length)[:] = _ZEROS[:length]
 
-    def truncate(self, txn: Txn, inode: Inode, new_size: int, budget: int) -> bool:
-        """Free the pages and folios wholly past `new_size`, at most `budget` blocks in
-        this transaction; True when none is left."""
-        keep = -(-new_size // REGION_SIZE)
+    def truncate(self, txn: Txn, inode: Inode, new_size: int, keep: Keep) -> bool:
+        """Free the pages and folios wholly past `new_size`, as many as the transaction
+        can take while it keeps `keep` for the caller; True when none is left."""
+        keep_regions = -(-new_size // REGION_SIZE)
         first_page = -(-new_size // PAGE_SIZE)
-        freed = 0
+        # A region changes its page array and the map's path to it, and may free both.
+        over = 2 + inode.map_height
         for r, entry in reversed(list(self._regions(inode))):
-            if r < keep - 1:
+            if r < keep_regions - 1:
                 break               # regions are in file order: the rest lie inside
-            if freed >= budget:
+            if not txn.affords(keep.pages + over, keep.entries + 2 * over + 1):
                 return False
             if isinstance(entry, int):
-                if r >= keep:
-                    freed += self._free_folio(txn, inode, r, entry)
+                if r >= keep_regions:
+                    self._free_folio(txn, inode, r, entry)
                 continue
-            start = 0 if r >= keep else first_page - r * REGION_PAGES
-            n, done = self._free_pages_from(txn, inode, r, start, budget - freed)
-            freed += n
-            if not done:
+            start = 0 if r >= keep_regions else first_page - r * REGION_PAGES
+            budget = txn.room() - keep.entries - 2 * over
+            if not self._free_pages_from(txn, inode, r, start, budget):
                 return False
         return True
 
@@ -200,10 +210,10 @@ class PageMaps:
                 continue
             self._clear_pages(txn, inode, r, a, b)
 
-    def release(self, txn: Txn, inode: Inode, budget: int) -> bool:
-        """Free every page of the file (at most `budget` blocks now; True when done),
-        then the map's own pages."""
-        if not self.truncate(txn, inode, 0, budget):
+    def release(self, txn: Txn, inode: Inode, keep: Keep) -> bool:
+        """Free every page of the file (as `truncate`; True when done), then the map's
+        own pages."""
+        if not self.truncate(txn, inode, 0, keep):
             return False
         if not inode.inline:
             table = _table(inode)
@@ -350,17 +360,16 @@ class PageMaps:
 
     # --- internals: freeing ----------------------------------------------------------------
 
-    def _free_folio(self, txn: Txn, inode: Inode, r: int, pfn: int) -> int:
+    def _free_folio(self, txn: Txn, inode: Inode, r: int, pfn: int) -> None:
         txn.free(pfn, FOLIO_ORDER)
         inode.npages -= REGION_PAGES
         self._set_entry(txn, inode, r, 0)
-        return 1
 
     def _free_pages_from(self, txn: Txn, inode: Inode, r: int, first: int,
-                         budget: int) -> tuple[int, bool]:
+                         budget: int) -> bool:
         """Free region r's pages from index `first` on, the last ones first and at most
-        `budget` of them (a page array left empty goes too); (blocks freed, whether
-        none is left from `first` on)."""
+        `budget` of them (a page array left empty goes too); whether none is left from
+        `first` on."""
         first = max(first, 0)
         if inode.inline:
             pfns = list(inode.inline)
@@ -370,7 +379,7 @@ class PageMaps:
                 pfns[p] = 0
             inode.npages -= len(used)
             inode.inline = _trimmed(pfns)
-            return len(used), not any(pfns[first:])
+            return not any(pfns[first:])
         raw = self._radix(inode).get(_table(inode), r)
         slots = self._array_w(txn, raw >> 1)
         used = np.flatnonzero(slots[first:])[::-1][:budget] + first
@@ -382,7 +391,7 @@ class PageMaps:
         if not slots.any():
             txn.free(raw >> 1)
             self._set_entry(txn, inode, r, 0)
-        return len(used), done
+        return done
 
     def _clear_pages(self, txn: Txn, inode: Inode, r: int, a: int, b: int) -> None:
         """Region-relative [a, b) of a page-array region reads as zeros afterwards: pages

@@ -5,7 +5,8 @@ A table of height 0 is its root value alone (the value of key 0; nothing else ca
 stored). A table of height h has a root node: a page whose 510 slots cover 510**(h-1)
 keys each; a slot holds a child node's PFN, or at height 1 the value itself, or 0.
 Nodes that become empty are freed, so a sparse table costs only the paths it uses; the
-height only grows, but a table whose root node is freed is empty, of height 0 again. The owner keeps (root, height), e.g. in an inode record.
+height only grows, but a table whose root node is freed is empty, of height 0 again.
+The owner keeps (root, height), e.g. in an inode record.
 
     node page: page header (magic GRX2, crc32, owner), then u64 slots[510]
 """

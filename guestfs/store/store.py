@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from guestfs.inode import ROOT_INO, Inode
+from guestfs.inode import Inode
 from guestfs.store import blob
 from guestfs.store.btree import BTree
 from guestfs.store.directory import Directories
-from guestfs.store.journal import Journal, Pool, Recovery, Txn
+from guestfs.store.journal import Journal, JournalError, Pool, Recovery, Txn
 from guestfs.store.page import CorruptPage, Kind, Pages
 from guestfs.store.pagemap import PageMaps
 from guestfs.store.records import INLINE_TARGET, InodeTable
@@ -64,6 +64,9 @@ class RoomPool:
 
     def release_if_owned(self, pfn: int, order: int) -> bool:
         return self.pool.release_if_owned(pfn, order)
+
+    def owns(self, pfn: int, order: int) -> bool:
+        return self.pool.owns(pfn, order)
 
     def free_pages(self) -> int:
         return self.pool.free_pages()
@@ -127,6 +130,9 @@ class MetaStore:
         pages = Pages(arena)
         room = RoomPool(pool, SLACK_PAGES)
         journal_pfn = journal_of(arena.view(sb_pfn))       # checked after recovery
+        if not pool.owns(journal_pfn, 0):
+            raise JournalError(f"the superblock names page {journal_pfn} as the journal, "
+                               "which is not the pool's")
         journal = Journal.open(pages, room, journal_pfn)
         recovery = journal.recover()
         sb = Superblock.read(pages, sb_pfn)

@@ -733,3 +733,71 @@ def test_python_memory_stays_flat_as_inodes_grow(boot_kernel: BootKernel,
     more = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     print(f"\nPython memory for 3000 more files past a full cache: {more} B")
     assert more < 16 * 1024 and fs.store.cached() <= 500
+
+
+# --- bulk frees stay within one transaction's limits -----------------------------------
+
+
+def sparse_file(fs: Filesystem, name: bytes, regions: int, dense: int = 0) -> Inode:
+    """A byte in each of `regions` 2 MiB regions, 4 MiB apart (each after a hole, so each
+    gets a page array, not a folio), then `dense` regions of 511 written pages."""
+    f = fs.create(ROOT_INO, name, REG, ROOT)
+    for r in range(regions):
+        fs.write(f.ino, 2 * r * REGION_SIZE, b"x")
+    base = 2 * regions * REGION_SIZE + REGION_SIZE
+    for r in range(dense):
+        fs.write(f.ino, base + 2 * r * REGION_SIZE, b"y" * (511 * PAGE_SIZE))
+    return f
+
+
+def test_freeing_a_sparse_file_takes_as_many_transactions_as_it_needs(fs: Filesystem) -> None:
+    free = fs.store.free_pages()
+    f = sparse_file(fs, b"sparse", 80)
+    g = sparse_file(fs, b"wide", 60)
+    for r in range(60):                              # 40 pages in each region
+        fs.write(g.ino, 2 * r * REGION_SIZE, b"w" * (40 * PAGE_SIZE))
+    fs.unlink(ROOT_INO, b"sparse", ROOT)
+    fs.unlink(ROOT_INO, b"wide", ROOT)
+    assert gone(fs, f.ino) and gone(fs, g.ino) and fs.check() == []
+    assert fs.store.free_pages() == free
+
+
+def test_a_split_truncate_leaves_no_stale_bytes(fs: Filesystem) -> None:
+    f = sparse_file(fs, b"f", 80, dense=5)
+    fs.setattr(f.ino, ROOT, size=0)
+    assert fs.get(f.ino).npages == 0 and fs.check() == []
+    fs.setattr(f.ino, ROOT, size=8 * MiB)
+    assert bytes(fs.read(f.ino, 0, 8 * MiB)) == bytes(8 * MiB)
+
+
+def test_an_open_unlinked_file_survives_a_split_truncate(fs: Filesystem) -> None:
+    f = sparse_file(fs, b"f", 0, dense=5)
+    fs.open(f.ino, os.O_RDWR)
+    fs.unlink(ROOT_INO, b"f", ROOT)
+    fs.setattr(f.ino, ROOT, size=PAGE_SIZE)          # more frees than one transaction
+    assert fs.write(f.ino, 0, b"still here") == 10
+    assert bytes(fs.read(f.ino, 0, 10)) == b"still here"
+    fs.release(f.ino)
+    assert gone(fs, f.ino) and fs.check() == []
+
+
+def test_an_orphan_too_large_for_one_transaction_is_freed_at_the_next_open(
+        kernel: Kernel) -> None:
+    fs = new_fs(kernel)             # not the fixture: its store is stale after the reopen
+    f = sparse_file(fs, b"f", 80)
+    fs.open(f.ino, os.O_RDWR)
+    fs.unlink(ROOT_INO, b"f", ROOT)
+    store = fs.store
+    reopened = Filesystem(MetaStore.open(store.arena, store.pool.pool, store.sb_pfn)[0])
+    assert reopened.finish_orphans() == 1
+    assert gone(reopened, f.ino) and reopened.check() == []
+
+
+def test_fallocate_and_punch_of_many_regions(fs: Filesystem) -> None:
+    f = fs.create(ROOT_INO, b"f", REG, ROOT)
+    fs.fallocate(f.ino, 0, 0, 24 * MiB)
+    assert fs.get(f.ino).size == 24 * MiB and fs.get(f.ino).npages == 24 * MiB // PAGE_SIZE
+    fs.write(f.ino, 3 * MiB, b"keep")
+    fs.fallocate(f.ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5 * MiB, 19 * MiB)
+    assert bytes(fs.read(f.ino, 3 * MiB, 4)) == b"keep" and fs.check() == []
+    assert bytes(fs.read(f.ino, 5 * MiB, 1 * MiB)) == bytes(1 * MiB)

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from guestfs.inode import Inode
 from guestfs.store import blob
 from guestfs.store.btree import MAX_VALUE, BTree
-from guestfs.store.journal import Journal, Phase, TxnTooLarge
+from guestfs.store.journal import Journal, JournalError, Phase, TxnTooLarge
 from guestfs.store.page import CorruptPage, Kind, Pages
 from guestfs.store.radix import FANOUT, Radix, RadixRoot
 from guestfs.store.records import decode, encode
+from kho_backend.units import PAGE_SIZE
 
 MiB = 1 << 20
 
@@ -180,6 +181,33 @@ def test_recovery_finishes_the_frees_of_a_committed_transaction(store: Store) ->
     pool = RecordingPool(store.pool, owned)
     done = Journal.open(Pages(arena), pool, store.journal.header_pfn).recover()
     assert done.phase is Phase.COMMITTING and pool.released == [pfn]
+
+
+@pytest.mark.parametrize("target,why", [
+    ("outside", "not a metadata page of the pool"),
+    ("journal", "not a metadata page of the pool"),
+])
+def test_recovery_refuses_a_journal_that_names_foreign_pages(store: Store, target: str,
+                                                             why: str) -> None:
+    """A torn or hostile journal must not make recovery overwrite pages it does not own:
+    it is refused before any page changes."""
+    with store.journal.transaction() as txn:
+        a = txn.new_page(Kind.BLOB, 1)
+    arena = store.kernel.arena
+    image = None
+    with pytest.raises(RuntimeError), store.journal.transaction() as txn:
+        txn.write(a, Kind.BLOB)[16:20] = b"AAAA"
+        image = bytearray(arena.view(0, arena.npages))
+        raise RuntimeError("SIGKILL")
+    journal = store.journal
+    bad = journal.slots[0] if target == "journal" else store.pool.buddy.alloc(0)
+    entry = journal.entry_pages[0] * PAGE_SIZE          # the first entry: UNDO of `a`
+    image[entry:entry + 8] = bad.to_bytes(8, "little")
+    arena.view(0, arena.npages)[:] = image
+    before = bytes(arena.view(0, arena.npages))
+    with pytest.raises(JournalError, match=why):
+        Journal.open(Pages(arena), store.pool, journal.header_pfn).recover()
+    assert bytes(arena.view(0, arena.npages)) == before
 
 
 # --- the radix table ------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 For each tree of the profile: build it on a machine of its own (`benchlib.trees`),
 mount it with ``guestfs mount`` (which restores it), check that every inode came back,
-run ``guestfs kexec --json`` several times, read the daemon's memory, unmount and
+run ``guestfs kexec --json`` several times, stat every file and read the daemon's
+memory, SIGKILL the daemon and time the next ``guestfs mount``'s recovery, unmount and
 destroy the machine. Then the same files, written to kernel tmpfs, go through the tar
 round trip of `benchlib.baseline` (once per distinct set of files: the guestfs page
 layout does not change what tar copies).
@@ -11,9 +12,11 @@ layout does not change what tar copies).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import tempfile
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,7 @@ from benchlib.cleanup import quietly, undo_stack
 from benchlib.guestfs_cli import GuestfsCli
 from benchlib.log import say
 from benchlib.model import Series
-from benchlib.proc import CommandError, memory_of
+from benchlib.proc import CommandError, kill_and_wait, memory_of
 from benchlib.profiles import Profile
 from benchlib.systems import Guestfs
 from benchlib.trees import TreeSpec
@@ -42,8 +45,21 @@ class TreeResult:
     blackout: Series = field(default_factory=lambda: Series("ms"))
     phases: dict[str, list[float]] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)  # of the daemon after the kexecs
+    #: After a SIGKILL of the daemon: the next kernel's boot and restore (in process),
+    #: and the whole ``guestfs mount`` command (Python start-up and the FUSE mount too).
+    recovery: Series = field(default_factory=lambda: Series("ms"))
+    recovery_mount: Series = field(default_factory=lambda: Series("ms"))
     baseline: Series = field(default_factory=lambda: Series("ms"))
     baseline_runs: list[RoundTrip] = field(default_factory=list)
+
+    def core_blackout(self) -> Series:
+        """The blackout of each kexec without its exec and poison phases (the Python
+        start-up of the next image, and a debugging aid): what the handover costs."""
+        out = Series("ms")
+        for i, total in enumerate(self.blackout.samples):
+            out.samples.append(total - sum(self.phases.get(p, [0.0] * (i + 1))[i]
+                                           for p in ("exec", "poison")))
+        return out
 
     def phase_medians(self) -> dict[str, float]:
         """Median milliseconds of each blackout phase."""
@@ -57,6 +73,9 @@ class TreeResult:
                 "arena_layout": self.layout, "blackout": self.blackout.to_json(),
                 "phases_median_ms": self.phase_medians(), "phases_ms": self.phases,
                 "daemon_memory": self.memory, "baseline": self.baseline.to_json(),
+                "core_blackout": self.core_blackout().to_json(),
+                "recovery": self.recovery.to_json(),
+                "recovery_mount": self.recovery_mount.to_json(),
                 "baseline_runs": [{"save_ms": r.save_ms, "restore_ms": r.restore_ms}
                                   for r in self.baseline_runs]}
 
@@ -101,7 +120,33 @@ def _measure_guestfs(profile: Profile, cli: GuestfsCli, workdir: Path, machine: 
                 result.phases.setdefault(name, []).append(ms)
             say(f"  kexec {run + 1}/{profile.kexec_runs}: blackout {out['blackout_ms']:.1f} ms "
                 f"(generation {out['generation']})")
+        _stat_every_file(mounted.path, spec)
         result.memory = memory_of(mounted.pid) if mounted.pid else {}
+        _measure_recovery(cli, system, mounted.path, mounted.pid, result)
+
+
+def _stat_every_file(mountpoint: Path, spec: TreeSpec) -> None:
+    """Look up and stat every file (the daemon's inode cache fills as it would in use),
+    and check that all of them are there."""
+    seen = sum(len(files) + len(dirs) for _, dirs, files in os.walk(mountpoint))
+    if seen + 1 != spec.inodes:
+        raise CommandError(f"{mountpoint}: a walk finds {seen + 1} inodes, the tree has "
+                           f"{spec.inodes}")
+
+
+def _measure_recovery(cli: GuestfsCli, system: Guestfs, mountpoint: Path, pid: int,
+                      result: TreeResult) -> None:
+    """SIGKILL the daemon, mount again (which clears the dead mount and recovers), and
+    record the new kernel's boot and restore, and the mount command's wall time."""
+    kill_and_wait(pid)                  # the daemon of this tree's machine, by its PID
+    started = time.monotonic()
+    status = system.recover(mountpoint)
+    result.recovery_mount.samples.append((time.monotonic() - started) * 1000)
+    ns = status["boot_timings_ns"].get("total", 0) + status["restore_ns"]
+    result.recovery.samples.append(ns / 1e6)
+    _check_restored(cli, mountpoint, result.spec)
+    say(f"  after SIGKILL: boot and restore {ns / 1e6:.1f} ms, guestfs mount "
+        f"{result.recovery_mount.samples[-1]:.0f} ms")
 
 
 def _check_restored(cli: GuestfsCli, mountpoint: Path, spec: TreeSpec) -> None:

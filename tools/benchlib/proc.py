@@ -132,6 +132,18 @@ def remove_tree_unless_mounted(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def kill_and_wait(pid: int, timeout: float = END_TIMEOUT) -> None:
+    """SIGKILL process `pid` (through a pidfd, so a reused PID is never signalled) and
+    wait until it has ended."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if not select.select([pidfd], [], [], timeout)[0]:
+            raise CommandError(f"process {pid} did not end {timeout:.0f} s after SIGKILL")
+    finally:
+        os.close(pidfd)
+
+
 def memory_of(pid: int) -> dict[str, int]:
     """VmRSS, RssAnon and RssShmem of process `pid`, in bytes."""
     fields = {}

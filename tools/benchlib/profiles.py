@@ -10,6 +10,7 @@ from benchlib.units import GiB, KiB, MiB
 SMALL_FILE = 512          # bytes of a "small file" in the inode-count sweep
 BYTES_SWEEP_FILES = 64    # the fixed file count of the bytes sweep
 HEADLINE = (10 * KiB, 1 * GiB)  # the kexec issue's "10 Ki files and 1 GiB" target
+PAGES_SWEEP_FROM = 64 * MiB     # the 4 KiB-page sweep: from this to reference_bytes
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Profile:
         add(TreeSpec(reference.files, reference.file_size, Layout.PAGES), "layout")
         add(reference, "fragmentation")
         add(TreeSpec(reference.files, reference.file_size, fragmented=True), "fragmentation")
+        for size in {min(PAGES_SWEEP_FROM, self.reference_bytes), self.reference_bytes}:
+            add(TreeSpec(BYTES_SWEEP_FILES, size // BYTES_SWEEP_FILES, Layout.PAGES), "pages")
         if self.headline:
             files, data = HEADLINE
             add(TreeSpec(files, -(-data // files)), "headline")

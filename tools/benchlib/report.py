@@ -94,6 +94,7 @@ def kexec_table(trees: Sequence[TreeResult]) -> list[str]:
     """Blackout of every tree against the copy-to-disk baseline."""
     notes = Notes()
     head = ["tree", "sweeps", "inodes", "data", "arena layout", "guestfs blackout (ms)",
+            "without exec and poison (ms)", "recovery after SIGKILL (ms)",
             "copy-to-disk (ms)", "save + restore (ms)", "copy-to-disk / guestfs"]
     lines = [_row(head), _row(["---"] * len(head))]
     for t in trees:
@@ -103,6 +104,7 @@ def kexec_table(trees: Sequence[TreeResult]) -> list[str]:
                  f"{number(sum(r.restore_ms for r in trips) / len(trips))}") if trips else "—"
         lines.append(_row([t.spec.label, ", ".join(t.roles), f"{t.spec.inodes:,}",
                            size_text(t.spec.bytes), _layout(t), cell(t.blackout, notes),
+                           cell(t.core_blackout(), notes), cell(t.recovery, notes),
                            cell(t.baseline, notes), split,
                            f"{number(speed)} ×" if speed is not None else "—"]))
     return lines + notes.render()

@@ -15,7 +15,7 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from benchlib.cleanup import quietly
 from benchlib.guestfs_cli import GuestfsCli
@@ -133,6 +133,13 @@ class Guestfs:
         self.cli.mount(self.machine, mountpoint, self.memory)
         pid = self._pid[mountpoint] = self.cli.status(mountpoint)["pid"]
         return Mounted(self.name, mountpoint, pid)
+
+    def recover(self, mountpoint: Path) -> dict[str, Any]:
+        """``guestfs mount`` again after the daemon died; its status."""
+        self.cli.mount(self.machine, mountpoint)
+        status = self.cli.status(mountpoint)
+        self._pid[mountpoint] = status["pid"]
+        return status
 
     def _unmount(self, mountpoint: Path) -> None:
         if not is_mountpoint(mountpoint):

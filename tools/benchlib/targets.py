@@ -1,4 +1,4 @@
-"""The targets of issues 4 and 5, checked against one run's figures.
+"""The targets of issues 4, 5 and 12, checked against one run's figures.
 
 A target is *met* or *missed* only where this run measured exactly what it names (a
 ``--quick`` run has no 4 GiB tree and no 1 Mi inodes): otherwise it shows the nearest
@@ -7,7 +7,7 @@ figure it did measure, marked "not measured".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -134,9 +134,72 @@ def _per_gib_target(trees: Sequence[TreeResult]) -> TargetResult:
     return _judged(name, largest, text, slope.per_unit <= 1 * MiB, largest.spec.bytes >= 1 * GiB)
 
 
+def _core(tree: TreeResult) -> float:
+    summary = tree.core_blackout().summary
+    assert summary is not None
+    return summary.median
+
+
+def _core_ratio_target(trees: Sequence[TreeResult], role: str, name: str, limit: float,
+                       exact: Callable[[TreeResult, TreeResult], bool]) -> TargetResult:
+    found = analysis.sweep(trees, role)
+    if len(found) < 2:
+        return TargetResult(name, "n/a", None)
+    small, large = found[0], found[-1]
+    value = _core(large) / _core(small)
+    text = (f"{value:.2f} × ({_core(large):.1f} ms at {large.spec.label}, "
+            f"{_core(small):.1f} ms at {small.spec.label})")
+    return _judged(name, large, text, value <= limit, exact(small, large))
+
+
+def _core_headline_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "blackout without exec and poison ≤ 50 ms at 10 Ki files and 1 GiB"
+    found = analysis.sweep(trees, "headline")
+    if not found:
+        return TargetResult(name, "not measured", None)
+    ms = _core(found[0])
+    return TargetResult(name, f"{ms:.1f} ms", ms <= 50)
+
+
+def _rss_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "daemon RSS ≤ 128 MiB at 1 Mi inodes (after a stat of every file)"
+    found = [t for t in analysis.sweep(trees, "inodes") if "VmRSS" in t.memory]
+    if not found:
+        return TargetResult(name, "n/a", None)
+    tree = found[-1]
+    rss = tree.memory["VmRSS"]
+    text = ", ".join(f"{t.memory['VmRSS'] / MiB:.0f} MiB at {t.spec.inodes:,}" for t in found)
+    return _judged(name, tree, text, rss <= 128 * MiB, tree.spec.files >= 1 * MiB)
+
+
+def _recovery_target(trees: Sequence[TreeResult]) -> TargetResult:
+    name = "recovery after SIGKILL ≤ 1 s at 1 Mi inodes (boot and restore)"
+    found = [t for t in analysis.sweep(trees, "inodes") if t.recovery.summary is not None]
+    if not found:
+        return TargetResult(name, "n/a", None)
+    tree = found[-1]
+    ms = tree.recovery.summary.median
+    mount = tree.recovery_mount.summary
+    text = f"{ms:.1f} ms (the whole guestfs mount: {mount.median:.0f} ms)" if mount else \
+        f"{ms:.1f} ms"
+    return _judged(name, tree, text, ms <= 1000, tree.spec.files >= 1 * MiB)
+
+
+def arena_targets(trees: Sequence[TreeResult]) -> list[TargetResult]:
+    """Issue 12: the blackout flat in inodes and bytes, flat memory, fast recovery."""
+    return [
+        _core_ratio_target(trees, "inodes", "blackout without exec and poison at 1 Mi "
+                           "inodes ≤ 1.5 × at 1 Ki", 1.5,
+                           lambda s, l: s.spec.files == 1 * KiB and l.spec.files >= 1 * MiB),
+        _core_ratio_target(trees, "pages", "blackout without exec and poison at 4 GiB of "
+                           "4 KiB pages ≤ 1.2 × at 64 MiB", 1.2,
+                           lambda s, l: s.spec.bytes == 64 * MiB and l.spec.bytes == 4 * GiB),
+        _core_headline_target(trees), _rss_target(trees), _recovery_target(trees)]
+
+
 def evaluate(profile: Profile, data: Table, meta: Table,
              trees: Sequence[TreeResult]) -> list[TargetResult]:
-    """Every target, in the issue's order."""
+    """Every target, in the issues' order."""
     return (data_targets(profile, data, meta) + kexec_targets(trees)
-            + [_per_inode_target(trees), _per_gib_target(trees)])
+            + [_per_inode_target(trees), _per_gib_target(trees)] + arena_targets(trees))
 
