@@ -333,11 +333,20 @@ def _free_blocks(code: np.ndarray, node_starts: list[int]) -> tuple[np.ndarray, 
     """Cut the runs of equal non-zero ``code`` (split at node starts) into maximal
     naturally aligned blocks; returns (head PFNs, orders)."""
     edges = np.flatnonzero(code[1:] != code[:-1]) + 1
-    bounds = np.union1d(edges, np.asarray(node_starts[1:-1], dtype=np.int64))
+    bounds = _with_sorted(edges, np.asarray(node_starts[1:-1], dtype=np.int64))
     starts = np.concatenate(([0], bounds)).astype(np.int64)
     ends = np.concatenate((bounds, [code.size])).astype(np.int64)
     keep = code[starts] != 0
     return split_runs(starts[keep], ends[keep])
+
+
+def _with_sorted(sorted_unique: np.ndarray, few: np.ndarray) -> np.ndarray:
+    """`sorted_unique` with the values of `few` it lacks, in order: np.union1d would
+    sort (or hash) millions of edges again on a fragmented arena."""
+    at = np.searchsorted(sorted_unique, few)
+    present = (at < sorted_unique.size) & (sorted_unique[np.minimum(at, sorted_unique.size - 1)]
+                                           == few) if sorted_unique.size else np.zeros(few.size, bool)
+    return np.insert(sorted_unique, at[~present], few[~present])
 
 
 def split_runs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
