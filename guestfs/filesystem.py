@@ -488,14 +488,18 @@ class Filesystem:
         end = off + length
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG, f"fallocate to {end} is beyond {MAX_FILE_SIZE}")
-        if not mode & FALLOC_FL_PUNCH_HOLE:
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            steps = self._punch_steps(inode, off, end)
+        else:
             self._check_allocation_room(inode, off, end)
+            steps = [(pos, min(end, (pos // FALLOCATE_STEP + 1) * FALLOCATE_STEP))
+                     for pos in [off, *range((off // FALLOCATE_STEP + 1) * FALLOCATE_STEP,
+                                             end, FALLOCATE_STEP)]]
         # One transaction per step, each within the journal's limits. The room was
         # checked first; should a step still fail (a 2 MiB folio taken where pages
         # would have done), the steps done are kept, as ext4 keeps what it allocated.
-        pos = off
-        while pos < end:
-            stop = min(end, (pos // FALLOCATE_STEP + 1) * FALLOCATE_STEP)
+        steps = steps or [(end, end)]           # nothing to change: the times still move
+        for pos, stop in steps:
             with self._change(inode) as txn:
                 if mode & FALLOC_FL_PUNCH_HOLE:
                     self.store.maps.punch_hole(txn, inode, pos, stop - pos)
@@ -504,10 +508,20 @@ class Filesystem:
                     if stop == end and not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
                         self.store.maps.zero_past_end(inode, inode.size, end)
                         inode.size = end
-                if stop == end:
+                if (pos, stop) == steps[-1]:
                     inode.touch(self._clock(), mtime=True, ctime=True)
                 self._put(txn, inode)
-            pos = stop
+
+    def _punch_steps(self, inode: Inode, off: int, end: int) -> list[tuple[int, int]]:
+        """The steps of [off, end) that hold pages (a hole punched over a sparse file
+        of 2^63 bytes visits only where its pages are)."""
+        with self._reading():
+            extents = self.store.maps.extents(inode)
+        ids = sorted({i for p, _, n, _ in extents
+                      for i in range(max(off, p * PAGE_SIZE) // FALLOCATE_STEP,
+                                     -(-min(end, (p + n) * PAGE_SIZE) // FALLOCATE_STEP))})
+        return [(max(off, i * FALLOCATE_STEP), min(end, (i + 1) * FALLOCATE_STEP))
+                for i in ids]
 
     def _check_allocation_room(self, inode: Inode, off: int, end: int) -> None:
         """ENOSPC, with nothing changed, if the pages [off, end) lacks cannot fit."""

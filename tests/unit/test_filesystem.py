@@ -801,3 +801,5 @@ def test_fallocate_and_punch_of_many_regions(fs: Filesystem) -> None:
     fs.fallocate(f.ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5 * MiB, 19 * MiB)
     assert bytes(fs.read(f.ino, 3 * MiB, 4)) == b"keep" and fs.check() == []
     assert bytes(fs.read(f.ino, 5 * MiB, 1 * MiB)) == bytes(1 * MiB)
+    fs.fallocate(f.ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, MAX_FILE_SIZE - 1)
+    assert fs.get(f.ino).npages == 0 and fs.get(f.ino).size == 24 * MiB   # visits 6 steps
