@@ -143,3 +143,14 @@ def test_report_marks_missing_peer() -> None:
     row = next(line for line in lines if line.startswith("| create files |"))
     assert "missing [1]" in row
     assert "[1] missing: pyfuse3 tmpfs example: no sdist  " in lines
+
+
+def test_kho_bench_runs_every_case() -> None:
+    """tools/kho-bench through real kexecs: both headline cases and the sweep print."""
+    done = run_bounded([sys.executable, os.fspath(TOOLS / "kho-bench"), "--quick"],
+                       cwd=REPO, timeout=BOUND)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert [r[0] for r in rows if r and r[0].startswith("order-")] == ["order-0", "order-9"]
+    sweep = [r for r in rows if len(r) > 2 and r[1] in ("MiB", "GiB") and r[2].isdigit()]
+    assert len(sweep) == 3 and all(int(r[2]) > 0 for r in sweep)
