@@ -1,4 +1,4 @@
 """The emulated machine: arena ("RAM"), memblock and scratch, the buddy page allocator,
 Kexec HandOver (KHO) and kexec. Knows nothing about filesystems."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
