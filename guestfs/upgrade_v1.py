@@ -30,11 +30,13 @@ from guestfs.errors import FsError
 from guestfs.filesystem import (LINK_MAX, NAME_MAX, SYMLINK_MAX, TIME_MAX_NS, TIME_MIN_NS,
                                 XATTR_SIZE_MAX, AtimePolicy, Filesystem, xattr_namespace)
 from guestfs.inode import ROOT_INO, FileType, Inode
+from guestfs.store.journal import Pool, TxnTooLarge
+from guestfs.store.page import CorruptPage
 from guestfs.store.pagemap import FOLIO_ORDER, REGION_PAGES, Extent
 from guestfs.store.store import MetaStore
 from guestfs.store.superblock import MAX_FILE_SIZE, MAX_INODES, Superblock
 from kho_backend.chain import walk_chain
-from kho_backend.errors import HandoverError
+from kho_backend.errors import HandoverError, KhoError, OutOfMemory
 from kho_backend.fdt import FdtReader
 from kho_backend.units import PAGE_SIZE
 
@@ -109,10 +111,13 @@ def upgrade(kernel: Kernel, blob: bytes, pool_name: str, *,
                             f"the sub-FDT says {sb1.table_size}")
     inodes = _decode(chain.payload, sb1)
     pool = kernel.kho.create_pool(pool_name)
-    for order, heads in _heads(inodes).items():
-        kho_in.restore_pfns(heads, order)
-        pool.adopt(heads, order)
-    fs = _build(kernel, pool, sb1, inodes, atime)
+    try:
+        for order, heads in _heads(inodes).items():
+            kho_in.restore_pfns(heads, order)
+            pool.adopt(heads, order)
+        fs = _build(kernel, pool, sb1, inodes, atime)
+    except (KhoError, OutOfMemory, TxnTooLarge, CorruptPage, FsError) as e:
+        raise HandoverError(f"the guestfs-v1 filesystem cannot be converted: {e}") from None
     problems = fs.check()
     if problems:
         raise HandoverError(f"the guestfs-v1 tree is inconsistent: {problems[0]}")
@@ -267,7 +272,7 @@ def _heads(inodes: dict[int, _V1Inode]) -> dict[int, np.ndarray]:
 # --- building the v2 store -------------------------------------------------------------
 
 
-def _build(kernel: Kernel, pool: Any, sb1: V1Superblock, inodes: dict[int, _V1Inode],
+def _build(kernel: Kernel, pool: Pool, sb1: V1Superblock, inodes: dict[int, _V1Inode],
            atime: AtimePolicy) -> Filesystem:
     if ROOT_INO not in inodes:
         raise HandoverError("the guestfs inode table has no root directory")
