@@ -1,5 +1,6 @@
 """Compatibility with earlier releases, as littlefs tests against its previous release:
-an arena handed over by release 0.2.0 (`guestfs-v1` over `kho-v1`, made by
+an arena handed over by each release (0.2.0: `guestfs-v1` over `kho-v1`, converted at
+mount; 0.3.0: `guestfs-v2` over `kho-v3`; each made by
 tests/fixtures/make_release_arena.py at that release) mounts with this code, and every
 name, attribute, byte and data page of it is found where that release left it."""
 
