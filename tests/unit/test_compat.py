@@ -6,10 +6,10 @@ name, attribute, byte and data page of it is found where that release left it.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,8 @@ from guestfs.filesystem import AtimeMode, AtimePolicy, Ctx
 from guestfs.session import Options, Session
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from make_release_arena import describe  # noqa: E402  (what a release's tree must hold)
 _ROOT = Ctx(uid=0, gid=0)
 RELEASES = sorted(p.name.removesuffix(".arena.xz") for p in FIXTURES.glob("*.arena.xz"))
 
@@ -34,8 +36,7 @@ def test_an_earlier_release_handover_mounts_unchanged(release: str, machine_env:
     try:
         fs = session.fs
         assert fs.sb.uuid == manifest["uuid"]
-        found = {}
-        _walk(fs, 1, "", found)
+        found = describe(fs)
         assert sorted(found) == sorted(manifest["tree"])
         for path, want in manifest["tree"].items():
             assert found[path] == want, path
@@ -44,25 +45,4 @@ def test_an_earlier_release_handover_mounts_unchanged(release: str, machine_env:
         assert fs.check() == []
     finally:
         session.close()
-
-
-def _walk(fs, ino: int, path: str, out: dict) -> None:
-    for _cookie, name, inode in fs.readdir(ino, 2):
-        child = f"{path}/{name.decode('utf-8', 'surrogateescape')}"
-        entry = {
-            "ino": inode.ino, "mode": inode.mode, "uid": inode.uid, "gid": inode.gid,
-            "nlink": inode.nlink, "size": inode.size, "rdev": inode.rdev,
-            "atime_ns": inode.atime_ns, "mtime_ns": inode.mtime_ns,
-            "ctime_ns": inode.ctime_ns, "generation": inode.generation,
-            "xattrs": {k.hex(): v.hex() for k, v in sorted(fs.listxattr_items(inode.ino))},
-        }
-        if inode.is_reg:
-            data = bytes(fs.read(inode.ino, 0, min(inode.size, 8 << 20)))
-            entry["sha256_first_8MiB"] = hashlib.sha256(data).hexdigest()
-            entry["extents"] = [list(e) for e in fs.extents(inode.ino)]
-        if inode.is_symlink:
-            entry["target"] = fs.readlink(inode.ino).hex()
-        out[child] = entry
-        if inode.is_dir:
-            _walk(fs, inode.ino, child, out)
 
