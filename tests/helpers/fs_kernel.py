@@ -109,6 +109,11 @@ class Server:
         ino = self.handles[handle]
         return bytes(self.fs.read(ino, 0, self.fs.get(ino).size))
 
+    def op_contents(self, path: str) -> bytes:
+        """A file's bytes, straight from the store (no atime change)."""
+        inode = self.fs.get(self.resolve(path))
+        return bytes(self.fs.store.maps.read(inode, 0, inode.size))
+
     def op_snapshot(self) -> dict:
         """Every reachable name with what a model can check, and the machine's figures."""
         tree: dict[str, dict] = {}
