@@ -140,7 +140,7 @@ def test_open_errors(boot_kernel, machine_name: str, machine_env: Path) -> None:
     with pytest.raises(ArenaError, match="not a valid machine name"):
         boot_kernel("../evil", memory=16 * MiB)
     boot_kernel(machine_name, memory=16 * MiB).shutdown()
-    with pytest.raises(ArenaError, match="not the 33554432 asked for"):
+    with pytest.raises(ArenaError, match="has 16 MiB of memory, not the 32 MiB asked for"):
         boot_kernel(machine_name, memory=32 * MiB, format=True)
     with pytest.raises(ArenaError, match="has 1 NUMA node"):
         boot_kernel(machine_name, nodes=2, format=True)
