@@ -98,12 +98,17 @@ def mount_options(text: str) -> MountOptions:
 
 
 def kernel_cmdline(text: str) -> str:
-    """A next kernel's command line made only of the words this kernel understands
-    (a real kernel would pass unknown words on to init; here they can only be typos)."""
+    """A next kernel's command line made only of the words this kernel understands (a
+    real kernel would pass unknown words on to init; here they can only be typos), and
+    never kho=off (that kernel could not hand the files over again)."""
     try:
-        extra = Cmdline.parse(text).extra
+        cmdline = Cmdline.parse(text)
     except MachineError as e:
         raise argparse.ArgumentTypeError(one_style(str(e))) from None
+    if not cmdline.kho:
+        raise argparse.ArgumentTypeError("kho=off: that kernel could not hand the filesystem "
+                                         "over again")
+    extra = cmdline.extra
     if extra:
         raise argparse.ArgumentTypeError(
             f"unknown word{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}; "
@@ -114,7 +119,10 @@ def kernel_cmdline(text: str) -> str:
 
 def positive(text: str) -> int:
     """A whole number of at least 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value

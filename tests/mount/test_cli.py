@@ -56,6 +56,8 @@ def test_help_everywhere(path: list[str], capsys: pytest.CaptureFixture[str]) ->
     (["kexec", "--cmdline", "kho=on quiet", "/mnt"], "unknown word 'quiet'"),
     (["kexec", "--cmdline", "kho=maybe", "/mnt"], "'kho=maybe' is not valid"),
     (["kexec", "--cmdline", "kho_scratch=0%", "/mnt"], "kho_scratch=0% is not valid"),
+    (["kexec", "--cmdline", "kho=off", "/mnt"], "kho=off: that kernel could not hand"),
+    (["mount", "--nodes", "two", "/mnt"], "'two' is not a whole number"),
     (["m1", "/mnt", "/mnt2", "-o", "rw"], "expected a machine and a mount point"),
     (["m1", "/mnt", "-o"], "-o needs a value"),
     (["m1", "/mnt", "-x", "-o", "rw"], "unknown switch '-x'"),
@@ -140,6 +142,22 @@ def test_mount_reports_the_daemons_reason(cli_env: dict[str, str], tmp_path: Pat
                    check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("guestfs: ") and "does not exist" in proc.stderr
+
+
+def test_a_failed_first_mount_leaves_no_file(cli_env: dict[str, str],
+                                             machine_dir: Path) -> None:
+    machine, mnt = unique_machine(), make_mountpoint()
+    try:
+        proc = run_cli(cli_env, "mount", "--machine", machine, "--memory", "1M",
+                       os.fspath(mnt), check=False)
+    finally:
+        mnt.rmdir()
+    assert proc.returncode == 1 and "1 MiB is too small" in proc.stderr
+    assert not list(machine_dir.glob(f"{machine}.*"))
+    stray = machine_dir / f"{machine}.log"          # as an older release could leave
+    stray.write_text("a log\n")
+    assert "destroyed" in run_cli(cli_env, "machine", "destroy", machine).stderr
+    assert not stray.exists()
 
 
 def test_mount_options_round_trip() -> None:
