@@ -350,7 +350,8 @@ def memmap_png(machine: str, path: str | Path, directory: Path | None = None, *,
     cppp, ccols = _closeup_geometry(segments)
     title = (f"machine {machine}: {format_size(len(paint) << PAGE_SHIFT)}, "
              f"{len(starts) - 1} NUMA node(s), generation "
-             f"{'-' if generation is None else generation}, {header.state.name.lower()}")
+             f"{'-' if generation is None else generation}, "
+             f"{header.state.name.lower().replace('_', ' ')}")
     busy = len(paint) - counts.get(Paint.FREE, 0)
     subtitle = (f"{format_size(busy << PAGE_SHIFT)} of it not free "
                 f"({100 * busy / len(paint):.2g} %); from {source}")
@@ -435,7 +436,7 @@ def _draw(path: str | Path, paint: np.ndarray, starts: list[int], overview: tupl
                      label=f"{NAMES[p]}: {format_size(counts.get(p, 0) << PAGE_SHIFT)}")
                for p in NAMES]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.subplots_adjust(left=0.16, right=0.97, top=0.9, bottom=0.13, hspace=0.3)
+    fig.subplots_adjust(left=0.22, right=0.97, top=0.9, bottom=0.13, hspace=0.3)
     fig.savefig(path, format="png")
     width, height = fig.canvas.get_width_height()
     return width, height
