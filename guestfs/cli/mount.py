@@ -70,8 +70,8 @@ def run_mount(args: argparse.Namespace) -> int:
         return daemon.run_foreground(config, args.ready_fd)
     _check_mountpoint(args.mountpoint)
     _warn_above_ram(config)
+    _await_stopping_daemon(config.machine)    # first: its shield is not a dead mount
     _clear_dead_mount(config)
-    _await_stopping_daemon(config.machine)
     try:
         background.start_background(config, progress=say)
     except background.StillStarting as e:

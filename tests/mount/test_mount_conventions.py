@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import Mount, is_mounted, make_mountpoint, teardown_mount, unique_machine, \
-    wait_pid_gone
+from conftest import CLI, Mount, is_mounted, make_mountpoint, teardown_mount, \
+    unique_machine, wait_pid_gone
 from guestfs import mounts
 
 pytestmark = pytest.mark.fuse
@@ -122,3 +124,26 @@ def test_fstab_line(mountpoints: list[Mount], cli_env: dict[str, str], tmp_path:
     assert wait_pid_gone(m.pid, 30)
     assert _status(m)["arena"]["state"] == "HANDED_OVER"
     m.pid = 0
+
+
+def test_mount_right_after_a_plain_umount_waits_for_the_handover(mount: Mount) -> None:
+    """The daemon hands over once a plain umount has taken its mount away; a mount of
+    the machine meanwhile waits for it (here the daemon is held stopped for a while)."""
+    (mount / "f").write_bytes(b"handed over late")
+    old = mount.pid
+    os.kill(old, signal.SIGSTOP)           # this mount's daemon, by its PID
+    try:
+        mounts.umount2(mount.mountpoint)   # umount(2): the kernel lets go without the daemon
+        again = subprocess.Popen([*CLI, "mount", "--machine", mount.machine,
+                                  os.fspath(mount.mountpoint)], env=mount.env,
+                                 stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        assert again.poll() is None, again.stderr.read()
+    finally:
+        os.kill(old, signal.SIGCONT)
+    err = again.communicate(timeout=120)[1]
+    assert again.returncode == 0, err
+    assert "waiting for the last daemon" in err and "dead mount" not in err
+    assert wait_pid_gone(old, 30)
+    mount.pid = _status(mount)["pid"]
+    assert (mount / "f").read_bytes() == b"handed over late"
