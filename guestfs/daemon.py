@@ -268,7 +268,7 @@ class Daemon:
             for part in Path(str(request.get("path", ""))).parts:
                 inode = fs.lookup(inode.ino, os.fsencode(part))
         except FsError as e:
-            raise control.ControlError(f"{request.get('path')}: {e}") from None
+            raise control.ControlError(f"{request.get('path')}: {os.strerror(e.errno)}") from None
         extents = fs.extents(inode.ino) if inode.is_reg else []
         return {"ino": inode.ino, "size": inode.size,
                 "extents": [list(e) for e in extents]}
@@ -397,7 +397,8 @@ class Daemon:
         self._claim()
         session = self._session()
         if session.kernel.kexec.loaded is None:
-            raise control.ControlError("no next kernel is loaded: there is nothing to unload")
+            raise control.ControlError("no next kernel is staged ('guestfs kexec --load-only' "
+                                       "stages one): there is nothing to abort")
         session.unload()
         return {"loaded": False}
 

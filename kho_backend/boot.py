@@ -225,8 +225,7 @@ def _crashed_state(name: str, arena: Arena, header: MachineHeader,
     except HandoverError as e:
         raise HandoverError(
             f"The previous kernel (pid {header.pid}) of machine {name!r} ended without "
-            f"handing over, and its live KHO root cannot be trusted: {e} Boot with "
-            "format=True to discard it and start empty."
+            f"handing over, and its live KHO root cannot be trusted: {e}"
         ) from e
     return kho_in if kho_in.holds_state else None
 
@@ -253,7 +252,7 @@ def _check_kho_on(name: str, cmd: Cmdline, what: str) -> None:
     if not cmd.kho:
         raise BootError(
             f"Machine {name!r} {what}, but the command line says kho=off, so this kernel "
-            "cannot take it; boot with format=True to discard it and start empty."
+            "cannot take it."
         )
 
 
@@ -263,7 +262,7 @@ def _check_previous_kernel(name: str, header: MachineHeader, handover: bool, fmt
         return
     raise BootError(
         f"The previous kernel (pid {header.pid}) of machine {name!r} ended without "
-        "handing over; its files cannot be recovered; boot with format=True to start empty."
+        "handing over; its files cannot be recovered."
     )
 
 

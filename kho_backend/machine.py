@@ -166,8 +166,8 @@ def open_machine(name: str, directory: Path | None = None, *, memory: int | None
         header = _read_header(fd, path)
         if memory is not None and memory != header.arena_size:
             raise ArenaError(
-                f"Machine {name!r} has {header.arena_size} bytes of memory, not the "
-                f"{memory} asked for; its size cannot change."
+                f"Machine {name!r} has {format_size(header.arena_size)} of memory, not the "
+                f"{format_size(memory)} asked for; its size cannot change."
             )
         return Arena(path, fd, header.nr_nodes), header
     except BaseException:

@@ -4,7 +4,10 @@
 #
 # Installs what is missing on a fresh Debian machine, as root, and is quick (a couple of
 # seconds) when everything is there. Always: the base Debian packages (APT_PACKAGES), a
-# virtual environment in .venv and guestfs[EXTRAS] in editable mode. Then each NEED:
+# virtual environment in .venv and guestfs[EXTRAS] in editable mode, with the versions
+# of tools/constraints.txt (what the tests run with); then the command where mount(8)
+# finds it (/usr/local/bin/guestfs, a link into .venv: the last set-up wins) and the
+# manual guestfs(1), generated from the parser (/usr/local/share/man/man1). Then each NEED:
 #   example   pyfuse3's sdist, whose examples/tmpfs.py is a tools/bench peer, into the
 #             cache folder tools/benchlib/example.py reads (it never downloads itself)
 #   postgres  PostgreSQL (tools/db-experiment postgres)
@@ -22,8 +25,9 @@ set -euo pipefail
 
 GUESTFS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$GUESTFS_ROOT/.venv"
+CONSTRAINTS="$GUESTFS_ROOT/tools/constraints.txt"
 SETUP_STATUS="$VENV/setup-status"
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config swig device-tree-compiler attr acl sqlite3 stress-ng fio)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config swig device-tree-compiler attr acl sqlite3 stress-ng fio man-db)
 APT_OPTIONS=(-y -qq -o DPkg::Lock::Timeout=300 -o Acquire::Retries=3)
 
 # Time limits in seconds, per try of a step. Generous: a slow mirror on a loaded 2-core
@@ -151,13 +155,38 @@ install_base() {
         run_step "creating $VENV" "$LIMIT_VENV" 1 python3 -m venv "$VENV" \
             || _setup_fail "$STEP_ERROR"
     fi
-    # Reinstall only when pyproject.toml or the wanted extras changed.
-    want="$(sha256sum "$GUESTFS_ROOT/pyproject.toml" | cut -d' ' -f1) $extras"
+    # Reinstall only when pyproject.toml, the constraints or the wanted extras changed.
+    want="$(cat "$GUESTFS_ROOT/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -d' ' -f1) $extras"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         run_step "installing guestfs[$extras] into $VENV (pip)" "$LIMIT_PIP" 2 \
-            "$VENV/bin/pip" install -q --disable-pip-version-check -e "$GUESTFS_ROOT[$extras]" \
-            || _setup_fail "$STEP_ERROR"
+            "$VENV/bin/pip" install -q --disable-pip-version-check -c "$CONSTRAINTS" \
+            -e "$GUESTFS_ROOT[$extras]" || _setup_fail "$STEP_ERROR"
         echo "$want" > "$stamp"
+    fi
+    install_command
+}
+
+# install_command: /usr/local/bin/guestfs (mount.fuse3 runs `guestfs` with the shell's
+# default search path, so a venv's bin would not do) and guestfs(1), when root. A
+# /usr/local/bin/guestfs that is not a link (someone else's) is left alone, loudly.
+install_command() {
+    local bin=/usr/local/bin/guestfs mandir=/usr/local/share/man/man1 page
+    [ "$(id -u)" = 0 ] || return 0
+    if [ -L "$bin" ] || [ ! -e "$bin" ]; then
+        [ "$(readlink "$bin" 2>/dev/null)" = "$VENV/bin/guestfs" ] \
+            || ln -sfn "$VENV/bin/guestfs" "$bin"
+    else
+        _setup_say "WARNING: $bin is not a link into a guestfs set-up; left as it is, so" \
+            "'mount -t fuse.guestfs' runs that one"
+    fi
+    page="$mandir/guestfs.1"
+    # Regenerated when the command line may have changed (or the page is missing).
+    if [ ! -s "$page" ] || [ -n "$(find "$GUESTFS_ROOT/guestfs/cli" "$GUESTFS_ROOT/pyproject.toml" \
+            -newer "$page" -print -quit)" ] || ! grep -qxF ".\\\" from $GUESTFS_ROOT" "$page"; then
+        mkdir -p "$mandir"
+        "$VENV/bin/python" -m guestfs.cli.manpage > "$page.tmp" \
+            || _setup_fail "could not generate the manual page guestfs(1)"
+        mv "$page.tmp" "$page"
     fi
 }
 

@@ -11,8 +11,9 @@ from typing import Any, NoReturn
 from guestfs import mounts
 from guestfs.config import MountOptions
 from kho_backend import machine as kmachine
+from kho_backend.cmdline import Cmdline
 from kho_backend.errors import MachineError
-from kho_backend.units import parse_size
+from kho_backend.units import PAGE_SIZE, format_size, parse_size
 
 STATUS_TIMEOUT = 10.0   # seconds a status request may take
 
@@ -37,8 +38,21 @@ class Parser(argparse.ArgumentParser):
 
 
 def say(message: str) -> None:
-    """Progress and diagnostics go to stderr, so stdout stays parseable."""
-    print(f"guestfs: {message}", file=sys.stderr, flush=True)
+    """Progress and diagnostics go to stderr, so stdout stays parseable, in one style
+    whoever wrote the message (the emulated kernel writes sentences): a lower-case
+    start, no full stop at the end."""
+    print(f"guestfs: {one_style(message)}", file=sys.stderr, flush=True)
+
+
+def one_style(message: str) -> str:
+    """``"The arena is full."`` -> ``"the arena is full"``; an acronym (``KHO``) or a
+    path at the start stays as it is."""
+    first = message.split(" ", 1)[0]
+    if first[:1].isupper() and not (len(first) > 1 and first[1:2].isupper()):
+        message = message[0].lower() + message[1:]
+    if message.endswith(".") and not message.endswith(".."):
+        message = message[:-1]
+    return message
 
 
 def unmount_dead(mountpoint: Path, machine: str) -> None:
@@ -54,12 +68,16 @@ def unmount_dead(mountpoint: Path, machine: str) -> None:
 # --- argument types ------------------------------------------------------------------
 
 
-def size(text: str) -> int:
-    """A byte count such as ``256M`` or ``4G``."""
+def memory_size(text: str) -> int:
+    """An arena size such as ``256M`` or ``4G``: a whole number of pages."""
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(one_style(str(e))) from None
+    if value % PAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a whole number of {format_size(PAGE_SIZE)} pages")
+    return value
 
 
 def machine_name(text: str) -> str:
@@ -67,7 +85,7 @@ def machine_name(text: str) -> str:
     try:
         kmachine.validate_name(text)
     except MachineError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(one_style(str(e))) from None
     return text
 
 
@@ -79,9 +97,32 @@ def mount_options(text: str) -> MountOptions:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def kernel_cmdline(text: str) -> str:
+    """A next kernel's command line made only of the words this kernel understands (a
+    real kernel would pass unknown words on to init; here they can only be typos), and
+    never kho=off (that kernel could not hand the files over again)."""
+    try:
+        cmdline = Cmdline.parse(text)
+    except MachineError as e:
+        raise argparse.ArgumentTypeError(one_style(str(e))) from None
+    if not cmdline.kho:
+        raise argparse.ArgumentTypeError("kho=off: that kernel could not hand the filesystem "
+                                         "over again")
+    extra = cmdline.extra
+    if extra:
+        raise argparse.ArgumentTypeError(
+            f"unknown word{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}; "
+            "the command line knows kho=on|off, kho_scratch=N% or "
+            "kho_scratch=LOW,GLOBAL,PERNODE, and kho_poison")
+    return text
+
+
 def positive(text: str) -> int:
     """A whole number of at least 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
@@ -118,4 +159,9 @@ def machine_info(name: str) -> dict[str, Any]:
     for info in kmachine.list_machines():
         if info.name == name:
             return info_dict(info)
-    raise CliError(f"there is no machine named {name!r} in {kmachine.machine_dir()}")
+    raise CliError(no_machine(name))
+
+
+def no_machine(name: str) -> str:
+    """The one wording for a machine that does not exist."""
+    return f"there is no machine named {name!r} in {kmachine.machine_dir()}"

@@ -25,6 +25,7 @@ def add(sub: Subparsers) -> None:
 def run_filefrag(args: argparse.Namespace) -> int:
     """``guestfs filefrag``."""
     for path in args.files:
+        os.lstat(path)      # a missing file is named as such, before asking the daemon
         mountpoint, inside = _split_mount(path)
         reply = control.request(control_path(machine_at(mountpoint)),
                                 {"op": "extents", "path": os.fspath(inside)})

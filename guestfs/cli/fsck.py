@@ -6,7 +6,7 @@ import argparse
 import json
 
 from guestfs import control
-from guestfs.cli.common import CliError, Subparsers, machine_option, say
+from guestfs.cli.common import CliError, Subparsers, machine_option, no_machine, say
 from guestfs.config import control_path
 from guestfs.session import Options, Session
 from kho_backend import machine as kmachine
@@ -51,7 +51,7 @@ def run_fsck(args: argparse.Namespace) -> int:
 
 def _check_offline(machine: str) -> list[str]:
     if not kmachine.machine_exists(machine):
-        raise CliError(f"there is no machine {machine}")
+        raise CliError(no_machine(machine))
     say(f"booting machine {machine} to check its filesystem…")
     try:
         session = Session.open(Options(machine, restore_only=True))

@@ -11,8 +11,8 @@ from typing import Any
 
 from guestfs import control
 from guestfs.blackout import Blackout
-from guestfs.cli.common import (STATUS_TIMEOUT, CarriesOn, CliError, Subparsers, machine_at,
-                                say)
+from guestfs.cli.common import (STATUS_TIMEOUT, CarriesOn, CliError, Subparsers,
+                                kernel_cmdline, machine_at, say)
 from guestfs.config import control_path, log_path
 
 KEXEC_TIMEOUT = 300.0  # seconds to wait for the next kernel to mount (a huge restore)
@@ -41,7 +41,7 @@ def add(sub: Subparsers) -> None:
     p.add_argument("--force", action="store_true",
                    help="go on although processes use files on the mount (they then see "
                    "errors)")
-    p.add_argument("--cmdline", metavar="ARGS",
+    p.add_argument("--cmdline", metavar="ARGS", type=kernel_cmdline,
                    help="the next kernel's command line: kho=on|off, kho_scratch=N%% or "
                    "LOW,GLOBAL,PERNODE, kho_poison")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")

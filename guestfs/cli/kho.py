@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
-from guestfs.cli.common import Parser, Subparsers, machine_info, machine_option, say
+from guestfs import control, handover
+from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Parser, Subparsers, machine_info,
+                                machine_option, say)
+from guestfs.config import control_path
+from kho_backend import machine as kmachine
 from kho_backend import views
+from kho_backend.arena import Arena
+from kho_backend.errors import MachineError
+from kho_backend.header import MachineHeader
+from kho_backend.kho_in import IncomingHandover
 
 
 def add(sub: Subparsers) -> None:
@@ -17,13 +26,24 @@ def add(sub: Subparsers) -> None:
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB", parser_class=Parser)
     dump = verbs.add_parser("dump", help="print the pending handover as device-tree source",
                             description="Print the pending KHO handover (root FDT and every "
-                            "subtree) as device-tree source, and a summary of the preserved "
-                            "memory per order and node.")
+                            "subtree) as device-tree source with every value decoded (KHO "
+                            "stores integers little-endian; a generation of 4 shows as 4, "
+                            "addresses in hex), and the preserved memory per order and node. "
+                            "With --dtb, also write the flattened trees as they are, which "
+                            "'dtc -I dtb -O dts FILE' reads (showing the integers "
+                            "byte-swapped).")
     machine_option(dump)
+    dump.add_argument("--dtb", type=Path, metavar="FILE",
+                      help="write the root FDT to FILE and each subtree NAME beside it, "
+                      "to FILE's name with .NAME before its suffix")
     dump.set_defaults(func=run_kho_dump)
     memmap = verbs.add_parser("memmap", help="draw the arena's memory map as a PNG",
-                              description="Draw the arena: free, used, preserved, scratch "
-                              "and metadata pages, one band per NUMA node.")
+                              description="Draw the arena as a PNG (needs matplotlib): a "
+                              "title (machine, size, generation), the whole arena one band "
+                              "per NUMA node, a close-up of the ranges that hold anything "
+                              "but free pages, a legend (free, used, preserved, pool, "
+                              "scratch, reserved and KHO pages) and scales in bytes; the "
+                              "same figures as text on stdout.")
     machine_option(memmap)
     memmap.add_argument("-o", "--output", required=True, type=Path, metavar="FILE.png",
                         help="the PNG file to write")
@@ -34,13 +54,41 @@ def run_kho_dump(args: argparse.Namespace) -> int:
     """``guestfs kho dump``."""
     machine_info(args.machine)
     print(views.dump(args.machine))
+    if args.dtb is not None:
+        for name, blob in views.blobs(args.machine).items():
+            path = args.dtb if not name else args.dtb.with_name(
+                f"{args.dtb.stem}.{name}{args.dtb.suffix or '.dtb'}")
+            path.write_bytes(blob)
+            say(f"wrote {'the root FDT' if not name else f'subtree {name}'} to {path}")
     return 0
 
 
 def run_kho_memmap(args: argparse.Namespace) -> int:
     """``guestfs kho memmap``."""
     machine_info(args.machine)
-    picture = views.memmap_png(args.machine, args.output)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CliError("drawing the memory map needs matplotlib: "
+                       "pip install 'guestfs[plot]' (set-up installs it)")
+    picture = views.memmap_png(args.machine, args.output,
+                               generation=_generation(args.machine))
     say(f"wrote {args.output}")
     print(picture.legend())
     return 0
+
+
+def _generation(machine: str) -> int | None:
+    """The filesystem's generation: its daemon's, or the one its handover waits at."""
+    try:
+        return control.request(control_path(machine), {"op": "status"},
+                               timeout=STATUS_TIMEOUT)["generation"]
+    except control.ControlError:
+        pass
+    try:
+        with Arena.open(kmachine.machine_path(machine)) as mem:
+            params = MachineHeader.read(mem).boot_params
+            if not params.valid:
+                return None
+            kho_in = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
+            return handover.waiting_generation(mem, kho_in)
+    except (MachineError, OSError):
+        return None

@@ -7,7 +7,8 @@ import json
 import os
 
 from guestfs import mounts
-from guestfs.cli.common import CliError, Parser, Subparsers, info_dict, machine_name, say
+from guestfs.cli.common import (CliError, Parser, Subparsers, info_dict, machine_name,
+                                no_machine, say)
 from guestfs.config import control_path, log_path
 from kho_backend import machine as kmachine
 from kho_backend.units import format_size
@@ -57,8 +58,10 @@ def run_machine_destroy(args: argparse.Namespace) -> int:
                        f"run 'guestfs umount {entry.mountpoint}' first")
     leftovers = [p for p in (log_path(args.name), control_path(args.name))
                  if os.path.lexists(p)]
-    if kmachine.machine_exists(args.name) or not leftovers:
+    if kmachine.machine_exists(args.name):
         kmachine.destroy_machine(args.name)
+    elif not leftovers:
+        raise CliError(no_machine(args.name))
     for leftover in leftovers:
         leftover.unlink(missing_ok=True)
     say(f"machine {args.name} destroyed")

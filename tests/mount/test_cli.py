@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -15,8 +17,12 @@ import pytest
 
 from conftest import (CLI, Mount, is_mounted, make_mountpoint, run_cli, teardown_mount,
                       unique_machine, wait_pid_gone)
-from guestfs import cli
+from guestfs import __version__, background, cli
+from guestfs.cli import manpage
+from guestfs.cli import mount as mount_cli
+from guestfs.cli.common import one_style
 from guestfs.config import MountOptions
+from kho_backend.fdt import FdtReader
 from guestfs.filesystem import AtimeMode, AtimePolicy
 
 HELP_PATHS = [[], ["mount"], ["umount"], ["status"], ["machine"], ["machine", "list"],
@@ -45,6 +51,16 @@ def test_help_everywhere(path: list[str], capsys: pytest.CaptureFixture[str]) ->
     (["status", "/mnt", "--machine", "x"], "not allowed with"),
     (["machine", "destroy"], "required"),
     (["frobnicate"], "invalid choice"),
+    (["moutn", "/mnt"], "invalid choice: 'moutn'"),         # a typo, not mount(8)'s form
+    (["mount", "--memory", "1000", "/mnt"], "1000 is not a whole number of 4 KiB pages"),
+    (["kexec", "--cmdline", "kho=on quiet", "/mnt"], "unknown word 'quiet'"),
+    (["kexec", "--cmdline", "kho=maybe", "/mnt"], "'kho=maybe' is not valid"),
+    (["kexec", "--cmdline", "kho_scratch=0%", "/mnt"], "kho_scratch=0% is not valid"),
+    (["kexec", "--cmdline", "kho=off", "/mnt"], "kho=off: that kernel could not hand"),
+    (["mount", "--nodes", "two", "/mnt"], "'two' is not a whole number"),
+    (["m1", "/mnt", "/mnt2", "-o", "rw"], "expected a machine and a mount point"),
+    (["m1", "/mnt", "-o"], "-o needs a value"),
+    (["m1", "/mnt", "-x", "-o", "rw"], "unknown switch '-x'"),
 ])
 def test_usage_errors_exit_2(argv: list[str], message: str,
                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,12 +76,65 @@ def test_usage_errors_exit_2(argv: list[str], message: str,
     (["status", "/"], "/ is not a guestfs mount"),
     (["status", "--machine", "no-such-machine"], "no machine named 'no-such-machine'"),
     (["machine", "destroy", "no-such-machine"], "no machine named 'no-such-machine'"),
+    (["fsck", "--machine", "no-such-machine"], "no machine named 'no-such-machine'"),
+    (["kho", "dump", "--machine", "no-such-machine"], "no machine named 'no-such-machine'"),
+    (["mount", "--machine", "m", "/no/such/dir"], "mount point /no/such/dir does not exist"),
 ])
 def test_failures_exit_1(argv: list[str], message: str,
                          capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("guestfs: ") and message in err
+    assert err.count("\n") == 1 and not err.rstrip().endswith(".")    # one line, one style
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"guestfs {__version__}\n"
+
+
+def test_messages_have_one_style() -> None:
+    assert one_style("There is no machine named 'x'.") == "there is no machine named 'x'"
+    assert one_style("KHO is off (kho=off).") == "KHO is off (kho=off)"
+    assert one_style("/mnt is busy...") == "/mnt is busy..."
+
+
+def test_helper_form_becomes_guestfs_mount() -> None:
+    """``guestfs MACHINE DIR -o OPTIONS`` is what mount.fuse3 runs for mount(8)."""
+    assert mount_cli.helper_argv(["vm1", "/mnt/g", "-o", "rw,memory=1G,allow_other,dev,suid"]) \
+        == ["mount", "--machine", "vm1", "--memory", "1G", "-o", "rw,allow_other,dev,suid",
+            "/mnt/g"]
+    assert mount_cli.helper_argv(["vm1", "/mnt/g", "-onodes=2", "-o", "memory=64M"]) == \
+        ["mount", "--machine", "vm1", "--nodes", "2", "--memory", "64M", "/mnt/g"]
+
+
+def test_mount_onto_a_missing_directory_starts_no_daemon(
+        monkeypatch: pytest.MonkeyPatch, machine_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def no_daemon(*args: object, **kwargs: object) -> int:
+        raise AssertionError("a daemon was started")
+
+    monkeypatch.setattr(background, "start_background", no_daemon)
+    machine = unique_machine()
+    assert cli.main(["mount", "--machine", machine, "/no/such/dir"]) == 1
+    assert cli.main([machine, "/no/such/dir", "-o", "memory=64M"]) == 1     # mount(8)'s form
+    assert capsys.readouterr().err.count("does not exist") == 2
+    assert not list(machine_dir.glob(f"{machine}.*"))
+
+
+def test_manual_page_is_the_parser_s() -> None:
+    page = manpage.render()
+    assert page.startswith(".\\\" Generated") and ".TH GUESTFS 1" in page
+    for command in ("guestfs mount", "guestfs umount", "guestfs kexec", "guestfs kho dump",
+                    "guestfs kho memmap", "guestfs machine destroy", "guestfs fsck"):
+        assert f".SS {command}\n" in page.replace("\\-", "-"), command
+    assert "\\-\\-cmdline ARGS" in page and "MOUNTING WITH mount(8)" in page
+    if shutil.which("man"):
+        shown = subprocess.run(["man", "-l", "-"], input=page, capture_output=True, text=True,
+                               env={**os.environ, "MANWIDTH": "80"}, timeout=60)
+        assert shown.returncode == 0 and "fuse.guestfs" in shown.stdout, shown.stderr
 
 
 def test_mount_reports_the_daemons_reason(cli_env: dict[str, str], tmp_path: Path) -> None:
@@ -73,6 +142,22 @@ def test_mount_reports_the_daemons_reason(cli_env: dict[str, str], tmp_path: Pat
                    check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("guestfs: ") and "does not exist" in proc.stderr
+
+
+def test_a_failed_first_mount_leaves_no_file(cli_env: dict[str, str],
+                                             machine_dir: Path) -> None:
+    machine, mnt = unique_machine(), make_mountpoint()
+    try:
+        proc = run_cli(cli_env, "mount", "--machine", machine, "--memory", "1M",
+                       os.fspath(mnt), check=False)
+    finally:
+        mnt.rmdir()
+    assert proc.returncode == 1 and "1 MiB is too small" in proc.stderr
+    assert not list(machine_dir.glob(f"{machine}.*"))
+    stray = machine_dir / f"{machine}.log"          # as an older release could leave
+    stray.write_text("a log\n")
+    assert "destroyed" in run_cli(cli_env, "machine", "destroy", machine).stderr
+    assert not stray.exists()
 
 
 def test_mount_options_round_trip() -> None:
@@ -148,6 +233,7 @@ def test_umount_refused_while_busy(mount: Mount) -> None:
     with open(mount / "held"):
         busy = mount.cli("umount", os.fspath(mount.mountpoint), check=False)
     assert busy.returncode == 1 and "busy" in busy.stderr
+    assert f"in use by pid {os.getpid()} (" in busy.stderr          # names who holds it
     assert mount.status()["pid"] == mount.pid
 
 
@@ -203,11 +289,57 @@ def test_dead_daemons_mount_is_cleared_by_umount(mount: Mount) -> None:
 
 @pytest.mark.fuse
 def test_kho_dump_and_memmap(mount: Mount, tmp_path: Path) -> None:
-    dump = mount.cli("kho", "dump", "--machine", mount.machine).stdout
-    assert f"machine {mount.machine}" in dump
+    mount.cli("umount", os.fspath(mount.mountpoint))
+    done = mount.cli("kho", "dump", "--machine", mount.machine, "--dtb",
+                     os.fspath(tmp_path / "kho.dtb"))
+    assert f"machine {mount.machine}" in done.stdout and "Device-tree source" in done.stdout
+    assert "page-size = <4096>;" in done.stdout                     # decoded, not swapped
+    assert re.search(r"superblock = /bits/ 64 <0x[0-9a-f]+>;", done.stdout)
+    root, sub = tmp_path / "kho.dtb", tmp_path / "kho.guestfs.dtb"
+    assert f"to {root}" in done.stderr and f"to {sub}" in done.stderr
+    if shutil.which("dtc"):
+        for blob, compatible in ((root, "kho-v3"), (sub, "guestfs-v2")):
+            dts = subprocess.run(["dtc", "-I", "dtb", "-O", "dts", os.fspath(blob)],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            assert f'compatible = "{compatible}";' in dts
+            assert "page-size = <0x100000>;" in dts or blob == root   # dtc reads big-endian
+    else:
+        assert FdtReader(sub.read_bytes(), "kho.guestfs.dtb").u32(0, "page-size") == 4096
     picture = tmp_path / "memmap.png"
-    mount.cli("kho", "memmap", "--machine", mount.machine, "-o", os.fspath(picture))
+    drawn = mount.cli("kho", "memmap", "--machine", mount.machine, "-o", os.fspath(picture))
     assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "close-up" in drawn.stdout and "preserved pool" in drawn.stdout
+
+
+@pytest.mark.fuse
+def test_kexec_refusals_and_abort_with_nothing_staged(mount: Mount) -> None:
+    nothing = mount.cli("kexec", "--abort", os.fspath(mount.mountpoint), check=False)
+    assert nothing.returncode == 1 and "nothing to abort" in nothing.stderr
+    mount.cli("kexec", "--load-only", "--cmdline", "kho_poison", os.fspath(mount.mountpoint))
+    mount.cli("kexec", "--abort", os.fspath(mount.mountpoint))
+    missing = mount.cli("filefrag", os.fspath(mount / "nonexist"), check=False)
+    assert missing.returncode == 1 and "No such file or directory" in missing.stderr
+    assert "b'" not in missing.stderr
+
+
+@pytest.mark.fuse
+def test_commands_run_from_inside_the_mount_do_not_hold_it(mount: Mount) -> None:
+    """A command whose working directory is the mount leaves it first: kexec and umount
+    name the processes that use the mount, never themselves."""
+    holder = subprocess.Popen(["sleep", "60"], cwd=mount.mountpoint)
+    try:
+        busy = subprocess.Popen([*CLI, "umount", "."], cwd=mount.mountpoint, env=mount.env,
+                                stderr=subprocess.PIPE, text=True)
+        err = busy.communicate(timeout=60)[1]
+        assert busy.returncode == 1 and f"in use by pid {holder.pid} (sleep);" in err, err
+        assert str(busy.pid) not in err
+    finally:
+        holder.kill()
+        holder.wait()
+    kexec = subprocess.run([*CLI, "kexec", "."], cwd=mount.mountpoint, env=mount.env,
+                           capture_output=True, text=True, timeout=120)
+    assert kexec.returncode == 0, kexec.stderr
+    assert mount.status()["generation"] == 1 and mount.status()["pid"] == mount.pid
 
 
 @pytest.mark.fuse

@@ -265,7 +265,7 @@ def test_lock_is_released_by_exec(machine_env: Path, machine_name: str) -> None:
 
 def test_open_refuses_wrong_size(machine_env: Path, machine_name: str) -> None:
     create_machine(machine_name, 4 * MiB)[0].close()
-    with pytest.raises(ArenaError, match="not the 8388608 asked for"):
+    with pytest.raises(ArenaError, match="has 4 MiB of memory, not the 8 MiB asked for"):
         open_machine(machine_name, memory=8 * MiB)
 
 

@@ -104,7 +104,7 @@ def test_reboot_after_a_crash_needs_format(boot_kernel, machine_name: str) -> No
     k.shutdown()  # stops without handing over: like a crash
     path = machine_path(machine_name)
     before = path.read_bytes()
-    with pytest.raises(BootError, match=rf"previous kernel \(pid {pid}\) .* ended without handing over.*format=True"):
+    with pytest.raises(BootError, match=rf"previous kernel \(pid {pid}\) .* ended without handing over"):
         boot_kernel(machine_name)
     assert path.read_bytes() == before  # refused: nothing written
     k = boot_kernel(machine_name, format=True)
@@ -140,7 +140,7 @@ def test_open_errors(boot_kernel, machine_name: str, machine_env: Path) -> None:
     with pytest.raises(ArenaError, match="not a valid machine name"):
         boot_kernel("../evil", memory=16 * MiB)
     boot_kernel(machine_name, memory=16 * MiB).shutdown()
-    with pytest.raises(ArenaError, match="not the 33554432 asked for"):
+    with pytest.raises(ArenaError, match="has 16 MiB of memory, not the 32 MiB asked for"):
         boot_kernel(machine_name, memory=32 * MiB, format=True)
     with pytest.raises(ArenaError, match="has 1 NUMA node"):
         boot_kernel(machine_name, nodes=2, format=True)
@@ -197,7 +197,7 @@ def test_untrustworthy_handover_is_refused_and_arena_untouched(boot_kernel, mach
 def test_handover_with_kho_off_is_refused(boot_kernel, machine_name: str) -> None:
     hand_over_garbage(boot_kernel(machine_name, memory=16 * MiB), cmdline="kho=off")
     before = machine_path(machine_name).read_bytes()
-    with pytest.raises(BootError, match="says kho=off.*format=True"):
+    with pytest.raises(BootError, match="says kho=off"):
         boot_kernel(machine_name, cmdline="kho=on")  # the slot's command line wins
     assert machine_path(machine_name).read_bytes() == before
 

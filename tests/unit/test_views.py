@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
-import struct
 import tempfile
 import uuid
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from kho_backend import views
 from kho_backend.boot import Kernel, boot
-from kho_backend.fdt import FdtNode, build
+from kho_backend.fdt import FdtNode, FdtReader, build
 
 MEMORY = 32 << 20
 
@@ -42,23 +41,13 @@ def handed_over(machine_dir: Path) -> tuple[str, Kernel]:
     return name, kernel
 
 
-def read_png(path: Path) -> tuple[int, int, np.ndarray]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, size = 8, b"", None
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == \
-            zlib.crc32(kind + body)
-        if kind == b"IHDR":
-            size = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    width, height = size
-    rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
-    return width, height, rows[:, 1:].reshape(height, width, 3)
+def png_colours(path: Path) -> set[tuple[int, int, int]]:
+    """The RGB colours of a PNG file's pixels."""
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    assert pixels.ndim == 3
+    return {tuple(c) for c in (pixels[..., :3] * 255).round().astype(int).reshape(-1, 3).tolist()}
 
 
 def test_dump_pending_handover(machine_dir: Path) -> None:
@@ -90,18 +79,43 @@ def test_dump_refused_handover_and_none(machine_dir: Path) -> None:
     assert "THE HANDOVER IS NOT VALID" in text
 
 
+def test_dump_decodes_values_and_dtb_blobs_are_the_arenas(machine_dir: Path) -> None:
+    name, kernel = handed_over(machine_dir)
+    kernel.kexec.prepare({"freeze": 3_000_000})
+    kernel.shutdown()
+    text = views.dump(name, machine_dir)
+    assert "Device-tree source, decoded" in text
+    assert "version = <1>;" in text                                  # a u32, by value
+    assert "kexec-count = /bits/ 64 <1>;" in text                    # a u64, by value
+    assert "freeze = /bits/ 64 <3000000>;" in text
+    assert re.search(r"preserved-memory-map = /bits/ 64 <0x[0-9a-f]+>;", text)  # an address
+    blobs = views.blobs(name, machine_dir)
+    assert set(blobs) == {"", "guestfs", "kexec-metadata"}
+    for blob in blobs.values():
+        FdtReader(blob, "a dumped FDT")                              # whole, valid FDTs
+    assert FdtReader(blobs["guestfs"], "x").string(0, "compatible") == "guestfs-v1"
+
+
+def test_dts_value_decodes_by_name() -> None:
+    assert views.dts_value("page-size", (4096).to_bytes(4, "little")) == "<4096>"
+    assert views.dts_value("generation", (4).to_bytes(8, "little")) == "/bits/ 64 <4>"
+    assert views.dts_value("superblock", (0x42000).to_bytes(8, "little")) == \
+        "/bits/ 64 <0x42000>"
+    assert views.dts_value("crc32", (0xdeadbeef).to_bytes(4, "little")) == "<0xdeadbeef>"
+    assert views.dts_value("compatible", b"kho-v3\0") == '"kho-v3"'
+    assert views.dts_value("odd", b"\x01\x02\x03") == "[01 02 03]"
+
+
 def test_memmap_png_live_and_handed_over(machine_dir: Path) -> None:
     name, kernel = handed_over(machine_dir)
     out = machine_dir / "live.png"
-    live = views.memmap_png(name, out, machine_dir)
+    live = views.memmap_png(name, out, machine_dir, generation=7)
     assert "live memmap" in live.source
-    width, height, pixels = read_png(out)
-    assert (width, height) == (live.width, live.height)
-    colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
+    colours = png_colours(out)
     assert views.COLOURS[views.Paint.USED] in colours
     assert views.COLOURS[views.Paint.PRESERVED] in colours          # from the live root
     assert views.COLOURS[views.Paint.POOL] in colours
-    assert views.SEPARATOR in colours                                # two nodes
+    assert live.segments and live.closeup_pages_per_pixel == 1        # 32 MiB: page by page
     kernel.kexec.prepare({})
     kernel.shutdown()
     picture = views.memmap_png(name, out, machine_dir)
@@ -109,7 +123,17 @@ def test_memmap_png_live_and_handed_over(machine_dir: Path) -> None:
     assert picture.counts[views.Paint.PRESERVED] >= 40 + 512
     assert picture.counts[views.Paint.POOL] == 32
     assert picture.counts[views.Paint.KHO_META] >= 3 + 6             # FDTs, radix nodes
-    _, _, pixels = read_png(out)
-    colours = {tuple(c) for c in pixels.reshape(-1, 3).tolist()}
-    assert views.COLOURS[views.Paint.PRESERVED] in colours
-    assert "preserved" in picture.legend()
+    assert views.COLOURS[views.Paint.PRESERVED] in png_colours(out)
+    assert "preserved folios" in picture.legend()
+
+
+def test_closeup_segments_find_a_little_use_in_a_large_arena() -> None:
+    paint = np.full(1 << 20, views.Paint.FREE, np.uint8)             # 4 GiB of pages
+    paint[256:256 + 5376] = views.Paint.USED                        # 21 MiB in use
+    paint[1 << 19] = views.Paint.KHO_META                             # one page mid-way
+    segments = views._segments(paint)
+    assert segments == [views.Segment(256, 5376), views.Segment(1 << 19, 1)]
+    ppp, cols = views._closeup_geometry(segments)
+    assert ppp * cols * (views.CLOSEUP_ROWS - len(segments)) >= 5377
+    paint[::1000] = views.Paint.USED                                  # scattered pages
+    assert len(views._segments(paint)) == views.MAX_SEGMENTS
