@@ -191,8 +191,9 @@ class Filesystem:
         with self._reading():
             orphans = self.store.orphans()
         for ino, value in orphans:
-            self._refs.pop(ino, None)
             if value == ORPHAN_FREE:
+                if self._held(ino):
+                    continue        # still open through a FUSE connection kept (adopt_refs)
                 self._reap(ino)
             else:
                 self._finish_truncate(ino, value)
@@ -645,6 +646,18 @@ class Filesystem:
         """(lookups, opens) the kernel holds on `ino` in this mount."""
         refs = self._refs.get(ino)
         return (refs.lookups, refs.opens) if refs is not None else (0, 0)
+
+    def kernel_refs(self) -> tuple[list[int], list[int], list[int]]:
+        """(inos, lookups, opens): every reference the kernel holds in this mount, to
+        hand over with a FUSE connection that outlives this kernel."""
+        held = [(ino, r.lookups, r.opens) for ino, r in self._refs.items() if r.lookups or r.opens]
+        return [h[0] for h in held], [h[1] for h in held], [h[2] for h in held]
+
+    def adopt_refs(self, inos: list[int], lookups: list[int], opens: list[int]) -> None:
+        """Take over the references of a FUSE connection kept across a kexec (before
+        `finish_orphans`, which then leaves the inodes they hold alone)."""
+        for ino, n, o in zip(inos, lookups, opens, strict=True):
+            self._refs[ino] = _Refs(n, o)
 
     def forget_session(self) -> None:
         """The kernel's mount of this filesystem ended: its lookups and opens are gone,

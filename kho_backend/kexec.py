@@ -254,8 +254,7 @@ class Kexec:
             raise KexecError("No next kernel is loaded (kexec load first).", "exec")
         if self.state is KexecState.IDLE:
             raise KexecError("The kexec is not prepared (prepare first).", "exec")
-        self._rewrite_metadata(exec_time_ns=time.time_ns())
-        self.arena.flush()
+        self.stamp_exec()
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stdout.flush()
@@ -267,6 +266,14 @@ class Kexec:
                 self.abort()
             raise KexecError(f"Cannot exec the next kernel {self.loaded.path}: "
                              f"{e.strerror}.", "exec") from e
+
+    def stamp_exec(self) -> None:
+        """Record the exec time in kexec-metadata and flush the arena: the moment the
+        next kernel's blackout share starts (an exec, or a boot in this same process)."""
+        if self.metadata is None:
+            raise KexecError("No kexec is prepared: there is no metadata to stamp.", "exec")
+        self._rewrite_metadata(exec_time_ns=time.time_ns())
+        self.arena.flush()
 
     def execute(self, poison: bool | None = None) -> NoReturn:
         """prepare + (poison) + exec, for users without a filesystem to quiesce.
