@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kho_backend.kexec_metadata import KexecMetadata
+if TYPE_CHECKING:       # `guestfs kexec` prints a Blackout without loading the kernel's code
+    from kho_backend.kexec_metadata import KexecMetadata
 
 # Every phase of a kexec, in the order they happen; up to poison in the old kernel.
 PHASES = ("quiesce", "serialize", "finalize", "boot-params", "unmount", "teardown",

@@ -19,7 +19,6 @@ orphan list, so that a daemon that dies before the last close does not leak it.
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from guestfs import acl, fsck
+from guestfs.atime import AtimeMode, AtimePolicy  # noqa: F401 (re-exported)
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
 from guestfs.store.directory import DOT_COOKIE, DOTDOT_COOKIE
@@ -72,23 +72,6 @@ FREE_KEEP = Keep(pages=12, entries=64)
 #: Bytes a fallocate or hole punch changes per transaction: two 2 MiB regions of 4 KiB
 #: pages are 1024 allocations or frees, half of what one transaction may record.
 FALLOCATE_STEP = 2 * REGION_SIZE
-
-
-class AtimeMode(enum.Enum):
-    """When reads move atime. The kernel leaves atime of FUSE files to the filesystem
-    (it never updates it itself), so the mount's atime options are applied here."""
-
-    RELATIME = "relatime"         # if not newer than mtime or ctime, or a day old
-    STRICTATIME = "strictatime"   # on every read
-    NOATIME = "noatime"           # never
-
-
-@dataclass(frozen=True, slots=True)
-class AtimePolicy:
-    """The atime options of a mount: the mode, and whether directories follow it."""
-
-    mode: AtimeMode = AtimeMode.RELATIME
-    directories: bool = True      # False: nodiratime
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from guestfs.cli.common import Parser, Subparsers, machine_info, machine_option, say
-from kho_backend import views
 
 
 def add(sub: Subparsers) -> None:
@@ -33,6 +32,8 @@ def add(sub: Subparsers) -> None:
 def run_kho_dump(args: argparse.Namespace) -> int:
     """``guestfs kho dump``."""
     machine_info(args.machine)
+    from kho_backend import views      # heavy (numpy): only for this command
+
     print(views.dump(args.machine))
     return 0
 
@@ -40,6 +41,8 @@ def run_kho_dump(args: argparse.Namespace) -> int:
 def run_kho_memmap(args: argparse.Namespace) -> int:
     """``guestfs kho memmap``."""
     machine_info(args.machine)
+    from kho_backend import views
+
     picture = views.memmap_png(args.machine, args.output)
     say(f"wrote {args.output}")
     print(picture.legend())
