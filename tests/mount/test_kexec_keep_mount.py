@@ -11,6 +11,7 @@ instead.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -36,6 +37,7 @@ def test_open_files_and_directories_keep_working_across_kexec(mount_factory: Mou
         log.write(b"before\n")
         direct = os.open(m / "log", os.O_RDWR | os.O_DIRECT)
         folder = os.open(m / "dir", os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(log.fileno(), fcntl.LOCK_EX)      # the kernel holds it: it stays
         try:
             result = json.loads(kexec(m, "--json").stdout)       # no --force
             assert result["pid"] == m.pid and result["generation"] == 1
@@ -43,6 +45,8 @@ def test_open_files_and_directories_keep_working_across_kexec(mount_factory: Mou
             os.pwrite(direct, block, 4096)              # O_DIRECT: reaches the daemon
             assert os.pread(direct, 4096, 4096) == block
             assert sorted(os.listdir(folder)) == ["a", "b", "c"]
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(direct, fcntl.LOCK_EX | fcntl.LOCK_NB)
             log.seek(0)
             assert log.read(13) == b"before\nafter\n"
             os.fsync(log.fileno())
