@@ -512,6 +512,7 @@ class Daemon:
         started_wall = time.time_ns()
         new = Session.open(Options(self.config.machine, atime=self._atime(), connection=owner),
                            fault=Fault.BOOT if fail_boot else None)
+        # From here nothing can fail: the new kernel serves.
         self.session = new
         t0 = time.perf_counter_ns()
         assert self.ops is not None and new.kept is not None
@@ -519,8 +520,11 @@ class Daemon:
         self.ops.adopt(new.fs, kept.handle_rows(), kept.next_fh, kept.cached.tolist())
         self.started_ns = time.monotonic_ns()
         self._mount_started = t0
-        self._mounted_after_kexec(new.booted_by_kexec, started_wall)
         self.gate.thaw()
+        try:
+            self._mounted_after_kexec(new.booted_by_kexec, started_wall)
+        except Exception:       # only the figures: the kexec is done
+            log.exception("could not measure the blackout")
 
     async def _fall_back_to_exec(self, error: Exception, image: LoadedImage | None) -> None:
         """The in-process boot failed after the handover was written: exec the next image
@@ -530,10 +534,8 @@ class Daemon:
                   "stands in the arena, so the next image is exec'd instead, and the mount is "
                   "dropped for it", error, exc_info=not isinstance(error, (KexecError,
                                                                           MachineError)))
-        if self.session is not None and self.session.state is State.RUNNING and image:
-            # The new kernel booted but failed later: it holds the filesystem now.
-            self.session.load(image.argv, image.cmdline)
-            self.session.hand_over({}, for_exec=True)
+        # Either the old kernel is still there, handed over (poison or leave failed: `run`
+        # execs through it), or no kernel is (the boot failed: `run` execs `image`).
         self._fallback_image = image
         self.exec_next = True
         self.poison = False
@@ -703,7 +705,7 @@ class ImageStamp:
         return cls(tuple(files))
 
     def unchanged(self) -> bool:
-        """Whether every file still has the size and time it had (about 0.1 ms)."""
+        """Whether every file still has the size and time it had."""
         return ImageStamp.take(tuple(f[0] for f in self.files)) == self
 
 
