@@ -441,6 +441,9 @@ class Daemon:
             if not request.get("exec") and self._runs_this_code(session.kernel.kexec.loaded):
                 reply = await self._kexec_in_process(poison)
             else:
+                if not request.get("exec"):
+                    log.info("kexec: the next image is not the code this process runs (its "
+                             "files changed on disk): it is exec'd, and the mount dropped")
                 warnings = await self._hand_over(request, for_exec=True)
                 self.exec_next = True
                 self.poison = poison
@@ -553,6 +556,9 @@ class Daemon:
         if busy:
             hint = "use --force (those processes then see errors)" if what == "kexec" else \
                 "close those files first"
+            if what == "kexec" and not self.image.unchanged():
+                hint = ("the code on disk changed since the daemon started, so the next "
+                        f"image is exec'd and the mount dropped; {hint}")
             raise control.ControlError(
                 f"{self.mountpoint} is busy: in use by pid {quiesce.describe_holders(busy)}; "
                 f"{hint}.")
