@@ -1,15 +1,20 @@
 """The blackout of a kexec: how long the filesystem did not answer, by phase.
 
 The old kernel records its phases in the ``kexec-metadata`` subtree; the next one adds
-the exec (from the exec time across it), its boot, restore and mount.
+the exec (from the exec time across it), its boot, restore and mount. When the next
+kernel boots in the same process (the mount kept), there is no unmount or teardown,
+``exec`` is the switch (the old kernel closed, the exec time stamped) and ``mount`` the
+FUSE connection's adoption; with an exec, ``exec`` is the next image's Python start-up.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kho_backend.kexec_metadata import KexecMetadata
+if TYPE_CHECKING:       # `guestfs kexec` prints a Blackout without loading the kernel's code
+    from kho_backend.kexec_metadata import KexecMetadata
 
 # Every phase of a kexec, in the order they happen; up to poison in the old kernel.
 PHASES = ("quiesce", "serialize", "finalize", "boot-params", "unmount", "teardown",
@@ -32,8 +37,9 @@ class Blackout:
         """The blackout of the kexec that booted this kernel (`metadata`).
 
         The old kernel's phases come from kexec-metadata; ``exec`` is the time from its
-        exec call (wall clock, shared across the exec) to the start of our boot, which is
-        almost all Python start-up; then boot, restore and mount as measured here.
+        exec time stamp (wall clock, shared across the exec) to the start of our boot:
+        almost all Python start-up after an exec, well under a millisecond in the same
+        process; then boot, restore and mount as measured here.
         """
         ms = {name: ns / 1e6 for name, ns in metadata.phases.items() if name in PHASES}
         ms["exec"] = max(0, started_ns - metadata.exec_time_ns) / 1e6

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guestfs import control, mounts
-from guestfs.filesystem import AtimeMode, AtimePolicy
+from guestfs.atime import AtimeMode, AtimePolicy
 from kho_backend import machine as kmachine
 
 DEFAULT_MEMORY = 1 << 30

@@ -17,9 +17,10 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
+if TYPE_CHECKING:   # the server imports trio when it starts: the command line never does
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class ControlServer:
         self.path = path
         self.ops = dict(ops)
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] | None = None) -> None:
         """Listen until cancelled; `task_status.started()` once connections are accepted."""
+        import trio
+        task_status = task_status or trio.TASK_STATUS_IGNORED
         listener = await self._listen()
         try:
             async with trio.open_nursery() as nursery:
@@ -78,6 +81,7 @@ class ControlServer:
     async def _listen(self) -> trio.socket.SocketType:
         # The machine lock (taken at boot) guarantees we are the only daemon of this
         # machine, so a socket file left here belongs to a dead daemon.
+        import trio
         self.path.unlink(missing_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         await sock.bind(os.fspath(self.path))
@@ -86,6 +90,7 @@ class ControlServer:
         return sock
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        import trio
         async with stream:
             try:
                 request = await _read_message(stream)

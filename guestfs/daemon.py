@@ -11,7 +11,11 @@ adds the trio loop, the FUSE mount, the request gate and the control socket. Its
    hand the filesystem over into the arena, and only then unmount (`_hand_over`), so
    that the next ``guestfs mount`` finds it and a failure leaves the mount serving;
 3. on ``guestfs kexec`` (control op ``kexec``): the same handover for the next kernel,
-   a lazy unmount, then poison and the exec of the next kernel image in this process;
+   then, when the next image is this same code, the next kernel boots in this process
+   with the modules loaded and takes the FUSE connection over, so the mount stays and
+   requests wait at the gate (`_kexec_in_process`); otherwise (``--exec``, or the code
+   on disk changed) a lazy unmount, poison and the exec of the next kernel image in
+   this process, as a kernel's ``kexec -e``;
 4. after an external ``umount`` / ``fusermount3 -u`` the handover comes after the
    unmount (`_close_session`), and if it cannot be written the daemon mounts again.
 
@@ -28,6 +32,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,10 +41,11 @@ from typing import Any
 import pyfuse3
 import trio
 
-from guestfs import control, mounts, quiesce
+from guestfs import connection, control, mounts, quiesce
 from guestfs.background import Readiness
 from guestfs.blackout import Blackout, elapsed_ns
 from guestfs.config import DEFAULT_MEMORY, DaemonConfig, StartError, control_path
+from guestfs.connection import ConnectionHandover, ConnectionId, ConnectionState
 from guestfs.errors import FsError
 from guestfs.filesystem import AtimeMode, AtimePolicy
 from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate
@@ -47,6 +53,7 @@ from guestfs.session import Fault, Options, Session, State
 from kho_backend import machine as kmachine
 from kho_backend.cmdline import Cmdline
 from kho_backend.errors import BootError, HandoverError, KexecError, MachineError
+from kho_backend.kexec import LoadedImage
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +100,12 @@ class Daemon:
         self.readiness = readiness
         self.fault = fault
         self.gate = RequestGate()
+        self.ops: Operations | None = None
         self.session: Session | None = None
+        #: The code this process runs: a next image that would run it too boots here.
+        self.image = ImageStamp.take()
+        #: The next image to exec after an in-process boot failed (no session is left).
+        self._fallback_image: LoadedImage | None = None
         self.mount_state = MountState.UNMOUNTED
         self.started_ns = 0
         self.last_blackout: dict[str, Any] | None = None
@@ -175,14 +187,17 @@ class Daemon:
         memory = cfg.memory
         if memory is None and not kmachine.machine_exists(cfg.machine):
             memory = DEFAULT_MEMORY
-        # Linux never moves atime on a read-only mount.
-        atime = AtimePolicy(AtimeMode.NOATIME) if cfg.options.read_only else cfg.options.atime
         log.info("booting machine %s", cfg.machine)
         self.session = Session.open(Options(cfg.machine, memory=memory, nodes=cfg.nodes or 1,
-                                            format=cfg.format, atime=atime),
+                                            format=cfg.format, atime=self._atime()),
                                     fault=self.fault)
         booted_by = self.session.booted_by_kexec
         self._mount(on_init=lambda: self._mounted_after_kexec(booted_by, started_wall))
+
+    def _atime(self) -> AtimePolicy:
+        # Linux never moves atime on a read-only mount.
+        options = self.config.options
+        return AtimePolicy(AtimeMode.NOATIME) if options.read_only else options.atime
 
     def _mounted_after_kexec(self, metadata, started_wall: int) -> None:
         """The new mount answers: if a kexec booted us, that ends its blackout."""
@@ -203,6 +218,7 @@ class Daemon:
         ops = Operations(self.session.fs, self.gate,
                          AdapterConfig(read_only=self.config.options.read_only))
         ops.on_init = on_init
+        self.ops = ops
         self._mount_started = time.perf_counter_ns()
         options = self.config.options.fuse_options(self.config.machine, debug=self.config.debug)
         log.info("mounting at %s with %s", self.mountpoint, ",".join(sorted(options)))
@@ -250,7 +266,8 @@ class Daemon:
     # --- control ops --------------------------------------------------------------
 
     def _session(self) -> Session:
-        assert self.session is not None
+        if self.session is None:
+            raise control.ControlError("no kernel runs: a kexec is under way")
         return self.session
 
     async def _op_status(self, request: control.Message) -> control.Message:
@@ -408,23 +425,130 @@ class Daemon:
         return dataclasses.replace(self.config, format=False, memory=None, nodes=None).argv()
 
     async def _op_kexec(self, request: control.Message) -> control.Message:
-        """Quiesce, hand over, unmount; `run` then poisons and execs the next kernel.
+        """Quiesce and hand over; then boot the next kernel in this process, keeping the
+        mount (`_kexec_in_process`), or unmount and let `run` poison and exec it.
 
-        Any failure up to and including the unmount aborts: the filesystem serves as
-        before and the reply names the phase. Refused while other processes use the
-        mount (checked again once requests are held), unless ``force``.
+        Any failure up to and including the handover (and the unmount of an exec)
+        aborts: the filesystem serves as before and the reply names the phase. An exec
+        is refused while other processes use the mount (checked again once requests are
+        held), unless ``force``; a kexec that keeps the mount is not.
         """
         self._claim()
         session = self._session()
         async with self._exclusive:
             if session.kernel.kexec.loaded is None or "cmdline" in request:
                 self._load(request)
-            warnings = await self._hand_over(request, for_exec=True)
-            self.exec_next = True
-            self.poison = bool(request.get("poison")) or session.kernel.cmdline.kho_poison
-        self._end_session()
-        return {"pid": os.getpid(), "kexec_count": session.kernel.kexec.metadata.kexec_count,
-                "warnings": warnings}
+            poison = bool(request.get("poison")) or session.kernel.cmdline.kho_poison
+            if not request.get("exec") and self._runs_this_code(session.kernel.kexec.loaded):
+                reply = await self._kexec_in_process(poison)
+            else:
+                if not request.get("exec"):
+                    log.info("kexec: the next image is not the code this process runs (its "
+                             "files changed on disk): it is exec'd, and the mount dropped")
+                warnings = await self._hand_over(request, for_exec=True)
+                self.exec_next = True
+                self.poison = poison
+                reply = {"pid": os.getpid(), "in_process": False, "warnings": warnings}
+        if self.exec_next:
+            self._end_session()
+        return reply
+
+    def _runs_this_code(self, image: LoadedImage | None) -> bool:
+        """Whether the staged image is this daemon's own, and would run the code this
+        process has loaded (same interpreter, module files unchanged on disk)."""
+        return (image is not None and list(image.argv) == self._next_image()
+                and self.image.unchanged())
+
+    # --- kexec in this process, the mount kept ------------------------------------------
+
+    async def _kexec_in_process(self, poison: bool) -> control.Message:
+        """Hand over with the FUSE connection's own state, then end this kernel and boot
+        the next one in this process: the mount, the connection and every open file
+        stay, and requests wait at the gate until the new kernel serves them.
+
+        Returns the reply once the new kernel serves. If its boot fails after the
+        handover, the daemon falls back to the exec of the next image (the mount is
+        dropped, lazily, for it; `exec_next` is set) and the reply's warning says why.
+        """
+        try:
+            st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        except OSError as e:
+            raise control.ControlError(f"kexec of {self.mountpoint} aborted: cannot stat its "
+                                       f"root ({e.strerror}). The filesystem serves as "
+                                       "before.") from None
+        owner = ConnectionId(os.getpid(), st.st_dev)
+        kho = self._session().kernel.kho
+        participant = ConnectionHandover(lambda: self._connection_state(owner))
+        kho.register(participant)
+        try:
+            warnings = await self._hand_over({"force": True}, for_exec=True, keep_mount=True)
+        finally:
+            if self.session is not None and self.session.state is State.RUNNING:
+                kho.unregister(participant)     # aborted: the kernel serves on
+        # From here no checkpoint until the gate thaws: nothing changes the connection's
+        # state between the snapshot at finalize and its adoption by the next kernel.
+        image = self._session().kernel.kexec.loaded
+        try:
+            self._switch(owner, poison)
+        except Exception as e:
+            await self._fall_back_to_exec(e, image)
+            warnings.append(f"the next kernel could not boot in the daemon's process ({e}); "
+                            "the next image was exec'd instead, and the mount dropped for it")
+            return {"pid": os.getpid(), "in_process": False, "warnings": warnings}
+        return {"pid": os.getpid(), "in_process": True, "warnings": warnings}
+
+    def _connection_state(self, owner: ConnectionId) -> ConnectionState:
+        assert self.ops is not None
+        handles, next_fh, cached = self.ops.open_handles()
+        return connection.capture(owner, self._session().fs.kernel_refs(), handles,
+                                  next_fh, cached)
+
+    def _switch(self, owner: ConnectionId, poison: bool) -> None:
+        """End this kernel and boot the next in this process; the gate opens once the
+        new filesystem is in the adapter. Raises if the new kernel cannot boot (the
+        handover then stands in the arena, whole)."""
+        old = self._session()
+        fail_boot = old.take_fault(Fault.BOOT)     # a test's, once
+        if poison:
+            old.poison()
+        old.leave()           # stamps the exec time; the arena and its lock go
+        self.session = None
+        started_wall = time.time_ns()
+        new = Session.open(Options(self.config.machine, atime=self._atime(), connection=owner),
+                           fault=Fault.BOOT if fail_boot else None)
+        # From here nothing can fail: the new kernel serves.
+        self.session = new
+        t0 = time.perf_counter_ns()
+        assert self.ops is not None and new.kept is not None
+        kept = new.kept
+        self.ops.adopt(new.fs, kept.handle_rows(), kept.next_fh, kept.cached.tolist())
+        self.started_ns = time.monotonic_ns()
+        self._mount_started = t0
+        self.gate.thaw()
+        try:
+            self._mounted_after_kexec(new.booted_by_kexec, started_wall)
+        except Exception:       # only the figures: the kexec is done
+            log.exception("could not measure the blackout")
+
+    async def _fall_back_to_exec(self, error: Exception, image: LoadedImage | None) -> None:
+        """The in-process boot failed after the handover was written: exec the next image
+        instead, as a kexec without the mount kept (requests held get EIO, later ones
+        ENOTCONN). If even that fails, the daemon stops with the handover in the arena."""
+        log.error("kexec: the next kernel could not boot in this process (%s); the handover "
+                  "stands in the arena, so the next image is exec'd instead, and the mount is "
+                  "dropped for it", error, exc_info=not isinstance(error, (KexecError,
+                                                                          MachineError)))
+        # Either the old kernel is still there, handed over (poison or leave failed: `run`
+        # execs through it), or no kernel is (the boot failed: `run` execs `image`).
+        self._fallback_image = image
+        self.exec_next = True
+        self.poison = False
+        try:
+            await trio.to_thread.run_sync(mounts.umount2, self.mountpoint, mounts.MNT_DETACH)
+        except OSError as e:
+            log.error("cannot unmount %s for the exec: %s", self.mountpoint, e.strerror)
+        self.mount_state = MountState.DETACHED
+        self._unmounted_at = time.perf_counter_ns()
 
     async def _refuse_if_busy(self, what: str) -> None:
         # In a worker thread: reading another process's maps can wait on its mmap lock,
@@ -433,15 +557,21 @@ class Daemon:
         if busy:
             hint = "use --force (those processes then see errors)" if what == "kexec" else \
                 "close those files first"
+            if what == "kexec" and not self.image.unchanged():
+                hint = ("the code on disk changed since the daemon started, so the next "
+                        f"image is exec'd and the mount dropped; {hint}")
             raise control.ControlError(
                 f"{self.mountpoint} is busy: in use by pid {quiesce.describe_holders(busy)}; "
                 f"{hint}.")
 
-    async def _hand_over(self, request: control.Message, *, for_exec: bool) -> list[str]:
-        """Quiesce, write the handover (for the exec of the next kernel, or for a later
-        mount) and unmount (lazily for an exec or with ``force``). Any failure undoes it
-        all: the filesystem serves as before, and ControlError names the mount, the
-        phase and the cause. Returns warnings worth passing on (a failed write-back)."""
+    async def _hand_over(self, request: control.Message, *, for_exec: bool,
+                         keep_mount: bool = False) -> list[str]:
+        """Quiesce, write the handover (for the next kernel, or for a later mount) and
+        unmount (lazily for an exec or with ``force``; not at all with `keep_mount`,
+        where the next kernel boots in this process and requests stay held at the gate).
+        Any failure undoes it all: the filesystem serves as before, and ControlError
+        names the mount, the phase and the cause. Returns warnings worth passing on (a
+        failed write-back)."""
         session = self._session()
         what = "kexec" if for_exec else "unmount"
         force = bool(request.get("force"))
@@ -450,7 +580,8 @@ class Daemon:
         phases: dict[str, int] = {}
         try:
             warnings = await self._quiesce_and_prepare(phases, force, for_exec, what)
-            await self._unmount_handed_over(lazy=for_exec or force)
+            if not keep_mount:
+                await self._unmount_handed_over(lazy=for_exec or force)
         except Exception as e:
             if not isinstance(e, (KexecError, control.ControlError)):
                 log.exception("%s failed", what)
@@ -471,7 +602,7 @@ class Daemon:
             self.gate.thaw()
             raise control.ControlError(f"{what} of {self.mountpoint} aborted in phase {phase}: "
                                        f"{reason}. The filesystem serves as before.") from None
-        if for_exec:
+        if for_exec and not keep_mount:
             self._record_unmount_phase()
         return warnings
 
@@ -534,11 +665,15 @@ class Daemon:
         """Poison (if asked) and exec the next kernel when a kexec handed over; True if
         the exec failed (it logs why, and the filesystem stays handed over in the arena
         or is handed over as by an unmount)."""
-        session = self._session()
         if not self.exec_next:
             return False
         self.exec_next = False
+        session = self.session
         try:
+            if session is None:         # an in-process boot failed: its image is left
+                assert self._fallback_image is not None
+                log.info("kexec: exec %s", " ".join(self._fallback_image.argv))
+                exec_image(self._fallback_image)
             # Leaving the FUSE loop and closing the session, between unmount and poison.
             session.record_phase("teardown", elapsed_ns(self._unmounted_at))
             if self.poison:
@@ -549,6 +684,45 @@ class Daemon:
             log.exception("kexec failed at exec: %s; the filesystem stays in the arena for "
                           "the next 'guestfs mount'", e)
         return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageStamp:
+    """The code a process runs: the interpreter and every module file of the project it
+    has loaded, with their sizes and modification times."""
+
+    files: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def take(cls, paths: tuple[str, ...] | None = None) -> ImageStamp:
+        """Stamp `paths`, by default the interpreter and the loaded project modules."""
+        if paths is None:
+            paths = (sys.executable, *sorted(
+                m.__file__ for name, m in list(sys.modules.items())
+                if name.partition(".")[0] in ("guestfs", "kho_backend")
+                and getattr(m, "__file__", None)))
+        files = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                files.append((path, -1, -1))
+            else:
+                files.append((path, st.st_size, st.st_mtime_ns))
+        return cls(tuple(files))
+
+    def unchanged(self) -> bool:
+        """Whether every file still has the size and time it had."""
+        return ImageStamp.take(tuple(f[0] for f in self.files)) == self
+
+
+def exec_image(image: LoadedImage) -> None:
+    """Replace this process with `image` (flushing the logs first); raises OSError only."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(image.path, image.argv)
 
 
 def run_foreground(config: DaemonConfig, ready_fd: int | None = None) -> int:

@@ -1,7 +1,8 @@
 """The ``guestfs`` console script.
 
-Loading the command line imports much (pyfuse3, trio, numpy): a Ctrl-C meanwhile ends
-the command with one line, not a traceback. Nothing has happened yet at that point.
+Loading the command line takes a few tens of milliseconds (the daemon's heavy modules,
+pyfuse3, trio and numpy, load only where used): a Ctrl-C meanwhile ends the command with
+one line, not a traceback. Nothing has happened yet at that point.
 """
 
 from __future__ import annotations

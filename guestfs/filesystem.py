@@ -19,7 +19,6 @@ orphan list, so that a daemon that dies before the last close does not leak it.
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from guestfs import acl, fsck
+from guestfs.atime import AtimeMode, AtimePolicy  # noqa: F401 (re-exported)
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
 from guestfs.store.directory import DOT_COOKIE, DOTDOT_COOKIE
@@ -72,23 +72,6 @@ FREE_KEEP = Keep(pages=12, entries=64)
 #: Bytes a fallocate or hole punch changes per transaction: two 2 MiB regions of 4 KiB
 #: pages are 1024 allocations or frees, half of what one transaction may record.
 FALLOCATE_STEP = 2 * REGION_SIZE
-
-
-class AtimeMode(enum.Enum):
-    """When reads move atime. The kernel leaves atime of FUSE files to the filesystem
-    (it never updates it itself), so the mount's atime options are applied here."""
-
-    RELATIME = "relatime"         # if not newer than mtime or ctime, or a day old
-    STRICTATIME = "strictatime"   # on every read
-    NOATIME = "noatime"           # never
-
-
-@dataclass(frozen=True, slots=True)
-class AtimePolicy:
-    """The atime options of a mount: the mode, and whether directories follow it."""
-
-    mode: AtimeMode = AtimeMode.RELATIME
-    directories: bool = True      # False: nodiratime
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +174,9 @@ class Filesystem:
         with self._reading():
             orphans = self.store.orphans()
         for ino, value in orphans:
-            self._refs.pop(ino, None)
             if value == ORPHAN_FREE:
+                if self._held(ino):
+                    continue        # still open through a FUSE connection kept (adopt_refs)
                 self._reap(ino)
             else:
                 self._finish_truncate(ino, value)
@@ -645,6 +629,18 @@ class Filesystem:
         """(lookups, opens) the kernel holds on `ino` in this mount."""
         refs = self._refs.get(ino)
         return (refs.lookups, refs.opens) if refs is not None else (0, 0)
+
+    def kernel_refs(self) -> tuple[list[int], list[int], list[int]]:
+        """(inos, lookups, opens): every reference the kernel holds in this mount, to
+        hand over with a FUSE connection that outlives this kernel."""
+        held = [(ino, r.lookups, r.opens) for ino, r in self._refs.items() if r.lookups or r.opens]
+        return [h[0] for h in held], [h[1] for h in held], [h[2] for h in held]
+
+    def adopt_refs(self, inos: list[int], lookups: list[int], opens: list[int]) -> None:
+        """Take over the references of a FUSE connection kept across a kexec (before
+        `finish_orphans`, which then leaves the inodes they hold alone)."""
+        for ino, n, o in zip(inos, lookups, opens, strict=True):
+            self._refs[ino] = _Refs(n, o)
 
     def forget_session(self) -> None:
         """The kernel's mount of this filesystem ended: its lookups and opens are gone,

@@ -276,6 +276,23 @@ class Operations(pyfuse3.Operations):
         #: write went through since their cache was last dropped.
         self._cached: set[int] = set()
 
+    def open_handles(self) -> tuple[list[tuple[int, int, bool, bool]], int, list[int]]:
+        """What a FUSE connection kept across a kexec carries of this adapter: (fh, ino,
+        is a directory, O_DIRECT) of every open, the next fh, the inodes maybe cached."""
+        table = [(fh, h.ino, isinstance(h, OpenDir), isinstance(h, OpenFile) and h.direct)
+                 for fh, h in self._handles.items()]
+        return table, next(self._fh_counter), sorted(self._cached)
+
+    def adopt(self, fs: Filesystem, handles: Sequence[tuple[int, int, bool, bool]],
+              next_fh: int, cached: Sequence[int]) -> None:
+        """Serve `fs` (the next kernel's) over this same connection, with the opens and
+        cache hints it was handed (the counterpart of `open_handles`)."""
+        self.fs = fs
+        self._handles = {fh: OpenDir(ino) if is_dir else OpenFile(ino, direct)
+                         for fh, ino, is_dir, direct in handles}
+        self._fh_counter = itertools.count(next_fh)
+        self._cached = set(cached)
+
     def _open_handle(self, handle: OpenFile | OpenDir) -> int:
         fh = next(self._fh_counter)
         self._handles[fh] = handle

@@ -107,11 +107,14 @@ def format(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy()) -> Filesystem:
     return fs
 
 
-def restore(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy()) -> Filesystem | None:
+def restore(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy(),
+            refs: tuple[list[int], list[int], list[int]] | None = None) -> Filesystem | None:
     """The filesystem handed over to `kernel` (by kexec, an unmount, or a kernel that
     died), or None when there is none. Opens the store (recovering its journal), frees
     what the orphan list holds, counts the boot in the superblock's generation and
-    publishes the subtree for the next kernel. HandoverError if the superblock or the
+    publishes the subtree for the next kernel. `refs` are the kernel references of a
+    FUSE connection kept across the kexec (`Filesystem.adopt_refs`): the orphans they
+    hold stay. HandoverError if the superblock or the
     journal cannot be trusted: the arena keeps the handover for an inspection or retry.
     """
     kho_in = kernel.kho_in
@@ -121,7 +124,7 @@ def restore(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy()) -> Filesystem
     if compatible_of(blob) == upgrade_v1.COMPATIBLE:
         fs = upgrade_v1.upgrade(kernel, blob, POOL, atime=atime)
     else:
-        fs = _open(kernel, read_subtree(blob), atime)
+        fs = _open(kernel, read_subtree(blob), atime, refs)
     _publish(kernel.kho, fs)
     return fs
 
@@ -140,7 +143,8 @@ def waiting_generation(arena: Arena, kho_in: IncomingHandover) -> int | None:
         return None
 
 
-def _open(kernel: Kernel, sub: Subtree, atime: AtimePolicy) -> Filesystem:
+def _open(kernel: Kernel, sub: Subtree, atime: AtimePolicy,
+          refs: tuple[list[int], list[int], list[int]] | None) -> Filesystem:
     if sub.pool != POOL:
         raise HandoverError(f"the guestfs subtree names the pool {sub.pool!r}, not {POOL!r}")
     pool = kernel.kho_in.restore_pool(POOL)
@@ -156,6 +160,8 @@ def _open(kernel: Kernel, sub: Subtree, atime: AtimePolicy) -> Filesystem:
         raise HandoverError(f"the guestfs superblock is of filesystem {store.sb.uuid}; the "
                             f"subtree names {sub.uuid}")
     fs = Filesystem(store, atime=atime)
+    if refs is not None:
+        fs.adopt_refs(*refs)
     try:
         finished = fs.finish_orphans()
         if finished:

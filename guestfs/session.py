@@ -12,6 +12,8 @@ and the benchmark's tree builder. The sequence, with its states:
     abort():       take the handover back                                RUNNING
     poison():      overwrite what is not preserved (no way back)         POISONED
     exec():        replace this process with the next kernel            (does not return)
+    leave():       or end this kernel for a next one booted in this same
+                   process with `open(Options(connection=...))`       CLOSED
     close():       shut the kernel down (after a handover, or as a crash) CLOSED
 
 A failure in `hand_over` undoes all of it (KHO, boot parameters) before it raises, so the
@@ -28,11 +30,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from guestfs import handover
+from guestfs import connection, handover
+from guestfs.connection import ConnectionId, ConnectionState
 from guestfs.filesystem import AtimePolicy, Filesystem
 from kho_backend import boot as kboot
 from kho_backend.boot import Kernel
-from kho_backend.errors import KexecError, MachineError
+from kho_backend.errors import BootError, KexecError, MachineError
 from kho_backend.kexec import KexecState
 from kho_backend.kexec_metadata import KexecMetadata
 
@@ -53,7 +56,9 @@ class Fault(enum.Enum):
 
     The session fails SERIALIZE, FINALIZE and BOOT_PARAMS itself, after the phase's work,
     so that the undo of each is exercised; the daemon fails QUIESCE and UNMOUNT, its own
-    phases.
+    phases. BOOT fails the next kernel's boot in this same process (an `open` with a
+    connection), after its kernel booted and before it restores: the handover is
+    written by then, so it is a failure after the point of no return.
     """
 
     QUIESCE = "quiesce"
@@ -61,6 +66,7 @@ class Fault(enum.Enum):
     FINALIZE = "finalize"
     BOOT_PARAMS = "boot-params"
     UNMOUNT = "unmount"
+    BOOT = "boot"
 
 
 @dataclass(frozen=True)
@@ -74,15 +80,21 @@ class Options:
     cmdline: str = ""
     atime: AtimePolicy = AtimePolicy()
     restore_only: bool = False      # a machine without a filesystem is an error (fsck)
+    #: Boot in the process that serves this FUSE connection, which outlives the previous
+    #: kernel: take its handed-over state (`guestfs.connection`) over.
+    connection: ConnectionId | None = None
 
 
 class Session:
     """A booted kernel and its filesystem (see the module docstring)."""
 
     def __init__(self, kernel: Kernel, fs: Filesystem, restore_ns: int,
-                 fault: Fault | None) -> None:
+                 fault: Fault | None, kept: ConnectionState | None = None) -> None:
         self.kernel = kernel
         self.fs = fs
+        #: The FUSE connection state handed over to this kernel (a boot in the same
+        #: process), for the adapter to take over; None otherwise.
+        self.kept = kept
         #: The kexec that booted this kernel (None after a cold boot or after an
         #: unmount's handover, whose exec time is 0).
         self.booted_by_kexec: KexecMetadata | None = (
@@ -114,12 +126,23 @@ class Session:
     def open(cls, options: Options, *, fault: Fault | None = None) -> Session:
         """Boot a kernel on the machine, restore its filesystem (or format one), register
         it for the next handover and finish boot. Raises what boot and restore raise
-        (MachineError, HandoverError: the arena is then left as it was)."""
+        (MachineError, HandoverError: the arena is then left as it was).
+
+        With `options.connection`, the FUSE connection state handed over for it is
+        claimed (HandoverError if there is none) and its references adopted before the
+        orphan list is finished, so that files still open through it are kept."""
         kernel = kboot.boot(options.machine, memory=options.memory, nodes=options.nodes,
                             cmdline=options.cmdline, create=True, format=options.format)
+        kept = None
         try:
             t0 = time.perf_counter_ns()
-            fs = handover.restore(kernel, atime=options.atime)
+            if options.connection is not None:
+                if fault is Fault.BOOT:
+                    fault = None
+                    raise BootError("injected failure in boot")
+                kept = connection.claim(kernel.kho_in, options.connection)
+            fs = handover.restore(kernel, atime=options.atime,
+                                  refs=kept.ref_lists() if kept else None)
             if fs is None and options.restore_only:
                 raise MachineError(f"machine {options.machine} holds no filesystem")
             if fs is None:
@@ -132,7 +155,7 @@ class Session:
         except BaseException:
             kernel.shutdown()       # nothing written: the handover stays for a retry
             raise
-        session = cls(kernel, fs, time.perf_counter_ns() - t0, fault)
+        session = cls(kernel, fs, time.perf_counter_ns() - t0, fault, kept)
         session.released = released
         booted_by = session.booted_by_kexec
         if booted_by is not None:
@@ -184,6 +207,15 @@ class Session:
         if self.state not in (State.HANDED_OVER, State.POISONED) or not self.for_exec:
             raise KexecError("The session is not handed over for an exec.", "exec")
         self.kernel.kexec.exec()
+
+    def leave(self) -> None:
+        """End this kernel for a next one booted in this same process (the in-process
+        counterpart of `exec`): stamp the exec time, so the next kernel knows a kexec
+        booted it, and close (the arena mapping and the machine lock go)."""
+        if self.state not in (State.HANDED_OVER, State.POISONED) or not self.for_exec:
+            raise KexecError("The session is not handed over for an exec.", "exec")
+        self.kernel.kexec.stamp_exec()
+        self.close()
 
     def record_phase(self, name: str, ns: int) -> None:
         """Add a phase timed after the handover (unmount, teardown) to kexec-metadata."""

@@ -23,9 +23,16 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .arena import Arena
+from typing import TYPE_CHECKING
+
 from .errors import ArenaError, MachineError
-from .header import HEADER_SIZE, MachineHeader, MachineState
+
+if TYPE_CHECKING:
+    from .arena import Arena
+    from .header import MachineHeader, MachineState
+
+# .arena and .header (numpy) are imported where a machine is opened or its header read,
+# so that the command line can find machines and their sockets without loading numpy.
 from .units import PAGE_SIZE, format_size
 
 ENV_DIR = "GUESTFS_MACHINE_DIR"
@@ -129,6 +136,9 @@ def create_machine(name: str, size: int, nodes: int = 1, directory: Path | None 
     path = machine_path(name, directory)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
+    from .arena import Arena
+    from .header import MachineHeader
+
     arena = Arena.create(tmp, size, nodes)
     try:
         fcntl.flock(arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,6 +163,8 @@ def open_machine(name: str, directory: Path | None = None, *, memory: int | None
     ArenaError if it does not exist, is in use, is not an arena or is not ``memory`` bytes;
     HeaderError if its header is corrupt.
     """
+    from .arena import Arena
+
     checked_dir(directory)
     path = machine_path(name, directory)
     try:
@@ -212,6 +224,8 @@ def _lock(fd: int, name: str, path: Path) -> None:
 
 
 def _read_header(fd: int, path: Path) -> MachineHeader:
+    from .header import HEADER_SIZE, MachineHeader
+
     size = os.fstat(fd).st_size
     if size < HEADER_SIZE or size % PAGE_SIZE:
         raise ArenaError(f"{path} is not a guestfs arena: its size, {size} bytes, is not a whole number of pages.")
@@ -223,6 +237,8 @@ def _read_header(fd: int, path: Path) -> MachineHeader:
 
 
 def _header_pid(fd: int) -> int:
+    from .header import HEADER_SIZE, MachineHeader
+
     try:
         return MachineHeader.unpack(os.pread(fd, HEADER_SIZE, 0)).pid
     except MachineError:
@@ -252,6 +268,8 @@ def _lock_holders() -> dict[tuple[int, int, int], int]:
 
 
 def _info(path: Path, holders: dict[tuple[int, int, int], int]) -> MachineInfo:
+    from .header import HEADER_SIZE, MachineHeader
+
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError as e:

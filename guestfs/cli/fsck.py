@@ -8,7 +8,6 @@ import json
 from guestfs import control
 from guestfs.cli.common import CliError, Subparsers, machine_option, no_machine, say
 from guestfs.config import control_path
-from guestfs.session import Options, Session
 from kho_backend import machine as kmachine
 from kho_backend.errors import HandoverError
 
@@ -54,6 +53,8 @@ def _check_offline(machine: str) -> list[str]:
         raise CliError(no_machine(machine))
     say(f"booting machine {machine} to check its filesystem…")
     try:
+        from guestfs.session import Options, Session   # heavy: only when no daemon runs
+
         session = Session.open(Options(machine, restore_only=True))
     except HandoverError as e:
         raise CliError(f"the filesystem of machine {machine} cannot be opened: {e}") from None

@@ -23,12 +23,14 @@ def add(sub: Subparsers) -> None:
         "kexec", help="hand the mounted filesystem over to a new kernel (simulated kexec)",
         description="Quiesce the mount (flush the kernel's dirty pages, hold new requests, "
         "let in-flight ones finish), finalize KHO (the filesystem lives in a preserved pool "
-        "already: nothing is serialized or copied), unmount, and exec the next kernel image in the "
-        "daemon's own process (same PID). The next kernel boots from scratch memory, "
-        "takes the pool back, opens the filesystem where it is and mounts it at the same "
-        "place with the same options. Returns when the new mount serves and prints the "
-        "blackout by phase. Any failure before the exec aborts: the filesystem serves as "
-        "before. Refused while other processes use files on the mount, unless --force.")
+        "already: nothing is serialized or copied), then boot the next kernel in the "
+        "daemon's own process (same PID, modules already loaded): it boots from scratch "
+        "memory, takes the pool back, opens the filesystem where it is and takes the FUSE "
+        "connection over, so the mount stays, open files keep working and requests wait "
+        "instead of failing. With --exec (or when the code on disk changed) the mount is "
+        "dropped and the next kernel image is exec'd instead, and mounts again. Returns "
+        "when the next kernel serves and prints the blackout by phase. Any failure before "
+        "the handover aborts: the filesystem serves as before.")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--load-only", action="store_true",
                       help="only stage the next kernel (like kexec -l); a later plain "
@@ -38,9 +40,12 @@ def add(sub: Subparsers) -> None:
     p.add_argument("--poison", action="store_true",
                    help="before the exec, overwrite every page that is neither preserved "
                    "nor scratch with 0xAA, so that reliance on unpreserved memory shows")
+    p.add_argument("--exec", action="store_true",
+                   help="exec a fresh next kernel image (new interpreter, modules loaded "
+                   "anew) and mount again, instead of booting it in the daemon's process")
     p.add_argument("--force", action="store_true",
-                   help="go on although processes use files on the mount (they then see "
-                   "errors)")
+                   help="with --exec: go on although processes use files on the mount "
+                   "(they then see errors)")
     p.add_argument("--cmdline", metavar="ARGS", type=kernel_cmdline,
                    help="the next kernel's command line: kho=on|off, kho_scratch=N%% or "
                    "LOW,GLOBAL,PERNODE, kho_poison")
@@ -66,7 +71,8 @@ def run_kexec(args: argparse.Namespace) -> int:
     say(f"kexec of machine {before['machine']} (generation {before['generation']})…")
     try:
         for warning in _request_kexec(sock, {"op": "kexec", "poison": args.poison,
-                                             "force": args.force, **extra}):
+                                             "exec": args.exec, "force": args.force,
+                                             **extra}):
             say(f"warning: {warning}")
         after = _await_next_kernel(sock, before)
     except KeyboardInterrupt:

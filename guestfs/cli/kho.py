@@ -6,16 +6,12 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from guestfs import control, handover
+from guestfs import control
 from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Parser, Subparsers, machine_info,
                                 machine_option, say)
 from guestfs.config import control_path
 from kho_backend import machine as kmachine
-from kho_backend import views
-from kho_backend.arena import Arena
 from kho_backend.errors import MachineError
-from kho_backend.header import MachineHeader
-from kho_backend.kho_in import IncomingHandover
 
 
 def add(sub: Subparsers) -> None:
@@ -53,6 +49,8 @@ def add(sub: Subparsers) -> None:
 def run_kho_dump(args: argparse.Namespace) -> int:
     """``guestfs kho dump``."""
     machine_info(args.machine)
+    from kho_backend import views      # heavy (numpy): only for this command
+
     print(views.dump(args.machine))
     if args.dtb is not None:
         for name, blob in views.blobs(args.machine).items():
@@ -69,6 +67,8 @@ def run_kho_memmap(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise CliError("drawing the memory map needs matplotlib: "
                        "pip install 'guestfs[plot]' (set-up installs it)")
+    from kho_backend import views
+
     picture = views.memmap_png(args.machine, args.output,
                                generation=_generation(args.machine))
     say(f"wrote {args.output}")
@@ -83,6 +83,11 @@ def _generation(machine: str) -> int | None:
                                timeout=STATUS_TIMEOUT)["generation"]
     except control.ControlError:
         pass
+    from guestfs import handover      # heavy (numpy): only when no daemon answers
+    from kho_backend.arena import Arena
+    from kho_backend.header import MachineHeader
+    from kho_backend.kho_in import IncomingHandover
+
     try:
         with Arena.open(kmachine.machine_path(machine)) as mem:
             params = MachineHeader.read(mem).boot_params

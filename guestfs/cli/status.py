@@ -7,15 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from guestfs import control, handover
+from guestfs import control
 from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Subparsers, machine_at,
                                 machine_info, machine_name)
 from guestfs.config import control_path
 from kho_backend import machine as kmachine
-from kho_backend.arena import Arena
 from kho_backend.errors import MachineError
-from kho_backend.header import MachineHeader
-from kho_backend.kho_in import IncomingHandover
 from kho_backend.units import PAGE_SIZE, format_size
 
 
@@ -57,6 +54,12 @@ def _offline_status(machine: str) -> dict[str, Any]:
 def _handed_over_generation(machine: str) -> int | None:
     """The generation of the filesystem waiting in the arena's handover, if there is
     one that can be read (the next mount checks it fully)."""
+    # Only without a daemon: these load numpy, which a status of a mount never needs.
+    from guestfs import handover
+    from kho_backend.arena import Arena
+    from kho_backend.header import MachineHeader
+    from kho_backend.kho_in import IncomingHandover
+
     try:
         with Arena.open(kmachine.machine_path(machine)) as mem:
             params = MachineHeader.read(mem).boot_params

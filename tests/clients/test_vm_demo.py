@@ -31,3 +31,12 @@ def test_vm_continues_across_kexec(cli_env: dict[str, str], machine_dir: Path) -
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "guest continued: ok" in proc.stdout, proc.stdout
     assert not list(machine_dir.glob("vmdemo-*")), "the demo left its machine behind"
+
+
+def test_vm_runs_on_through_a_kexec_that_keeps_the_mount(cli_env: dict[str, str],
+                                                         machine_dir: Path) -> None:
+    proc = run_bounded([str(TOOL), "--memory", "256M", "--live"], env=cli_env, timeout=BOUND)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "live: pause at most" in proc.stdout and "guest continued: ok" in proc.stdout, \
+        proc.stdout
+    assert not list(machine_dir.glob("vmdemo-*")), "the demo left its machine behind"

@@ -23,7 +23,7 @@ import msgpack
 import pytest
 from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
 
-from guestfs import handover, upgrade_v1
+from guestfs import connection, handover, upgrade_v1
 from guestfs.filesystem import Ctx
 from guestfs.store import blob, btree, journal, page, pagemap, radix, records, superblock
 from kho_backend import chain, header, kexec_metadata, kho, kho_mem, kho_radix
@@ -115,6 +115,7 @@ def test_versions_written_and_read() -> None:
     assert rows["chain page"][0] == f"version {chain.CHAIN_VERSION}"
     assert code_names(rows["kexec-metadata"][0]) == [kexec_metadata.METADATA_COMPATIBLE]
     assert code_names(rows["guestfs sub-FDT"][0]) == [handover.COMPATIBLE]
+    assert code_names(rows["guestfs-fuse sub-FDT"][0]) == [connection.COMPATIBLE]
     assert code_names(rows["guestfs sub-FDT"][1]) == [upgrade_v1.COMPATIBLE]
     assert rows["guestfs superblock"][0] == f"version {superblock.VERSION}"
     assert rows["guestfs journal"][0] == f"version {journal.VERSION}"
@@ -333,6 +334,29 @@ def test_kexec_metadata_properties(handed_over: dict[str, bytes]) -> None:
     assert "node `phases`" in table[-1][0] and fdt_properties(blob, "/phases")
     assert f'`"{kexec_metadata.METADATA_COMPATIBLE}"`' in table[0][2]
     assert table[1][2] == str(kexec_metadata.METADATA_VERSION)
+
+
+def test_guestfs_fuse_subtree_properties() -> None:
+    state = connection.capture(connection.ConnectionId(7, 42), ([5, 9], [3, 1], [1, 0]),
+                               [(4, 5, False, True), (6, 1, True, False)], 8, [5])
+    blob = connection.to_fdt(state)
+    table = tables(section("guestfs-fuse subtree"))[0]
+    documented, found = documented_properties(table), fdt_properties(blob)
+    assert set(found) == set(documented)
+    tables_ = {name for name, kind in documented.items() if kind == "bytes"}
+    assert tables_ == {"refs", "handles", "cached"}
+    assert {k: v for k, v in found.items() if k not in tables_} == {
+        k: v for k, v in documented.items() if k not in tables_}
+    assert f'`"{connection.COMPATIBLE}"`' in table[0][2]
+    assert table[1][2] == str(connection.VERSION)
+    # The entry layouts the table describes: 20, 20 and 8 bytes, packed.
+    assert [connection.REF.itemsize, connection.HANDLE.itemsize,
+            connection.CACHED.itemsize] == [20, 20, 8]
+    assert (connection.HANDLE_DIR, connection.HANDLE_DIRECT) == (1, 2)
+    back = connection.from_fdt(blob)
+    assert back.owner == state.owner and back.next_fh == 8
+    assert back.ref_lists() == ([5, 9], [3, 1], [1, 0])
+    assert back.handle_rows() == [(4, 5, False, True), (6, 1, True, False)]
 
 
 def test_guestfs_subtree_properties(handed_over: dict[str, bytes]) -> None:

@@ -118,6 +118,8 @@ class SerialConsole:
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        #: When each line arrived (time.monotonic), for the gaps between the guest's ticks.
+        self.arrived: list[float] = []
         self._partial = ""
         self._cond = threading.Condition()
         self._child: Child | None = None
@@ -136,6 +138,7 @@ class SerialConsole:
             *complete, self._partial = text.split("\n")
             with self._cond:
                 self.lines += complete
+                self.arrived += [time.monotonic()] * len(complete)
                 self._cond.notify_all()
 
     def send(self, line: str) -> None:
