@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from guestfs import acl, fsck
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
+from guestfs.refs import KernelRefs
 from guestfs.store.directory import DOT_COOKIE, DOTDOT_COOKIE
 from guestfs.store.journal import Pool, Txn, TxnTooLarge
 from guestfs.store.page import CorruptPage
@@ -116,14 +117,6 @@ class StatFs:
     f_namemax: int
 
 
-@dataclass(slots=True)
-class _Refs:
-    """The kernel's references to one inode in this mount."""
-
-    lookups: int = 0
-    opens: int = 0
-
-
 class Filesystem:
     """A guestfs filesystem over a metadata store. Inode 1 is the root."""
 
@@ -137,7 +130,7 @@ class Filesystem:
         self.store = store
         self.atime = atime
         self._clock = clock or time.time_ns
-        self._refs: dict[int, _Refs] = {}
+        self._refs = KernelRefs()
         self._after: list[Callable[[], None]] = []
 
     @classmethod
@@ -191,7 +184,7 @@ class Filesystem:
         with self._reading():
             orphans = self.store.orphans()
         for ino, value in orphans:
-            self._refs.pop(ino, None)
+            self._refs.drop(ino)
             if value == ORPHAN_FREE:
                 self._reap(ino)
             else:
@@ -424,15 +417,13 @@ class Filesystem:
             with self._change(inode) as txn:
                 self._truncate(txn, inode, 0, self._clock(), always_touch=True)
                 self._put(txn, inode)
-        self._refs.setdefault(ino, _Refs()).opens += 1
+        self._refs.open(ino)
 
     def release(self, ino: int) -> None:
         """Count a close; the last close of an unlinked, forgotten inode frees it."""
-        refs = self._refs.get(ino)
-        if refs is None:
-            return
-        refs.opens = max(refs.opens - 1, 0)
-        self._settle(ino)
+        if self._refs.opens(ino):
+            self._refs.release(ino)
+            self._settle(ino)
 
     def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes at `off` (fewer at the end of the file), zero-copy where the
@@ -639,28 +630,40 @@ class Filesystem:
     def ref(self, ino: int, n: int = 1) -> None:
         """The kernel took `n` more lookup references to `ino`."""
         self.get(ino)
-        self._refs.setdefault(ino, _Refs()).lookups += n
+        self._refs.add_lookups(ino, n)
 
     def references(self, ino: int) -> tuple[int, int]:
         """(lookups, opens) the kernel holds on `ino` in this mount."""
-        refs = self._refs.get(ino)
-        return (refs.lookups, refs.opens) if refs is not None else (0, 0)
+        return self._refs.lookups(ino), self._refs.opens(ino)
+
+    def kernel_refs(self) -> KernelRefs:
+        """The kernel's references to this filesystem's inodes (they belong to the
+        kernel's mount, which may outlive this object: see `adopt_kernel_refs`)."""
+        return self._refs
+
+    def adopt_kernel_refs(self, refs: KernelRefs) -> None:
+        """Take over the references the kernel's mount holds, from a `Filesystem` of
+        the same filesystem that this one replaces while the mount stays (an in-process
+        re-boot); before this one answers any request."""
+        self._refs = refs
 
     def forget_session(self) -> None:
         """The kernel's mount of this filesystem ended: its lookups and opens are gone,
-        and inodes no name reaches any more are freed (before mounting again)."""
-        inos = list(self._refs)
+        and inodes no name reaches any more are freed (before mounting again). Those
+        are on the orphan list (an inode that loses its last name while held goes
+        there), so the work follows the orphans, not the inodes the kernel held."""
         self._refs.clear()
-        for ino in inos:
+        with self._reading():
+            orphans = self.store.orphans()
+        for ino, _value in orphans:
             self._settle(ino)
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references; may free an unlinked inode.
         Never fails: the kernel does not expect an answer."""
-        refs = self._refs.get(ino)
-        if refs is None:
+        if not self._refs.lookups(ino):
             return
-        refs.lookups = max(refs.lookups - n, 0)
+        self._refs.drop_lookups(ino, n)
         try:
             self._settle(ino)
         except FsError as e:
@@ -859,8 +862,7 @@ class Filesystem:
 
     def _held(self, ino: int) -> bool:
         """Whether the kernel still holds `ino` (a lookup or an open)."""
-        refs = self._refs.get(ino)
-        return refs is not None and bool(refs.lookups or refs.opens)
+        return self._refs.held(ino)
 
     def _stored(self, ino: int) -> Inode | None:
         """Inode `ino` from the store, or None (EIO if its record cannot be trusted)."""
@@ -871,7 +873,6 @@ class Filesystem:
         """A reference to `ino` went: free it if it was its last and no name is left."""
         if self._held(ino):
             return
-        self._refs.pop(ino, None)
         inode = self._stored(ino)
         if inode is None or inode.nlink or ino == ROOT_INO:
             return

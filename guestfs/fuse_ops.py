@@ -320,6 +320,9 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             self.fs.forget(ino, nlookup)
+            if not self.fs.references(ino)[0]:
+                # The kernel evicted the inode, and its cached pages with it.
+                self._cached.discard(ino)
 
     @_handler()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
