@@ -26,8 +26,8 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from guestfs import acl, fsck
 from guestfs.errors import FsError
@@ -92,9 +92,9 @@ class AtimePolicy:
     directories: bool = True      # False: nodiratime
 
 
-@dataclass(frozen=True, slots=True)
-class Ctx:
-    """Who makes a request. The kernel has applied the umask to modes already."""
+class Ctx(NamedTuple):
+    """Who makes a request. The kernel has applied the umask to modes already. (A named
+    tuple: one is made for every request that changes something.)"""
 
     uid: int
     gid: int
@@ -159,8 +159,10 @@ class Filesystem:
     def get(self, ino: int) -> Inode:
         """The inode numbered `ino`; ENOENT if there is none, EIO if its record cannot
         be trusted."""
-        with self._reading():
+        try:
             inode = self.store.get(ino)
+        except CorruptPage as e:
+            raise _io_error(e) from None
         if inode is None:
             raise FsError(errno.ENOENT, f"no inode {ino}")
         return inode
@@ -671,40 +673,18 @@ class Filesystem:
 
     # --- internals: transactions ------------------------------------------------
 
-    @contextmanager
-    def _change(self, *inodes: Inode) -> Iterator[Txn]:
-        """A transaction of the store changing `inodes`, with its failures as errno
-        answers: after a rollback those objects hold what the arena holds again. Work
-        queued in `_after` (frees too large for one transaction) runs once it committed."""
-        queued = len(self._after)
-        try:
-            with self._reading(), self.store.transaction() as txn:
-                yield txn
-        except BaseException as e:
-            del self._after[queued:]            # this transaction's follow-up work
-            with self._reading():
-                for inode in inodes:
-                    self.store.refresh(inode)
-            if isinstance(e, (NoRoom, OutOfMemory)):
-                raise FsError(errno.ENOSPC, str(e)) from None
-            raise
-        while len(self._after) > queued:
-            work = self._after.pop(queued)
-            try:
-                work()
-            except FsError as e:
-                # The change committed; what is left stays on the orphan list, which
-                # the next mount finishes.
-                log.error("finishing a committed change failed: %s", e)
+    def _change(self, *inodes: Inode) -> _Change:
+        """A transaction of the store changing `inodes`, as ``with self._change(...) as
+        txn:``, with its failures as errno answers: after a rollback those objects hold
+        what the arena holds again. Work queued in `_after` (frees too large for one
+        transaction) runs once it committed."""
+        return _Change(self, inodes)
 
-    @contextmanager
-    def _reading(self) -> Iterator[None]:
-        """Metadata that fails its checks is an I/O error (EIO), named in the log."""
-        try:
-            yield
-        except (CorruptPage, TxnTooLarge) as e:
-            log.error("%s", e)
-            raise FsError(errno.EIO, str(e)) from None
+    @staticmethod
+    def _reading() -> _Reading:
+        """Metadata that fails its checks is an I/O error (EIO), named in the log:
+        ``with self._reading():``."""
+        return _READING
 
     def _put(self, txn: Txn, *inodes: Inode) -> None:
         for inode in inodes:
@@ -1050,6 +1030,89 @@ class Filesystem:
             raise FsError(errno.EPERM, "user.* xattrs exist only on files and directories")
         if namespace == b"trusted." and ctx.uid != 0:
             raise FsError(errno.EPERM, "trusted.* xattrs need root")
+
+
+def _io_error(e: CorruptPage | TxnTooLarge) -> FsError:
+    """The EIO answer to metadata that failed its checks, logged with what it was."""
+    log.error("%s", e)
+    return FsError(errno.EIO, str(e))
+
+
+class _Reading:
+    """`Filesystem._reading`: CorruptPage and TxnTooLarge become EIO. A class, not a
+    generator-based context manager: nearly every request enters one."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if isinstance(exc, (CorruptPage, TxnTooLarge)):
+            raise _io_error(exc) from None
+
+
+_READING = _Reading()
+
+
+class _Change:
+    """`Filesystem._change`: one transaction of the store, failures as errno answers,
+    then the work it queued."""
+
+    __slots__ = ("fs", "inodes", "queued", "scope")
+
+    def __init__(self, fs: Filesystem, inodes: tuple[Inode, ...]) -> None:
+        self.fs = fs
+        self.inodes = inodes
+
+    def __enter__(self) -> Txn:
+        self.queued = len(self.fs._after)
+        self.scope = self.fs.store.transaction()
+        return self.scope.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> bool:
+        try:
+            self.scope.__exit__(exc_type, exc, tb)      # commit, or roll back
+        except BaseException as e:                       # the commit failed
+            failure: BaseException | None = e
+        else:
+            failure = exc
+        if failure is None:
+            self._run_after()
+            return False
+        answer = self._rolled_back(failure)
+        if answer is exc:
+            return False                                 # the block's own exception
+        if answer is failure:
+            raise answer
+        raise answer from None
+
+    def _rolled_back(self, failure: BaseException) -> BaseException:
+        """After a rollback: the inode objects are read again; returns the exception to
+        raise (the failure, or its errno answer)."""
+        fs = self.fs
+        del fs._after[self.queued:]                      # this transaction's follow-up
+        if isinstance(failure, (CorruptPage, TxnTooLarge)):
+            failure = _io_error(failure)
+        with _READING:
+            for inode in self.inodes:
+                fs.store.refresh(inode)
+        if isinstance(failure, (NoRoom, OutOfMemory)):
+            return FsError(errno.ENOSPC, str(failure))
+        return failure
+
+    def _run_after(self) -> None:
+        after = self.fs._after
+        while len(after) > self.queued:
+            work = after.pop(self.queued)
+            try:
+                work()
+            except FsError as e:
+                # The change committed; what is left stays on the orphan list, which
+                # the next mount finishes.
+                log.error("finishing a committed change failed: %s", e)
 
 
 def _check_name(name: bytes) -> None:

@@ -85,6 +85,7 @@ class RequestGate:
         self._in_flight = 0
         self._changed = trio.Event()
         self._shut = False
+        self._idle_waiters = 0
 
     @property
     def frozen(self) -> bool:
@@ -109,14 +110,26 @@ class RequestGate:
 
     async def wait_idle(self) -> None:
         """Wait until no admitted request is in flight."""
-        while self._in_flight:
-            await self._changed.wait()
+        self._idle_waiters += 1
+        try:
+            while self._in_flight:
+                await self._changed.wait()
+        finally:
+            self._idle_waiters -= 1
 
     def shut(self) -> None:
         """After a kexec's handover: answer every waiting and later request with EIO,
         without running it (the state it would change has already been handed over)."""
         self._shut = True
         self.thaw()
+
+    def try_enter(self, traffic: Traffic) -> bool:
+        """Count the request as in flight if `traffic` is admitted now (the common case,
+        without a trip through the event loop); False if it must `enter`."""
+        if traffic in self._admitted and not self._shut:
+            self._in_flight += 1
+            return True
+        return False
 
     async def enter(self, traffic: Traffic) -> None:
         """Wait until `traffic` is admitted, then count the request as in flight."""
@@ -129,7 +142,7 @@ class RequestGate:
     def leave(self) -> None:
         """Count a request admitted by `enter` as finished."""
         self._in_flight -= 1
-        if not self._in_flight:
+        if not self._in_flight and self._idle_waiters:
             self._notify()
 
     def _notify(self) -> None:
@@ -145,7 +158,9 @@ def _handler(traffic: Traffic = Traffic.GENERAL, *, mutates: bool = False
     def decorate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(fn)
         async def wrapper(self: Operations, *args: Any) -> T:
-            await self.gate.enter(traffic)
+            gate = self.gate
+            if not gate.try_enter(traffic):
+                await gate.enter(traffic)
             try:
                 if mutates and self.config.read_only:
                     raise pyfuse3.FUSEError(errno.EROFS)
@@ -158,7 +173,7 @@ def _handler(traffic: Traffic = Traffic.GENERAL, *, mutates: bool = False
                 log.exception("%s%r failed; answering EIO", fn.__name__, args)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             finally:
-                self.gate.leave()
+                gate.leave()
 
         return wrapper
 
@@ -171,10 +186,11 @@ def _notification(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> None:
-        try:
-            await self.gate.enter(Traffic.WRITEBACK)
-        except pyfuse3.FUSEError:
-            return      # the gate is shut after a handover: nothing to do any more
+        if not self.gate.try_enter(Traffic.WRITEBACK):
+            try:
+                await self.gate.enter(Traffic.WRITEBACK)
+            except pyfuse3.FUSEError:
+                return      # the gate is shut after a handover: nothing to do any more
         try:
             await fn(self, *args)
         except Exception:

@@ -32,7 +32,6 @@ import enum
 import logging
 import struct
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -228,19 +227,25 @@ class Journal:
 
     # --- transactions ----------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[Txn]:
-        """A transaction: committed when the block ends, rolled back if it raises."""
+    def transaction(self, on_rollback: Callable[[], None] | None = None) -> Scope:
+        """A transaction, as ``with journal.transaction() as txn:``: committed when the
+        block ends, rolled back if it raises (then `on_rollback` runs)."""
+        return Scope(self, on_rollback)
+
+    def begin(self) -> Txn:
+        """Open a transaction (`Scope` ends it with `end`)."""
         if self._txn is not None:
             raise RuntimeError("a transaction is already open")
         txn = self._txn = Txn(self, self._seq + 1)
+        return txn
+
+    def end(self, txn: Txn, *, failed: bool) -> None:
+        """Commit `txn`, or roll it back if its block `failed`."""
         try:
-            yield txn
-        except BaseException:
-            txn.rollback()
-            raise
-        else:
-            txn.commit()
+            if failed:
+                txn.rollback()
+            else:
+                txn.commit()
         finally:
             self._txn = None
             if txn.activated:
@@ -281,6 +286,27 @@ class Journal:
                 yield EntryKind(tag & 0xFF), arg
             except ValueError:
                 raise JournalError(f"journal entry {index} has an unknown kind") from None
+
+
+class Scope:
+    """The block of one transaction (`Journal.transaction`). A class rather than a
+    generator-based context manager: every operation of the filesystem enters one."""
+
+    __slots__ = ("journal", "on_rollback", "txn")
+
+    def __init__(self, journal: Journal, on_rollback: Callable[[], None] | None) -> None:
+        self.journal = journal
+        self.on_rollback = on_rollback
+
+    def __enter__(self) -> Txn:
+        self.txn = self.journal.begin()
+        if self.on_rollback is not None:
+            self.txn.on_rollback.append(self.on_rollback)
+        return self.txn
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        self.journal.end(self.txn, failed=exc_type is not None)
 
 
 class Txn:

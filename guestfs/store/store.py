@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import msgpack
@@ -27,7 +26,7 @@ from guestfs.inode import Inode
 from guestfs.store import blob
 from guestfs.store.btree import BTree
 from guestfs.store.directory import Directories
-from guestfs.store.journal import Journal, JournalError, Pool, Recovery, Txn
+from guestfs.store.journal import Journal, JournalError, Pool, Recovery, Scope, Txn
 from guestfs.store.page import CorruptPage, Kind, Pages
 from guestfs.store.pagemap import PageMaps
 from guestfs.store.records import INLINE_TARGET, InodeTable
@@ -142,19 +141,18 @@ class MetaStore:
 
     # --- transactions --------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[Txn]:
-        """A transaction over the metadata: committed when the block ends, rolled back
-        (cache and superblock re-read) if it raises."""
-        with self.journal.transaction() as txn:
-            txn.on_rollback.append(self._forget_all)
-            yield txn
+    def transaction(self) -> Scope:
+        """A transaction over the metadata, as ``with store.transaction() as txn:``:
+        committed when the block ends, rolled back (caches dropped, superblock re-read)
+        if it raises."""
+        return self.journal.transaction(self._forget_all)
 
     def _forget_all(self) -> None:
         self._cache.clear()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
         self.itable.table = self.sb.itable
         self.dirs.hash_key = self.sb.hash_key
+        self.dirs.forget_names()
 
     def save_superblock(self, txn: Txn) -> None:
         """Write the superblock's fields (counters, roots) in this transaction."""

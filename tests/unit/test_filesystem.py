@@ -706,11 +706,12 @@ def test_a_filesystem_reopened_from_the_arena_is_the_same(fs: Filesystem) -> Non
 
 def test_python_memory_stays_flat_as_inodes_grow(boot_kernel: BootKernel,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inodes live in the arena; Python keeps a bounded cache of them. With a cache of
-    500, 3000 more files past a full cache leave no Python memory behind (the test's
+    """Inodes live in the arena; Python keeps bounded caches of them and of names. With
+    caches of 500, 3000 more files past full caches leave no Python memory behind (the test's
     pool keeps its blocks in a dict, and the buddy allocator its free lists: those are
     the kernel's, not the filesystem's, and are left out)."""
     monkeypatch.setattr("guestfs.store.store.CACHE_INODES", 500)
+    monkeypatch.setattr("guestfs.store.directory.NAME_CACHE", 500)
     fs = new_fs(boot_kernel(unique_name("fs"), memory=96 * MiB))
     d = fs.mkdir(ROOT_INO, b"many", DIR, ROOT)
     page = b"p" * PAGE_SIZE
