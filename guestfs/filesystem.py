@@ -687,8 +687,9 @@ class Filesystem:
         return _READING
 
     def _put(self, txn: Txn, *inodes: Inode) -> None:
-        for inode in inodes:
-            self.store.put(txn, inode)
+        for i, inode in enumerate(inodes):
+            if not any(inode is earlier for earlier in inodes[:i]):   # od is nd
+                self.store.put(txn, inode)
 
     # --- internals: lookups --------------------------------------------------
 

@@ -84,14 +84,19 @@ class Directories:
     def add(self, txn: Txn, d: Inode, name: bytes, ino: int, mode: int) -> int:
         """Enter `name` (not there yet) for `ino` of `mode`; returns its cookie."""
         base = self.base_cookie(name)
-        taken = {cookie for cookie, _ in self._tree(d).range(d.tree, base,
-                                                            base + (1 << INDEX_BITS))}
-        cookie = next((c for c in range(base, base + (1 << INDEX_BITS)) if c not in taken),
-                      None)
-        if cookie is None:
+        tree = self._tree(d)
+        value = encode_entry(ino, mode, name)
+        # The first free cookie of the name's sixteen: an insert refuses a taken one
+        # before it changes anything, so the usual case walks the tree once.
+        for cookie in range(base, base + (1 << INDEX_BITS)):
+            try:
+                d.tree = tree.insert(txn, d.tree, cookie, value)
+                break
+            except KeyError:
+                continue
+        else:
             raise FsError(errno.ENOSPC, f"{1 << INDEX_BITS} names in directory {d.ino} "
                                         f"share the hash of {name!r}")
-        d.tree = self._tree(d).insert(txn, d.tree, cookie, encode_entry(ino, mode, name))
         d.entries += 1
         self._remember(d.ino, name, (cookie, ino, mode >> 12 & 0xF))
         return cookie

@@ -272,19 +272,20 @@ class MetaStore:
     def add_orphan(self, txn: Txn, ino: int, value: int = ORPHAN_FREE) -> None:
         """Note that inode `ino` must be freed (or truncated to `value`) even if this
         process dies first."""
-        key = ino
         payload = value.to_bytes(ORPHAN_VALUE_SIZE, "little")
-        if self._orphans.get(self.sb.orphans, key) is None:
-            self.sb.orphans = self._orphans.insert(txn, self.sb.orphans, key, payload)
-        else:
-            self.sb.orphans = self._orphans.replace(txn, self.sb.orphans, key, payload)
+        try:        # an insert refuses a present key before it changes anything
+            self.sb.orphans = self._orphans.insert(txn, self.sb.orphans, ino, payload)
+        except KeyError:
+            self.sb.orphans = self._orphans.replace(txn, self.sb.orphans, ino, payload)
         self.save_superblock(txn)
 
     def remove_orphan(self, txn: Txn, ino: int) -> None:
         """The work noted for `ino` is done."""
-        if self._orphans.get(self.sb.orphans, ino) is not None:
+        try:        # a delete refuses an absent key before it changes anything
             self.sb.orphans = self._orphans.delete(txn, self.sb.orphans, ino)
-            self.save_superblock(txn)
+        except KeyError:
+            return
+        self.save_superblock(txn)
 
     def orphans(self) -> list[tuple[int, int]]:
         """(ino, value) of every orphan."""
