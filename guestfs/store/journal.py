@@ -122,6 +122,12 @@ class Journal:
         self.capacity = len(entry_pages) * ENTRIES_PER_PAGE
         self._seq = seq
         self._txn: Txn | None = None
+        # Views of the journal's own pages, which never move: every transaction writes
+        # them several times.
+        arena = pages.arena
+        self._header = arena.view(header_pfn)
+        self._slot_views = [arena.view(pfn) for pfn in slots]
+        self._entry_views = [arena.view(pfn) for pfn in entry_pages]
 
     # --- creation and opening --------------------------------------------------------
 
@@ -259,18 +265,18 @@ class Journal:
     # --- the state word and the entries ------------------------------------------------
 
     def _state(self) -> tuple[int, Phase]:
-        word = U64.unpack_from(self.pages.arena.view(self.header_pfn), STATE_OFFSET)[0]
+        word = U64.unpack_from(self._header, STATE_OFFSET)[0]
         try:
             return word >> 2, Phase(word & 3)
         except ValueError:
             raise JournalError(f"the journal's state word {word:#x} has no phase") from None
 
     def _set_state(self, seq: int, phase: Phase) -> None:
-        U64.pack_into(self.pages.arena.view(self.header_pfn), STATE_OFFSET, seq << 2 | phase)
+        U64.pack_into(self._header, STATE_OFFSET, seq << 2 | phase)
 
     def _write_entry(self, index: int, seq: int, kind: EntryKind, arg: int) -> None:
         page, slot = divmod(index, ENTRIES_PER_PAGE)
-        view = self.pages.arena.view(self.entry_pages[page])
+        view = self._entry_views[page]
         at = slot * ENTRY.size
         U64.pack_into(view, at, arg)                 # the argument first, the tag last:
         U64.pack_into(view, at + 8, seq << 8 | kind)  # a tagged entry is a whole one
@@ -398,7 +404,7 @@ class Txn:
         if self.activated:
             arena = self.pages.arena
             for pfn, slot in self._undo.items():
-                arena.view(pfn)[:] = arena.view(self.journal.slots[slot])
+                arena.view(pfn)[:] = self.journal._slot_views[slot]
             for pfn, order in reversed(self._allocated):
                 self.pages.forget(pfn)
                 self.journal.pool.free(pfn, order)
@@ -424,7 +430,7 @@ class Txn:
             raise TxnTooLarge(f"a transaction changes more than {slot} metadata pages")
         self._reserve_entries(1)
         self._activate()
-        self.pages.arena.view(self.journal.slots[slot])[:] = view
+        self.journal._slot_views[slot][:] = view
         self._add_entry(EntryKind.UNDO, pfn)
         self._undo[pfn] = slot
 

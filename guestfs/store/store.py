@@ -274,18 +274,23 @@ class MetaStore:
         process dies first."""
         payload = value.to_bytes(ORPHAN_VALUE_SIZE, "little")
         try:        # an insert refuses a present key before it changes anything
-            self.sb.orphans = self._orphans.insert(txn, self.sb.orphans, ino, payload)
+            root = self._orphans.insert(txn, self.sb.orphans, ino, payload)
         except KeyError:
-            self.sb.orphans = self._orphans.replace(txn, self.sb.orphans, ino, payload)
-        self.save_superblock(txn)
+            root = self._orphans.replace(txn, self.sb.orphans, ino, payload)
+        self._set_orphans_root(txn, root)
 
     def remove_orphan(self, txn: Txn, ino: int) -> None:
         """The work noted for `ino` is done."""
         try:        # a delete refuses an absent key before it changes anything
-            self.sb.orphans = self._orphans.delete(txn, self.sb.orphans, ino)
+            root = self._orphans.delete(txn, self.sb.orphans, ino)
         except KeyError:
             return
-        self.save_superblock(txn)
+        self._set_orphans_root(txn, root)
+
+    def _set_orphans_root(self, txn: Txn, root: int) -> None:
+        if root != self.sb.orphans:     # else the superblock need not be journaled
+            self.sb.orphans = root
+            self.save_superblock(txn)
 
     def orphans(self) -> list[tuple[int, int]]:
         """(ino, value) of every orphan."""
