@@ -82,6 +82,7 @@ class RequestGate:
 
     def __init__(self) -> None:
         self._admitted: frozenset[Traffic] = frozenset(Traffic)
+        self._open = True           # everything admitted and not shut: the fast path
         self._in_flight = 0
         self._changed = trio.Event()
         self._shut = False
@@ -101,11 +102,13 @@ class RequestGate:
         """Hold new requests (all, or all but writeback) at the gate."""
         admitted = {Traffic.HANDLES, Traffic.WRITEBACK} if admit_writeback else {Traffic.HANDLES}
         self._admitted = frozenset(admitted)
+        self._open = False
         self._notify()
 
     def thaw(self) -> None:
         """Admit every request again, including those waiting."""
         self._admitted = frozenset(Traffic)
+        self._open = not self._shut
         self._notify()
 
     async def wait_idle(self) -> None:
@@ -121,12 +124,13 @@ class RequestGate:
         """After a kexec's handover: answer every waiting and later request with EIO,
         without running it (the state it would change has already been handed over)."""
         self._shut = True
+        self._open = False
         self.thaw()
 
     def try_enter(self, traffic: Traffic) -> bool:
         """Count the request as in flight if `traffic` is admitted now (the common case,
         without a trip through the event loop); False if it must `enter`."""
-        if traffic in self._admitted and not self._shut:
+        if self._open or (traffic in self._admitted and not self._shut):
             self._in_flight += 1
             return True
         return False

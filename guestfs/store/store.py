@@ -151,6 +151,7 @@ class MetaStore:
         self._cache.clear()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
         self.itable.table = self.sb.itable
+        self.itable.forget_pages()
         self.dirs.hash_key = self.sb.hash_key
         self.dirs.forget_names()
 

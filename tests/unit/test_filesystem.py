@@ -712,6 +712,7 @@ def test_python_memory_stays_flat_as_inodes_grow(boot_kernel: BootKernel,
     the kernel's, not the filesystem's, and are left out)."""
     monkeypatch.setattr("guestfs.store.store.CACHE_INODES", 500)
     monkeypatch.setattr("guestfs.store.directory.NAME_CACHE", 500)
+    monkeypatch.setattr("guestfs.store.records.PAGE_CACHE", 16)
     fs = new_fs(boot_kernel(unique_name("fs"), memory=96 * MiB))
     d = fs.mkdir(ROOT_INO, b"many", DIR, ROOT)
     page = b"p" * PAGE_SIZE
@@ -804,3 +805,17 @@ def test_fallocate_and_punch_of_many_regions(fs: Filesystem) -> None:
     assert bytes(fs.read(f.ino, 5 * MiB, 1 * MiB)) == bytes(1 * MiB)
     fs.fallocate(f.ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, MAX_FILE_SIZE - 1)
     assert fs.get(f.ino).npages == 0 and fs.get(f.ino).size == 24 * MiB   # visits 6 steps
+
+
+def test_a_rolled_back_change_leaves_no_remembered_record_page(fs: Filesystem) -> None:
+    """The inode table remembers where record pages are; a page made by a change that
+    rolls back is released, and must not be remembered."""
+    store = fs.store
+    ino = 31 * 50 + 3                       # a record page of its own, made below
+    with pytest.raises(RuntimeError), store.transaction() as txn:
+        inode = Inode(ino=ino, mode=REG, uid=0, gid=0, nlink=1, atime_ns=0, mtime_ns=0,
+                      ctime_ns=0)
+        store.itable.put(txn, inode)
+        assert store.itable.get(ino) is not None and store.itable.page_of(ino)
+        raise RuntimeError("the rest of the change failed")
+    assert store.itable.page_of(ino) == 0 and store.itable.get(ino) is None
