@@ -25,13 +25,14 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from guestfs import acl, fsck
 from guestfs.atime import AtimeMode, AtimePolicy  # noqa: F401 (re-exported)
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
+from guestfs.refs import KernelRefs
 from guestfs.store.directory import DOT_COOKIE, DOTDOT_COOKIE
 from guestfs.store.journal import Pool, Txn, TxnTooLarge
 from guestfs.store.page import CorruptPage
@@ -74,9 +75,9 @@ FREE_KEEP = Keep(pages=12, entries=64)
 FALLOCATE_STEP = 2 * REGION_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class Ctx:
-    """Who makes a request. The kernel has applied the umask to modes already."""
+class Ctx(NamedTuple):
+    """Who makes a request. The kernel has applied the umask to modes already. (A named
+    tuple: one is made for every request that changes something.)"""
 
     uid: int
     gid: int
@@ -99,14 +100,6 @@ class StatFs:
     f_namemax: int
 
 
-@dataclass(slots=True)
-class _Refs:
-    """The kernel's references to one inode in this mount."""
-
-    lookups: int = 0
-    opens: int = 0
-
-
 class Filesystem:
     """A guestfs filesystem over a metadata store. Inode 1 is the root."""
 
@@ -120,7 +113,7 @@ class Filesystem:
         self.store = store
         self.atime = atime
         self._clock = clock or time.time_ns
-        self._refs: dict[int, _Refs] = {}
+        self._refs = KernelRefs()
         self._after: list[Callable[[], None]] = []
 
     @classmethod
@@ -149,8 +142,10 @@ class Filesystem:
     def get(self, ino: int) -> Inode:
         """The inode numbered `ino`; ENOENT if there is none, EIO if its record cannot
         be trusted."""
-        with self._reading():
+        try:
             inode = self.store.get(ino)
+        except CorruptPage as e:
+            raise _io_error(e) from None
         if inode is None:
             raise FsError(errno.ENOENT, f"no inode {ino}")
         return inode
@@ -176,7 +171,7 @@ class Filesystem:
         for ino, value in orphans:
             if value == ORPHAN_FREE:
                 if self._held(ino):
-                    continue        # still open through a FUSE connection kept (adopt_refs)
+                    continue    # held through a FUSE connection kept across a kexec
                 self._reap(ino)
             else:
                 self._finish_truncate(ino, value)
@@ -408,15 +403,13 @@ class Filesystem:
             with self._change(inode) as txn:
                 self._truncate(txn, inode, 0, self._clock(), always_touch=True)
                 self._put(txn, inode)
-        self._refs.setdefault(ino, _Refs()).opens += 1
+        self._refs.open(ino)
 
     def release(self, ino: int) -> None:
         """Count a close; the last close of an unlinked, forgotten inode frees it."""
-        refs = self._refs.get(ino)
-        if refs is None:
-            return
-        refs.opens = max(refs.opens - 1, 0)
-        self._settle(ino)
+        if self._refs.opens(ino):
+            self._refs.release(ino)
+            self._settle(ino)
 
     def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes at `off` (fewer at the end of the file), zero-copy where the
@@ -623,40 +616,40 @@ class Filesystem:
     def ref(self, ino: int, n: int = 1) -> None:
         """The kernel took `n` more lookup references to `ino`."""
         self.get(ino)
-        self._refs.setdefault(ino, _Refs()).lookups += n
+        self._refs.add_lookups(ino, n)
 
     def references(self, ino: int) -> tuple[int, int]:
         """(lookups, opens) the kernel holds on `ino` in this mount."""
-        refs = self._refs.get(ino)
-        return (refs.lookups, refs.opens) if refs is not None else (0, 0)
+        return self._refs.lookups(ino), self._refs.opens(ino)
 
-    def kernel_refs(self) -> tuple[list[int], list[int], list[int]]:
-        """(inos, lookups, opens): every reference the kernel holds in this mount, to
-        hand over with a FUSE connection that outlives this kernel."""
-        held = [(ino, r.lookups, r.opens) for ino, r in self._refs.items() if r.lookups or r.opens]
-        return [h[0] for h in held], [h[1] for h in held], [h[2] for h in held]
+    def kernel_refs(self) -> KernelRefs:
+        """The kernel's references to this filesystem's inodes (they belong to the
+        kernel's mount, which may outlive this object: see `adopt_kernel_refs`)."""
+        return self._refs
 
-    def adopt_refs(self, inos: list[int], lookups: list[int], opens: list[int]) -> None:
-        """Take over the references of a FUSE connection kept across a kexec (before
-        `finish_orphans`, which then leaves the inodes they hold alone)."""
-        for ino, n, o in zip(inos, lookups, opens, strict=True):
-            self._refs[ino] = _Refs(n, o)
+    def adopt_kernel_refs(self, refs: KernelRefs) -> None:
+        """Take over the references the kernel's mount holds, from a `Filesystem` of
+        the same filesystem that this one replaces while the mount stays (an in-process
+        re-boot); before this one answers any request."""
+        self._refs = refs
 
     def forget_session(self) -> None:
         """The kernel's mount of this filesystem ended: its lookups and opens are gone,
-        and inodes no name reaches any more are freed (before mounting again)."""
-        inos = list(self._refs)
+        and inodes no name reaches any more are freed (before mounting again). Those
+        are on the orphan list (an inode that loses its last name while held goes
+        there), so the work follows the orphans, not the inodes the kernel held."""
         self._refs.clear()
-        for ino in inos:
+        with self._reading():
+            orphans = self.store.orphans()
+        for ino, _value in orphans:
             self._settle(ino)
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references; may free an unlinked inode.
         Never fails: the kernel does not expect an answer."""
-        refs = self._refs.get(ino)
-        if refs is None:
+        if not self._refs.lookups(ino):
             return
-        refs.lookups = max(refs.lookups - n, 0)
+        self._refs.drop_lookups(ino, n)
         try:
             self._settle(ino)
         except FsError as e:
@@ -664,44 +657,23 @@ class Filesystem:
 
     # --- internals: transactions ------------------------------------------------
 
-    @contextmanager
-    def _change(self, *inodes: Inode) -> Iterator[Txn]:
-        """A transaction of the store changing `inodes`, with its failures as errno
-        answers: after a rollback those objects hold what the arena holds again. Work
-        queued in `_after` (frees too large for one transaction) runs once it committed."""
-        queued = len(self._after)
-        try:
-            with self._reading(), self.store.transaction() as txn:
-                yield txn
-        except BaseException as e:
-            del self._after[queued:]            # this transaction's follow-up work
-            with self._reading():
-                for inode in inodes:
-                    self.store.refresh(inode)
-            if isinstance(e, (NoRoom, OutOfMemory)):
-                raise FsError(errno.ENOSPC, str(e)) from None
-            raise
-        while len(self._after) > queued:
-            work = self._after.pop(queued)
-            try:
-                work()
-            except FsError as e:
-                # The change committed; what is left stays on the orphan list, which
-                # the next mount finishes.
-                log.error("finishing a committed change failed: %s", e)
+    def _change(self, *inodes: Inode) -> _Change:
+        """A transaction of the store changing `inodes`, as ``with self._change(...) as
+        txn:``, with its failures as errno answers: after a rollback those objects hold
+        what the arena holds again. Work queued in `_after` (frees too large for one
+        transaction) runs once it committed."""
+        return _Change(self, inodes)
 
-    @contextmanager
-    def _reading(self) -> Iterator[None]:
-        """Metadata that fails its checks is an I/O error (EIO), named in the log."""
-        try:
-            yield
-        except (CorruptPage, TxnTooLarge) as e:
-            log.error("%s", e)
-            raise FsError(errno.EIO, str(e)) from None
+    @staticmethod
+    def _reading() -> _Reading:
+        """Metadata that fails its checks is an I/O error (EIO), named in the log:
+        ``with self._reading():``."""
+        return _READING
 
     def _put(self, txn: Txn, *inodes: Inode) -> None:
-        for inode in inodes:
-            self.store.put(txn, inode)
+        for i, inode in enumerate(inodes):
+            if not any(inode is earlier for earlier in inodes[:i]):   # od is nd
+                self.store.put(txn, inode)
 
     # --- internals: lookups --------------------------------------------------
 
@@ -855,8 +827,7 @@ class Filesystem:
 
     def _held(self, ino: int) -> bool:
         """Whether the kernel still holds `ino` (a lookup or an open)."""
-        refs = self._refs.get(ino)
-        return refs is not None and bool(refs.lookups or refs.opens)
+        return self._refs.held(ino)
 
     def _stored(self, ino: int) -> Inode | None:
         """Inode `ino` from the store, or None (EIO if its record cannot be trusted)."""
@@ -867,7 +838,6 @@ class Filesystem:
         """A reference to `ino` went: free it if it was its last and no name is left."""
         if self._held(ino):
             return
-        self._refs.pop(ino, None)
         inode = self._stored(ino)
         if inode is None or inode.nlink or ino == ROOT_INO:
             return
@@ -1045,6 +1015,89 @@ class Filesystem:
             raise FsError(errno.EPERM, "user.* xattrs exist only on files and directories")
         if namespace == b"trusted." and ctx.uid != 0:
             raise FsError(errno.EPERM, "trusted.* xattrs need root")
+
+
+def _io_error(e: CorruptPage | TxnTooLarge) -> FsError:
+    """The EIO answer to metadata that failed its checks, logged with what it was."""
+    log.error("%s", e)
+    return FsError(errno.EIO, str(e))
+
+
+class _Reading:
+    """`Filesystem._reading`: CorruptPage and TxnTooLarge become EIO. A class, not a
+    generator-based context manager: nearly every request enters one."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if isinstance(exc, (CorruptPage, TxnTooLarge)):
+            raise _io_error(exc) from None
+
+
+_READING = _Reading()
+
+
+class _Change:
+    """`Filesystem._change`: one transaction of the store, failures as errno answers,
+    then the work it queued."""
+
+    __slots__ = ("fs", "inodes", "queued", "scope")
+
+    def __init__(self, fs: Filesystem, inodes: tuple[Inode, ...]) -> None:
+        self.fs = fs
+        self.inodes = inodes
+
+    def __enter__(self) -> Txn:
+        self.queued = len(self.fs._after)
+        self.scope = self.fs.store.transaction()
+        return self.scope.__enter__()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> bool:
+        try:
+            self.scope.__exit__(exc_type, exc, tb)      # commit, or roll back
+        except BaseException as e:                       # the commit failed
+            failure: BaseException | None = e
+        else:
+            failure = exc
+        if failure is None:
+            self._run_after()
+            return False
+        answer = self._rolled_back(failure)
+        if answer is exc:
+            return False                                 # the block's own exception
+        if answer is failure:
+            raise answer
+        raise answer from None
+
+    def _rolled_back(self, failure: BaseException) -> BaseException:
+        """After a rollback: the inode objects are read again; returns the exception to
+        raise (the failure, or its errno answer)."""
+        fs = self.fs
+        del fs._after[self.queued:]                      # this transaction's follow-up
+        if isinstance(failure, (CorruptPage, TxnTooLarge)):
+            failure = _io_error(failure)
+        with _READING:
+            for inode in self.inodes:
+                fs.store.refresh(inode)
+        if isinstance(failure, (NoRoom, OutOfMemory)):
+            return FsError(errno.ENOSPC, str(failure))
+        return failure
+
+    def _run_after(self) -> None:
+        after = self.fs._after
+        while len(after) > self.queued:
+            work = after.pop(self.queued)
+            try:
+                work()
+            except FsError as e:
+                # The change committed; what is left stays on the orphan list, which
+                # the next mount finishes.
+                log.error("finishing a committed change failed: %s", e)
 
 
 def _check_name(name: bytes) -> None:

@@ -82,9 +82,11 @@ class RequestGate:
 
     def __init__(self) -> None:
         self._admitted: frozenset[Traffic] = frozenset(Traffic)
+        self._open = True           # everything admitted and not shut: the fast path
         self._in_flight = 0
         self._changed = trio.Event()
         self._shut = False
+        self._idle_waiters = 0
 
     @property
     def frozen(self) -> bool:
@@ -100,23 +102,38 @@ class RequestGate:
         """Hold new requests (all, or all but writeback) at the gate."""
         admitted = {Traffic.HANDLES, Traffic.WRITEBACK} if admit_writeback else {Traffic.HANDLES}
         self._admitted = frozenset(admitted)
+        self._open = False
         self._notify()
 
     def thaw(self) -> None:
         """Admit every request again, including those waiting."""
         self._admitted = frozenset(Traffic)
+        self._open = not self._shut
         self._notify()
 
     async def wait_idle(self) -> None:
         """Wait until no admitted request is in flight."""
-        while self._in_flight:
-            await self._changed.wait()
+        self._idle_waiters += 1
+        try:
+            while self._in_flight:
+                await self._changed.wait()
+        finally:
+            self._idle_waiters -= 1
 
     def shut(self) -> None:
         """After a kexec's handover: answer every waiting and later request with EIO,
         without running it (the state it would change has already been handed over)."""
         self._shut = True
+        self._open = False
         self.thaw()
+
+    def try_enter(self, traffic: Traffic) -> bool:
+        """Count the request as in flight if `traffic` is admitted now (the common case,
+        without a trip through the event loop); False if it must `enter`."""
+        if self._open or (traffic in self._admitted and not self._shut):
+            self._in_flight += 1
+            return True
+        return False
 
     async def enter(self, traffic: Traffic) -> None:
         """Wait until `traffic` is admitted, then count the request as in flight."""
@@ -129,7 +146,7 @@ class RequestGate:
     def leave(self) -> None:
         """Count a request admitted by `enter` as finished."""
         self._in_flight -= 1
-        if not self._in_flight:
+        if not self._in_flight and self._idle_waiters:
             self._notify()
 
     def _notify(self) -> None:
@@ -145,7 +162,9 @@ def _handler(traffic: Traffic = Traffic.GENERAL, *, mutates: bool = False
     def decorate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(fn)
         async def wrapper(self: Operations, *args: Any) -> T:
-            await self.gate.enter(traffic)
+            gate = self.gate
+            if not gate.try_enter(traffic):
+                await gate.enter(traffic)
             try:
                 if mutates and self.config.read_only:
                     raise pyfuse3.FUSEError(errno.EROFS)
@@ -158,7 +177,7 @@ def _handler(traffic: Traffic = Traffic.GENERAL, *, mutates: bool = False
                 log.exception("%s%r failed; answering EIO", fn.__name__, args)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             finally:
-                self.gate.leave()
+                gate.leave()
 
         return wrapper
 
@@ -171,10 +190,11 @@ def _notification(fn: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> None:
-        try:
-            await self.gate.enter(Traffic.WRITEBACK)
-        except pyfuse3.FUSEError:
-            return      # the gate is shut after a handover: nothing to do any more
+        if not self.gate.try_enter(Traffic.WRITEBACK):
+            try:
+                await self.gate.enter(Traffic.WRITEBACK)
+            except pyfuse3.FUSEError:
+                return      # the gate is shut after a handover: nothing to do any more
         try:
             await fn(self, *args)
         except Exception:
@@ -337,6 +357,9 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             self.fs.forget(ino, nlookup)
+            if not self.fs.references(ino)[0]:
+                # The kernel evicted the inode, and its cached pages with it.
+                self._cached.discard(ino)
 
     @_handler()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

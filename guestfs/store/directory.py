@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from guestfs.errors import FsError
@@ -50,13 +51,25 @@ def decode_entry(value: bytes) -> tuple[int, int, bytes]:
     return ino, ftype, name
 
 
+#: Names whose lookup `Directories` remembers (found or not).
+NAME_CACHE = 1 << 14
+
+
 class Directories:
     """Reads and changes directories; changes keep the directory inode's `tree` and
-    `entries` in step (the caller writes its record)."""
+    `entries` in step (the caller writes its record).
+
+    Every change of a directory goes through here, so the answers of recent lookups are
+    kept (a bounded cache of (directory, name) -> entry or None): the lookups a create,
+    rename or unlink makes of a name, and a stat's, do not walk the B+tree again. The
+    owner drops the cache when a transaction rolls back (`forget_names`).
+    """
 
     def __init__(self, pages: Pages, hash_key: bytes) -> None:
         self.pages = pages
         self.hash_key = hash_key
+        self._names: OrderedDict[tuple[int, bytes], tuple[int, int, int] | None] = \
+            OrderedDict()
 
     def base_cookie(self, name: bytes) -> int:
         """The first cookie `name` may have."""
@@ -71,15 +84,21 @@ class Directories:
     def add(self, txn: Txn, d: Inode, name: bytes, ino: int, mode: int) -> int:
         """Enter `name` (not there yet) for `ino` of `mode`; returns its cookie."""
         base = self.base_cookie(name)
-        taken = {cookie for cookie, _ in self._tree(d).range(d.tree, base,
-                                                            base + (1 << INDEX_BITS))}
-        cookie = next((c for c in range(base, base + (1 << INDEX_BITS)) if c not in taken),
-                      None)
-        if cookie is None:
+        tree = self._tree(d)
+        value = encode_entry(ino, mode, name)
+        # The first free cookie of the name's sixteen: an insert refuses a taken one
+        # before it changes anything, so the usual case walks the tree once.
+        for cookie in range(base, base + (1 << INDEX_BITS)):
+            try:
+                d.tree = tree.insert(txn, d.tree, cookie, value)
+                break
+            except KeyError:
+                continue
+        else:
             raise FsError(errno.ENOSPC, f"{1 << INDEX_BITS} names in directory {d.ino} "
                                         f"share the hash of {name!r}")
-        d.tree = self._tree(d).insert(txn, d.tree, cookie, encode_entry(ino, mode, name))
         d.entries += 1
+        self._remember(d.ino, name, (cookie, ino, mode >> 12 & 0xF))
         return cookie
 
     def remove(self, txn: Txn, d: Inode, name: bytes) -> int:
@@ -87,6 +106,7 @@ class Directories:
         cookie, ino, _ = self._found(d, name)
         d.tree = self._tree(d).delete(txn, d.tree, cookie)
         d.entries -= 1
+        self._remember(d.ino, name, None)
         return ino
 
     def replace(self, txn: Txn, d: Inode, name: bytes, ino: int, mode: int) -> int:
@@ -94,7 +114,12 @@ class Directories:
         inode it named before."""
         cookie, old, _ = self._found(d, name)
         d.tree = self._tree(d).replace(txn, d.tree, cookie, encode_entry(ino, mode, name))
+        self._remember(d.ino, name, (cookie, ino, mode >> 12 & 0xF))
         return old
+
+    def forget_names(self) -> None:
+        """Drop every remembered lookup (a transaction rolled back)."""
+        self._names.clear()
 
     def entries_after(self, root_of: Callable[[], int], owner: int, cookie: int
                       ) -> Iterator[tuple[int, bytes, int]]:
@@ -124,14 +149,32 @@ class Directories:
         return BTree(self.pages, d.ino)
 
     def _find(self, d: Inode, name: bytes) -> tuple[int, int, int] | None:
-        if not d.tree:
-            return None
-        base = self.base_cookie(name)
-        for cookie, value in self._tree(d).range(d.tree, base, base + (1 << INDEX_BITS)):
-            ino, ftype, entry_name = decode_entry(value)
-            if entry_name == name:
-                return cookie, ino, ftype
-        return None
+        """(cookie, ino, file type) of `name` in `d`, or None."""
+        key = (d.ino, bytes(name))
+        names = self._names
+        if key in names:
+            names.move_to_end(key)
+            return names[key]
+        found = None
+        if d.tree:
+            base = self.base_cookie(name)
+            for cookie, value in self._tree(d).range(d.tree, base,
+                                                     base + (1 << INDEX_BITS)):
+                ino, ftype, entry_name = decode_entry(value)
+                if entry_name == name:
+                    found = cookie, ino, ftype
+                    break
+        self._remember(d.ino, name, found)
+        return found
+
+    def _remember(self, dir_ino: int, name: bytes,
+                  found: tuple[int, int, int] | None) -> None:
+        names = self._names
+        key = (dir_ino, bytes(name))
+        names[key] = found
+        names.move_to_end(key)
+        if len(names) > NAME_CACHE:
+            names.popitem(last=False)
 
     def _found(self, d: Inode, name: bytes) -> tuple[int, int, int]:
         found = self._find(d, name)

@@ -32,7 +32,6 @@ import enum
 import logging
 import struct
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,6 +122,12 @@ class Journal:
         self.capacity = len(entry_pages) * ENTRIES_PER_PAGE
         self._seq = seq
         self._txn: Txn | None = None
+        # Views of the journal's own pages, which never move: every transaction writes
+        # them several times.
+        arena = pages.arena
+        self._header = arena.view(header_pfn)
+        self._slot_views = [arena.view(pfn) for pfn in slots]
+        self._entry_views = [arena.view(pfn) for pfn in entry_pages]
 
     # --- creation and opening --------------------------------------------------------
 
@@ -228,19 +233,25 @@ class Journal:
 
     # --- transactions ----------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[Txn]:
-        """A transaction: committed when the block ends, rolled back if it raises."""
+    def transaction(self, on_rollback: Callable[[], None] | None = None) -> Scope:
+        """A transaction, as ``with journal.transaction() as txn:``: committed when the
+        block ends, rolled back if it raises (then `on_rollback` runs)."""
+        return Scope(self, on_rollback)
+
+    def begin(self) -> Txn:
+        """Open a transaction (`Scope` ends it with `end`)."""
         if self._txn is not None:
             raise RuntimeError("a transaction is already open")
         txn = self._txn = Txn(self, self._seq + 1)
+        return txn
+
+    def end(self, txn: Txn, *, failed: bool) -> None:
+        """Commit `txn`, or roll it back if its block `failed`."""
         try:
-            yield txn
-        except BaseException:
-            txn.rollback()
-            raise
-        else:
-            txn.commit()
+            if failed:
+                txn.rollback()
+            else:
+                txn.commit()
         finally:
             self._txn = None
             if txn.activated:
@@ -254,18 +265,18 @@ class Journal:
     # --- the state word and the entries ------------------------------------------------
 
     def _state(self) -> tuple[int, Phase]:
-        word = U64.unpack_from(self.pages.arena.view(self.header_pfn), STATE_OFFSET)[0]
+        word = U64.unpack_from(self._header, STATE_OFFSET)[0]
         try:
             return word >> 2, Phase(word & 3)
         except ValueError:
             raise JournalError(f"the journal's state word {word:#x} has no phase") from None
 
     def _set_state(self, seq: int, phase: Phase) -> None:
-        U64.pack_into(self.pages.arena.view(self.header_pfn), STATE_OFFSET, seq << 2 | phase)
+        U64.pack_into(self._header, STATE_OFFSET, seq << 2 | phase)
 
     def _write_entry(self, index: int, seq: int, kind: EntryKind, arg: int) -> None:
         page, slot = divmod(index, ENTRIES_PER_PAGE)
-        view = self.pages.arena.view(self.entry_pages[page])
+        view = self._entry_views[page]
         at = slot * ENTRY.size
         U64.pack_into(view, at, arg)                 # the argument first, the tag last:
         U64.pack_into(view, at + 8, seq << 8 | kind)  # a tagged entry is a whole one
@@ -281,6 +292,27 @@ class Journal:
                 yield EntryKind(tag & 0xFF), arg
             except ValueError:
                 raise JournalError(f"journal entry {index} has an unknown kind") from None
+
+
+class Scope:
+    """The block of one transaction (`Journal.transaction`). A class rather than a
+    generator-based context manager: every operation of the filesystem enters one."""
+
+    __slots__ = ("journal", "on_rollback", "txn")
+
+    def __init__(self, journal: Journal, on_rollback: Callable[[], None] | None) -> None:
+        self.journal = journal
+        self.on_rollback = on_rollback
+
+    def __enter__(self) -> Txn:
+        self.txn = self.journal.begin()
+        if self.on_rollback is not None:
+            self.txn.on_rollback.append(self.on_rollback)
+        return self.txn
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        self.journal.end(self.txn, failed=exc_type is not None)
 
 
 class Txn:
@@ -372,7 +404,7 @@ class Txn:
         if self.activated:
             arena = self.pages.arena
             for pfn, slot in self._undo.items():
-                arena.view(pfn)[:] = arena.view(self.journal.slots[slot])
+                arena.view(pfn)[:] = self.journal._slot_views[slot]
             for pfn, order in reversed(self._allocated):
                 self.pages.forget(pfn)
                 self.journal.pool.free(pfn, order)
@@ -398,7 +430,7 @@ class Txn:
             raise TxnTooLarge(f"a transaction changes more than {slot} metadata pages")
         self._reserve_entries(1)
         self._activate()
-        self.pages.arena.view(self.journal.slots[slot])[:] = view
+        self.journal._slot_views[slot][:] = view
         self._add_entry(EntryKind.UNDO, pfn)
         self._undo[pfn] = slot
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import enum
 import struct
+import zlib
 
 import numpy as np
 
 from kho_backend.arena import Arena
-from kho_backend.checksum import crc32_at, seal_crc32, stored_crc32
+from kho_backend.checksum import crc32_at, stored_crc32
+from kho_backend.units import PAGE_SHIFT
 
 HEADER = struct.Struct("<IIQ")
 HEADER_SIZE = HEADER.size
 CRC_OFFSET = 4
+CRC = struct.Struct("<I")
 
 
 def _magic(tag: bytes) -> int:
@@ -63,10 +66,14 @@ class Pages:
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self._verified = np.zeros(arena.npages, dtype=bool)
+        self._all = arena.view(0, arena.npages)     # sliced per read: no call per page
+        self._npages = arena.npages
 
     def read(self, pfn: int, kind: Kind) -> memoryview:
         """The page, after checking (once) that it is a sound page of `kind`."""
-        view = self.arena.view(pfn)
+        if not 0 <= pfn < self._npages:
+            self.arena.view(pfn)                    # raises ArenaError, naming the page
+        view = self._all[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT]
         if not self._verified[pfn]:
             self._check(pfn, view, kind)
             self._verified[pfn] = True
@@ -88,8 +95,13 @@ class Pages:
         return view
 
     def seal(self, pfn: int) -> None:
-        """Write the page's checksum (its transaction is committing)."""
-        seal_crc32(self.arena.view(pfn), CRC_OFFSET)
+        """Write the page's checksum (its transaction is committing): the CRC32 of the
+        page with the field zero, as `seal_crc32` computes it, in one pass over the page
+        (the field is zeroed first; until the commit point the journal undoes the page
+        whatever it holds)."""
+        view = self.arena.view(pfn)
+        CRC.pack_into(view, CRC_OFFSET, 0)
+        CRC.pack_into(view, CRC_OFFSET, zlib.crc32(view))
         self._verified[pfn] = True
 
     def forget(self, pfn: int) -> None:

@@ -134,11 +134,32 @@ class PageMaps:
         `data` was stored). The caller sets the size and writes the record."""
         src = memoryview(data).cast("B")
         end = off + len(src)
+        if self._overwrite(inode, off, src):
+            return
         self._back(txn, inode, off, end, fill=True)
         pos = 0
         for length, pfn, at in self._segments(inode, off, end):
             self._view(pfn, at, length)[:] = src[pos:pos + length]
             pos += length
+
+    def _overwrite(self, inode: Inode, off: int, src: memoryview) -> bool:
+        """Store `src` at `off` if it lies in one folio or one page that the file holds
+        already (the common small overwrite: nothing to allocate, the map read once);
+        False, with nothing stored, otherwise."""
+        r, at = divmod(off, REGION_SIZE)
+        if at + len(src) > REGION_SIZE:
+            return False
+        entry = self._entry(inode, r)
+        if isinstance(entry, int):
+            if not entry:
+                return False
+            self._view(entry, at, len(src))[:] = src
+            return True
+        p, in_page = divmod(at, PAGE_SIZE)
+        if in_page + len(src) > PAGE_SIZE or p >= len(entry) or not entry[p]:
+            return False
+        self._view(int(entry[p]), in_page, len(src))[:] = src
+        return True
 
     def allocate(self, txn: Txn, inode: Inode, off: int, length: int) -> None:
         """Back [off, off + length) with zeroed pages (fallocate); NoRoom as `write`."""
@@ -299,8 +320,11 @@ class PageMaps:
     def _back(self, txn: Txn, inode: Inode, off: int, end: int, *, fill: bool) -> None:
         for r, a, b in _region_spans(off, end):
             entry = self._entry(inode, r)
-            if isinstance(entry, int) and entry:
-                continue
+            if isinstance(entry, int):
+                if entry:
+                    continue
+            elif _backed(entry, a, b):
+                continue        # an overwrite: the page array stays as it is, unjournaled
             if isinstance(entry, int) and self._wants_folio(inode, r, a, b):
                 pfn = self._try_folio(txn)
                 if pfn:
@@ -448,6 +472,10 @@ class PageMaps:
                 yield (b - a, 0, 0) if not entry else (b - a, entry, a)
                 continue
             p0, p1 = a // PAGE_SIZE, (b - 1) // PAGE_SIZE + 1
+            if p1 - p0 == 1:    # within one page (a small request): no numpy
+                pfn = int(entry[p0]) if p0 < len(entry) else 0
+                yield b - a, pfn, (a - p0 * PAGE_SIZE) if pfn else 0
+                continue
             pfns = np.asarray(entry, dtype=np.uint32)[p0:p1]
             if len(pfns) < p1 - p0:
                 pfns = np.concatenate([pfns, np.zeros(p1 - p0 - len(pfns), dtype=np.uint32)])
@@ -456,6 +484,16 @@ class PageMaps:
                 stop = min(b, (p0 + i + n) * PAGE_SIZE)
                 yield stop - pos, pfn, (pos - (p0 + i) * PAGE_SIZE) if pfn else 0
                 pos = stop
+
+
+def _backed(pfns: np.ndarray | tuple, a: int, b: int) -> bool:
+    """Whether every page of region bytes [a, b) has a page in `pfns` already."""
+    p0, p1 = a // PAGE_SIZE, (b - 1) // PAGE_SIZE + 1
+    if p1 > len(pfns):
+        return False
+    if p1 - p0 == 1:
+        return bool(pfns[p0])
+    return bool(np.all(np.asarray(pfns)[p0:p1]))
 
 
 def _holds_data(entry: int | np.ndarray | tuple) -> bool:

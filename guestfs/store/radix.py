@@ -38,7 +38,10 @@ class RadixRoot:
 
 def capacity(height: int) -> int:
     """How many keys a table of `height` covers."""
-    return FANOUT ** height if height else 1
+    return _CAPACITY[height] if height < len(_CAPACITY) else FANOUT ** height
+
+
+_CAPACITY = tuple(FANOUT ** h for h in range(MAX_HEIGHT + 2))
 
 
 class Radix:

@@ -107,6 +107,11 @@ def decode(raw: bytes | memoryview, ino: int, generation: int) -> Inode | None:
     return inode
 
 
+#: Record pages whose place the table remembers (a radix walk saved on every write of a
+#: record); past this many the memory starts again.
+PAGE_CACHE = 4096
+
+
 class InodeTable:
     """The records of every inode, over a radix table whose root the caller keeps."""
 
@@ -115,12 +120,28 @@ class InodeTable:
         self.table = table
         self.generation = generation
         self._radix = Radix(pages, 0)
+        self._pages: dict[int, int] = {}
+
+    def forget_pages(self) -> None:
+        """Drop the remembered record pages (a transaction rolled back)."""
+        self._pages.clear()
+
+    def _page(self, key: int) -> int:
+        """The record page of `key`, 0 if there is none."""
+        page = self._pages.get(key)
+        if page is None:
+            page = self._radix.get(self.table, key)
+            if page:
+                if len(self._pages) >= PAGE_CACHE:
+                    self._pages.clear()
+                self._pages[key] = page
+        return page
 
     def get(self, ino: int) -> Inode | None:
         """The inode numbered `ino`, or None if there is none (CorruptPage if its page
         or record is not sound)."""
         key, slot = divmod(ino, PER_PAGE)
-        page = self._radix.get(self.table, key)
+        page = self._page(key)
         if not page:
             return None
         view = self.pages.read(page, Kind.RECORDS)
@@ -132,12 +153,12 @@ class InodeTable:
 
     def page_of(self, ino: int) -> int:
         """The page that holds (or would hold) inode `ino`'s record, 0 if there is none."""
-        return self._radix.get(self.table, ino // PER_PAGE)
+        return self._page(ino // PER_PAGE)
 
     def put(self, txn: Txn, inode: Inode) -> None:
         """Write `inode`'s record (its page is made if it is the first of that page)."""
         key, slot = divmod(inode.ino, PER_PAGE)
-        page = self._radix.get(self.table, key)
+        page = self._page(key)
         if not page:
             page = txn.new_page(Kind.RECORDS, key * PER_PAGE)
             self._radix.set(txn, self.table, key, page)
@@ -147,7 +168,7 @@ class InodeTable:
     def remove(self, txn: Txn, ino: int) -> None:
         """Free inode `ino`'s slot; the page goes too when it was its last record."""
         key, slot = divmod(ino, PER_PAGE)
-        page = self._radix.get(self.table, key)
+        page = self._page(key)
         if not page:
             return
         view = txn.write(page, Kind.RECORDS)
@@ -157,6 +178,7 @@ class InodeTable:
                 _FREE * PER_PAGE:
             txn.free(page)
             self._radix.set(txn, self.table, key, 0)
+            self._pages.pop(key, None)
 
     def inos(self) -> Iterator[int]:
         """Every inode number in use, ascending (reads every record page)."""

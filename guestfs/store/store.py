@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import msgpack
@@ -27,7 +26,7 @@ from guestfs.inode import Inode
 from guestfs.store import blob
 from guestfs.store.btree import BTree
 from guestfs.store.directory import Directories
-from guestfs.store.journal import Journal, JournalError, Pool, Recovery, Txn
+from guestfs.store.journal import Journal, JournalError, Pool, Recovery, Scope, Txn
 from guestfs.store.page import CorruptPage, Kind, Pages
 from guestfs.store.pagemap import PageMaps
 from guestfs.store.records import INLINE_TARGET, InodeTable
@@ -142,19 +141,19 @@ class MetaStore:
 
     # --- transactions --------------------------------------------------------------
 
-    @contextmanager
-    def transaction(self) -> Iterator[Txn]:
-        """A transaction over the metadata: committed when the block ends, rolled back
-        (cache and superblock re-read) if it raises."""
-        with self.journal.transaction() as txn:
-            txn.on_rollback.append(self._forget_all)
-            yield txn
+    def transaction(self) -> Scope:
+        """A transaction over the metadata, as ``with store.transaction() as txn:``:
+        committed when the block ends, rolled back (caches dropped, superblock re-read)
+        if it raises."""
+        return self.journal.transaction(self._forget_all)
 
     def _forget_all(self) -> None:
         self._cache.clear()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
         self.itable.table = self.sb.itable
+        self.itable.forget_pages()
         self.dirs.hash_key = self.sb.hash_key
+        self.dirs.forget_names()
 
     def save_superblock(self, txn: Txn) -> None:
         """Write the superblock's fields (counters, roots) in this transaction."""
@@ -274,18 +273,24 @@ class MetaStore:
     def add_orphan(self, txn: Txn, ino: int, value: int = ORPHAN_FREE) -> None:
         """Note that inode `ino` must be freed (or truncated to `value`) even if this
         process dies first."""
-        key = ino
         payload = value.to_bytes(ORPHAN_VALUE_SIZE, "little")
-        if self._orphans.get(self.sb.orphans, key) is None:
-            self.sb.orphans = self._orphans.insert(txn, self.sb.orphans, key, payload)
-        else:
-            self.sb.orphans = self._orphans.replace(txn, self.sb.orphans, key, payload)
-        self.save_superblock(txn)
+        try:        # an insert refuses a present key before it changes anything
+            root = self._orphans.insert(txn, self.sb.orphans, ino, payload)
+        except KeyError:
+            root = self._orphans.replace(txn, self.sb.orphans, ino, payload)
+        self._set_orphans_root(txn, root)
 
     def remove_orphan(self, txn: Txn, ino: int) -> None:
         """The work noted for `ino` is done."""
-        if self._orphans.get(self.sb.orphans, ino) is not None:
-            self.sb.orphans = self._orphans.delete(txn, self.sb.orphans, ino)
+        try:        # a delete refuses an absent key before it changes anything
+            root = self._orphans.delete(txn, self.sb.orphans, ino)
+        except KeyError:
+            return
+        self._set_orphans_root(txn, root)
+
+    def _set_orphans_root(self, txn: Txn, root: int) -> None:
+        if root != self.sb.orphans:     # else the superblock need not be journaled
+            self.sb.orphans = root
             self.save_superblock(txn)
 
     def orphans(self) -> list[tuple[int, int]]:

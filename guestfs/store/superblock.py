@@ -58,6 +58,10 @@ class Superblock:
     itable: RadixRoot = field(default_factory=RadixRoot)
     orphans: int = 0
     options: dict[str, str] = field(default_factory=dict)
+    #: The packed uuid and options, kept: the superblock is written by every create and
+    #: unlink, and they never change after format.
+    _packed: tuple[tuple[str, tuple[tuple[str, str], ...]], bytes, bytes, int] | None = \
+        field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def new(cls, arena_size: int, *, options: dict[str, str] | None = None,
@@ -78,15 +82,25 @@ class Superblock:
 
     def pack_into(self, view: memoryview) -> None:
         """Write the fields into a superblock page (the caller seals it)."""
-        options = ",".join(f"{k}={v}" for k, v in sorted(self.options.items())).encode()
-        if len(options) > OPTIONS_MAX:
-            raise ValueError(f"mount options of {len(options)} bytes (at most {OPTIONS_MAX})")
-        FIELDS.pack_into(view, HEADER_SIZE, VERSION, PAGE_SIZE, _uuid.UUID(self.uuid).bytes,
+        uuid, options, length = self._static()
+        FIELDS.pack_into(view, HEADER_SIZE, VERSION, PAGE_SIZE, uuid,
                          self.hash_key, self.created_ns, self.max_inodes, self.next_ino,
                          self.inode_count, self.ino_generation, 0, self.generation,
                          self.itable.root, self.itable.height, self.orphans, self.journal,
-                         len(options))
-        view[OPTIONS_OFFSET:OPTIONS_OFFSET + OPTIONS_MAX] = options.ljust(OPTIONS_MAX, b"\0")
+                         length)
+        view[OPTIONS_OFFSET:OPTIONS_OFFSET + OPTIONS_MAX] = options
+
+    def _static(self) -> tuple[bytes, bytes, int]:
+        """(uuid bytes, options padded to their field, options length)."""
+        key = (self.uuid, tuple(self.options.items()))
+        if self._packed is None or self._packed[0] != key:
+            options = ",".join(f"{k}={v}" for k, v in sorted(self.options.items())).encode()
+            if len(options) > OPTIONS_MAX:
+                raise ValueError(f"mount options of {len(options)} bytes "
+                                 f"(at most {OPTIONS_MAX})")
+            self._packed = (key, _uuid.UUID(self.uuid).bytes,
+                            options.ljust(OPTIONS_MAX, b"\0"), len(options))
+        return self._packed[1:]
 
     @classmethod
     def read(cls, pages: Pages, pfn: int) -> Superblock:

@@ -88,6 +88,9 @@ class FakeFs:
     def forget(self, ino: int, n: int) -> None:
         self.refs[ino] -= n
 
+    def references(self, ino: int) -> tuple[int, int]:
+        return self.refs.get(ino, 0), 0
+
 
 class FakeCtx:
     uid, gid, pid, umask = 1000, 100, 4242, 0o022
@@ -129,6 +132,24 @@ def test_forget_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.ERROR, logger="guestfs.fuse_ops"):
         call(ops, "forget", [(999, 1)])  # FakeFs.forget of an unknown inode: KeyError
     assert "KeyError" in caplog.text and ops.gate.in_flight == 0
+
+
+def test_a_direct_write_drops_cached_pages_until_the_kernel_evicts_the_inode(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    dropped: list[int] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only: dropped.append(ino))
+    fs = FakeFs()
+    ops = Operations(fs)
+    buffered = open_file(ops, 5)
+    direct = call(ops, "open", 5, os.O_RDWR | os.O_DIRECT, FakeCtx()).fh
+    call(ops, "write", buffered, 0, b"x")
+    call(ops, "write", direct, 0, b"y")
+    assert dropped == [5]
+    call(ops, "write", buffered, 0, b"x")
+    fs.refs[5] = 1
+    call(ops, "forget", [(5, 1)])            # evicted: its page cache went with it
+    call(ops, "write", direct, 0, b"y")
+    assert dropped == [5]
 
 
 def test_read_only_refuses_changes() -> None:

@@ -87,3 +87,37 @@ def test_directory_matches_a_dict(fs: Filesystem, ops: list[tuple[bool, int]]) -
     for name in list(model):
         fs.unlink(d.ino, name, ROOT)
     fs.rmdir(ROOT_INO, b"model", ROOT)
+
+
+# --- remembered lookups ------------------------------------------------------------------
+
+
+def test_remembered_lookups_follow_every_change(fs: Filesystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"d", 0o40755, ROOT)
+    with pytest.raises(FsError):
+        fs.lookup(d.ino, b"x")                      # remembered as absent
+    x = fs.create(d.ino, b"x", 0o644, ROOT)
+    assert fs.lookup(d.ino, b"x") is x
+    y = fs.create(d.ino, b"y", 0o644, ROOT)
+    fs.rename(d.ino, b"y", d.ino, b"x", 0, ROOT)     # replaces x
+    assert fs.lookup(d.ino, b"x") is y
+    fs.rename(d.ino, b"x", ROOT_INO, b"moved", 0, ROOT)
+    with pytest.raises(FsError):
+        fs.lookup(d.ino, b"x")
+    assert fs.lookup(ROOT_INO, b"moved") is y
+    fs.unlink(ROOT_INO, b"moved", ROOT)
+    with pytest.raises(FsError):
+        fs.lookup(ROOT_INO, b"moved")
+
+
+def test_a_rolled_back_change_forgets_what_it_entered(fs: Filesystem) -> None:
+    store = fs.store
+    root = fs.get(ROOT_INO)
+    with pytest.raises(RuntimeError), store.transaction() as txn:
+        store.dirs.add(txn, root, b"ghost", 99, 0o100644)
+        assert store.dirs.lookup(root, b"ghost") is not None
+        raise RuntimeError("the rest of the change failed")
+    store.refresh(root)
+    assert store.dirs.lookup(root, b"ghost") is None
+    with pytest.raises(FsError):
+        fs.lookup(ROOT_INO, b"ghost")

@@ -706,11 +706,13 @@ def test_a_filesystem_reopened_from_the_arena_is_the_same(fs: Filesystem) -> Non
 
 def test_python_memory_stays_flat_as_inodes_grow(boot_kernel: BootKernel,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inodes live in the arena; Python keeps a bounded cache of them. With a cache of
-    500, 3000 more files past a full cache leave no Python memory behind (the test's
+    """Inodes live in the arena; Python keeps bounded caches of them and of names. With
+    caches of 500, 3000 more files past full caches leave no Python memory behind (the test's
     pool keeps its blocks in a dict, and the buddy allocator its free lists: those are
     the kernel's, not the filesystem's, and are left out)."""
     monkeypatch.setattr("guestfs.store.store.CACHE_INODES", 500)
+    monkeypatch.setattr("guestfs.store.directory.NAME_CACHE", 500)
+    monkeypatch.setattr("guestfs.store.records.PAGE_CACHE", 16)
     fs = new_fs(boot_kernel(unique_name("fs"), memory=96 * MiB))
     d = fs.mkdir(ROOT_INO, b"many", DIR, ROOT)
     page = b"p" * PAGE_SIZE
@@ -803,3 +805,17 @@ def test_fallocate_and_punch_of_many_regions(fs: Filesystem) -> None:
     assert bytes(fs.read(f.ino, 5 * MiB, 1 * MiB)) == bytes(1 * MiB)
     fs.fallocate(f.ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, MAX_FILE_SIZE - 1)
     assert fs.get(f.ino).npages == 0 and fs.get(f.ino).size == 24 * MiB   # visits 6 steps
+
+
+def test_a_rolled_back_change_leaves_no_remembered_record_page(fs: Filesystem) -> None:
+    """The inode table remembers where record pages are; a page made by a change that
+    rolls back is released, and must not be remembered."""
+    store = fs.store
+    ino = 31 * 50 + 3                       # a record page of its own, made below
+    with pytest.raises(RuntimeError), store.transaction() as txn:
+        inode = Inode(ino=ino, mode=REG, uid=0, gid=0, nlink=1, atime_ns=0, mtime_ns=0,
+                      ctime_ns=0)
+        store.itable.put(txn, inode)
+        assert store.itable.get(ino) is not None and store.itable.page_of(ino)
+        raise RuntimeError("the rest of the change failed")
+    assert store.itable.page_of(ino) == 0 and store.itable.get(ino) is None
