@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from guestfs import upgrade_v1
 from guestfs.errors import FsError
 from guestfs.filesystem import AtimePolicy, Filesystem
+from guestfs.refs import KernelRefs
 from guestfs.store.journal import JournalError
 from guestfs.store.page import CorruptPage, Pages
 from guestfs.store.store import MetaStore
@@ -108,14 +109,14 @@ def format(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy()) -> Filesystem:
 
 
 def restore(kernel: Kernel, *, atime: AtimePolicy = AtimePolicy(),
-            refs: tuple[list[int], list[int], list[int]] | None = None) -> Filesystem | None:
+            refs: KernelRefs | None = None) -> Filesystem | None:
     """The filesystem handed over to `kernel` (by kexec, an unmount, or a kernel that
     died), or None when there is none. Opens the store (recovering its journal), frees
     what the orphan list holds, counts the boot in the superblock's generation and
     publishes the subtree for the next kernel. `refs` are the kernel references of a
-    FUSE connection kept across the kexec (`Filesystem.adopt_refs`): the orphans they
-    hold stay. HandoverError if the superblock or the
-    journal cannot be trusted: the arena keeps the handover for an inspection or retry.
+    FUSE connection kept across the kexec (`Filesystem.adopt_kernel_refs`): the orphans
+    they hold stay. HandoverError if the superblock or the journal cannot be trusted:
+    the arena keeps the handover for an inspection or retry.
     """
     kho_in = kernel.kho_in
     if kho_in is None or NAME not in kho_in.subtrees:
@@ -144,7 +145,7 @@ def waiting_generation(arena: Arena, kho_in: IncomingHandover) -> int | None:
 
 
 def _open(kernel: Kernel, sub: Subtree, atime: AtimePolicy,
-          refs: tuple[list[int], list[int], list[int]] | None) -> Filesystem:
+          refs: KernelRefs | None) -> Filesystem:
     if sub.pool != POOL:
         raise HandoverError(f"the guestfs subtree names the pool {sub.pool!r}, not {POOL!r}")
     pool = kernel.kho_in.restore_pool(POOL)
@@ -161,7 +162,7 @@ def _open(kernel: Kernel, sub: Subtree, atime: AtimePolicy,
                             f"subtree names {sub.uuid}")
     fs = Filesystem(store, atime=atime)
     if refs is not None:
-        fs.adopt_refs(*refs)
+        fs.adopt_kernel_refs(refs)
     try:
         finished = fs.finish_orphans()
         if finished:

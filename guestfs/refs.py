@@ -90,6 +90,26 @@ class KernelRefs:
         self.drop_lookups(ino, self.lookups(ino))
         self._opens.pop(ino, None)
 
+    def raw_blocks(self) -> tuple[list[int], bytes]:
+        """The block keys (inode number // `BLOCK_INOS`) and the blocks themselves, raw
+        and in the same order: per block `BLOCK_INOS` u64 counts, then its live count."""
+        return list(self._blocks), b"".join(self._blocks.values())
+
+    def open_counts(self) -> dict[int, int]:
+        """Open counts per inode with files open."""
+        return dict(self._opens)
+
+    @classmethod
+    def restored(cls, keys: list[int], raw: bytes, opens: dict[int, int]) -> KernelRefs:
+        """A table from what `raw_blocks` and `open_counts` returned (checked by the
+        caller: a live count that disagrees with its block would leak it)."""
+        refs = cls()
+        size = 8 * (BLOCK_INOS + 1)
+        refs._blocks = {key: array("Q", raw[i * size:(i + 1) * size])
+                        for i, key in enumerate(keys)}
+        refs._opens = dict(opens)
+        return refs
+
     def clear(self) -> None:
         """Forget every reference: the mount ended."""
         self._blocks.clear()

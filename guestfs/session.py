@@ -142,7 +142,7 @@ class Session:
                     raise BootError("injected failure in boot")
                 kept = connection.claim(kernel.kho_in, options.connection)
             fs = handover.restore(kernel, atime=options.atime,
-                                  refs=kept.ref_lists() if kept else None)
+                                  refs=kept.refs if kept else None)
             if fs is None and options.restore_only:
                 raise MachineError(f"machine {options.machine} holds no filesystem")
             if fs is None:

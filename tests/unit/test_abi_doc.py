@@ -24,6 +24,7 @@ import pytest
 from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
 
 from guestfs import connection, handover, upgrade_v1
+from guestfs.refs import BLOCK_INOS, KernelRefs
 from guestfs.filesystem import Ctx
 from guestfs.store import blob, btree, journal, page, pagemap, radix, records, superblock
 from kho_backend import chain, header, kexec_metadata, kho, kho_mem, kho_radix
@@ -337,26 +338,24 @@ def test_kexec_metadata_properties(handed_over: dict[str, bytes]) -> None:
 
 
 def test_guestfs_fuse_subtree_properties() -> None:
-    state = connection.capture(connection.ConnectionId(7, 42), ([5, 9], [3, 1], [1, 0]),
+    refs = KernelRefs()
+    refs.add_lookups(5, 3)
+    refs.open(5)
+    state = connection.capture(connection.ConnectionId(7, 42), refs,
                                [(4, 5, False, True), (6, 1, True, False)], 8, [5])
-    blob = connection.to_fdt(state)
-    table = tables(section("guestfs-fuse subtree"))[0]
-    documented, found = documented_properties(table), fdt_properties(blob)
-    assert set(found) == set(documented)
-    tables_ = {name for name, kind in documented.items() if kind == "bytes"}
-    assert tables_ == {"refs", "handles", "cached"}
-    assert {k: v for k, v in found.items() if k not in tables_} == {
-        k: v for k, v in documented.items() if k not in tables_}
-    assert f'`"{connection.COMPATIBLE}"`' in table[0][2]
-    assert table[1][2] == str(connection.VERSION)
-    # The entry layouts the table describes: 20, 20 and 8 bytes, packed.
-    assert [connection.REF.itemsize, connection.HANDLE.itemsize,
-            connection.CACHED.itemsize] == [20, 20, 8]
+    blob = connection.to_fdt(state, 0x7000)
+    properties, payload = tables(section("guestfs-fuse subtree"))
+    assert fdt_properties(blob) == documented_properties(properties)
+    assert f'`"{connection.COMPATIBLE}"`' in properties[0][2]
+    assert properties[1][2] == str(connection.VERSION)
+    # The chain's tables: their names, order and entry sizes.
+    assert [(row[0].strip("`"), int(row[2])) for row in payload] == [
+        (name, dtype.itemsize) for name, dtype in connection.TABLES]
+    assert f"`{connection.CHAIN_MAGIC.decode()}`" in section("guestfs-fuse subtree")
     assert (connection.HANDLE_DIR, connection.HANDLE_DIRECT) == (1, 2)
+    assert f"per block of lookup counts, {BLOCK_INOS})" in section("guestfs-fuse subtree")
     back = connection.from_fdt(blob)
-    assert back.owner == state.owner and back.next_fh == 8
-    assert back.ref_lists() == ([5, 9], [3, 1], [1, 0])
-    assert back.handle_rows() == [(4, 5, False, True), (6, 1, True, False)]
+    assert (back.owner, back.next_fh, back.tables) == (state.owner, 8, 0x7000)
 
 
 def test_guestfs_subtree_properties(handed_over: dict[str, bytes]) -> None:

@@ -16,6 +16,7 @@ from guestfs import connection
 from guestfs.connection import ConnectionHandover, ConnectionId
 from guestfs.errors import FsError
 from guestfs.filesystem import Ctx
+from guestfs.refs import BLOCK_INOS, KernelRefs
 from guestfs.session import Fault, Options, Session
 from kho_backend.errors import BootError, HandoverError
 
@@ -87,21 +88,58 @@ def test_another_connection_or_a_failed_boot_leaves_the_handover_whole(options: 
         session.close()
 
 
+def refs_of(*held: tuple[int, int]) -> KernelRefs:
+    refs = KernelRefs()
+    for ino, n in held:
+        refs.add_lookups(ino, n)
+    return refs
+
+
 def unsound(**change: object) -> bytes:
-    state = connection.capture(OWNER, ([5], [1], [0]), [(1, 5, False, False)], 2, [])
-    return connection.to_fdt(dataclasses.replace(state, **change))
+    state = connection.capture(OWNER, refs_of((5, 1)), [(1, 5, False, False)], 2, [])
+    return connection.encode(dataclasses.replace(state, **change))
 
 
-@pytest.mark.parametrize("blob, reason", [
-    (unsound(next_fh=1), "below next-fh"),
-    (unsound(refs=np.zeros(1, connection.REF)), "inode 0"),
-    (unsound(refs=np.array([(5, 1, 0), (5, 2, 0)], connection.REF)), "twice"),
+def tampered(payload: bytes, offset: int, value: int) -> bytes:
+    """`payload` with the u64 at `offset` (after the block size and the keys' count)."""
+    out = bytearray(payload)
+    out[offset:offset + 8] = value.to_bytes(8, "little")
+    return bytes(out)
+
+
+KEYS = 8            # the first key, after the block size and the keys' count
+BLOCK = KEYS + 8 + 4    # the first block, after one key and the blocks' count
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (unsound(refs=refs_of((0, 1))), "inode 0"),
+    (tampered(unsound(), BLOCK + 8 * BLOCK_INOS, 2), "count of held inodes"),
+    (tampered(unsound(), BLOCK + 8 * 6, 1), "count of held inodes"),
+    (unsound(cached=np.array([5], connection.CACHED))[:-1], "past the end"),
+    (unsound()[:-1], "ends before the count"),
+    (unsound() + b"x", "after its tables"),
     (unsound(handles=np.array([(1, 5, 8)], connection.HANDLE)), "unknown flags"),
-])
-def test_an_unsound_state_is_refused(blob: bytes, reason: str) -> None:
+    (unsound(handles=np.array([(1, 0, 0)], connection.HANDLE)), "inode 0"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_an_unsound_state_is_refused(payload: bytes, reason: str) -> None:
     with pytest.raises(HandoverError, match=reason):
-        connection.from_fdt(blob)
-    corrupt = bytearray(blob)
-    corrupt[-20] ^= 1
+        connection.decode(payload)
+
+
+def test_a_state_round_trips_through_its_payload() -> None:
+    refs = refs_of((5, 3), (9, 1), (70_000, 2))
+    refs.open(9)
+    state = connection.capture(OWNER, refs, [(4, 9, False, True)], 5, [5])
+    back, handles, cached = connection.decode(connection.encode(state))
+    assert [(back.lookups(i), back.opens(i)) for i in (5, 9, 70_000, 6)] == [
+        (3, 0), (1, 1), (2, 0), (0, 0)]
+    assert handles.tolist() == state.handles.tolist() and cached.tolist() == [5]
+
+
+def test_a_corrupt_subtree_is_refused() -> None:
+    state = connection.capture(OWNER, refs_of((5, 1)), [], 2, [])
+    blob = bytearray(connection.to_fdt(state, 0x5000))
+    assert connection.from_fdt(bytes(blob)).tables == 0x5000
+    blob[-20] ^= 1
     with pytest.raises(HandoverError):
-        connection.from_fdt(bytes(corrupt))
+        connection.from_fdt(bytes(blob))
