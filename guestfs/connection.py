@@ -26,6 +26,7 @@ from guestfs.refs import BLOCK_INOS, KernelRefs
 from kho_backend.chain import free_chain, walk_chain, write_chain
 from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
+from kho_backend.memmap import has_duplicates
 
 if TYPE_CHECKING:
     from kho_backend.kho import KHO
@@ -146,7 +147,7 @@ def _check(found: dict[str, np.ndarray]) -> None:
     if len(keys) != len(blocks):
         raise HandoverError(f"the guestfs-fuse chain has {len(keys)} block keys for "
                             f"{len(blocks)} blocks")
-    if len(np.unique(keys)) != len(keys):
+    if has_duplicates(keys):
         raise HandoverError("the guestfs-fuse lookup blocks list a block twice")
     slots = blocks["slots"]
     counts = slots[:, :BLOCK_INOS]
@@ -156,7 +157,7 @@ def _check(found: dict[str, np.ndarray]) -> None:
     if np.any(counts[keys == 0, 0]):
         raise HandoverError("the guestfs-fuse lookup blocks hold inode 0")
     if np.any(opens["ino"] == 0) or np.any(opens["count"] == 0) or \
-            len(np.unique(opens["ino"])) != len(opens):
+            has_duplicates(opens["ino"]):
         raise HandoverError("the guestfs-fuse opens name inode 0, an inode twice or no open")
     if np.any(handles["ino"] == 0):
         raise HandoverError("the guestfs-fuse handles name inode 0")
@@ -194,7 +195,7 @@ def from_fdt(blob: bytes) -> _Header:
 
 def _check_handles(handles: np.ndarray, next_fh: int) -> None:
     fhs = handles["fh"]
-    if len(np.unique(fhs)) != len(fhs) or (len(fhs) and (int(fhs.min()) == 0
+    if has_duplicates(fhs) or (len(fhs) and (int(fhs.min()) == 0
                                                          or int(fhs.max()) >= next_fh)):
         raise HandoverError("the guestfs-fuse handles are not unique numbers below next-fh")
 

@@ -35,7 +35,7 @@ class KernelRefs:
     __slots__ = ("_blocks", "_opens")
 
     def __init__(self) -> None:
-        self._blocks: dict[int, array] = {}
+        self._blocks: dict[int, array | memoryview] = {}
         self._opens: dict[int, int] = {}
 
     def lookups(self, ino: int) -> int:
@@ -102,11 +102,13 @@ class KernelRefs:
     @classmethod
     def restored(cls, keys: list[int], raw: bytes, opens: dict[int, int]) -> KernelRefs:
         """A table from what `raw_blocks` and `open_counts` returned (checked by the
-        caller: a live count that disagrees with its block would leak it)."""
+        caller: a live count that disagrees with its block would leak it). The blocks
+        are views into one copy of `raw` (they index like the `array` blocks made later),
+        so adopting a whole tree's counts costs no Python object per block but a view."""
         refs = cls()
-        size = 8 * (BLOCK_INOS + 1)
-        refs._blocks = {key: array("Q", raw[i * size:(i + 1) * size])
-                        for i, key in enumerate(keys)}
+        slots = memoryview(bytearray(raw)).cast("Q")
+        step = BLOCK_INOS + 1
+        refs._blocks = {key: slots[i * step:(i + 1) * step] for i, key in enumerate(keys)}
         refs._opens = dict(opens)
         return refs
 
