@@ -164,14 +164,16 @@ class Filesystem:
     def finish_orphans(self) -> int:
         """Free the inodes left on the orphan list and finish the truncates left half
         done (by a process that ended before their last close, or died); returns how
-        many. Run when a filesystem is opened, before it is used."""
+        many. Run when a filesystem is opened, before it is used; an inode the kernel
+        still holds through adopted references (`adopt_kernel_refs`) is left until its
+        last reference goes."""
         done = 0
         with self._reading():
             orphans = self.store.orphans()
         for ino, value in orphans:
             if value == ORPHAN_FREE:
-                if self._held(ino):
-                    continue    # held through a FUSE connection kept across a kexec
+                if self._refs.held(ino):
+                    continue        # a mount adopted with its references still holds it
                 self._reap(ino)
             else:
                 self._finish_truncate(ino, value)

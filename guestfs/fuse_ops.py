@@ -36,12 +36,18 @@ log = logging.getLogger(__name__)
 
 ROOT_INO = pyfuse3.ROOT_INODE
 
-# Every change goes through this one kernel mount, so the kernel's caches are never
-# stale because of someone else; the timeouts only bound how long attributes the core
-# computes on its own (times, st_blocks) may lag. One second keeps `stat` cheap for a
-# burst of calls and still shows other uids (allow_other) fresh figures promptly.
-ATTR_TIMEOUT = 1.0
-ENTRY_TIMEOUT = 1.0
+# Every change reaches this filesystem through this one kernel mount, and with it the
+# kernel drops what that request may change: the attributes of the inodes a create,
+# link, unlink, rename, setattr or xattr change touches (fuse_dir_changed,
+# fuse_invalidate_attr, fuse_update_ctime), size, times and blocks after a write,
+# atime after a read or a readdir (fuse_invalidate_atime: the core moves atime
+# itself, under relatime too). What the core computes on its own therefore always
+# comes with a request that invalidates it, and the kernel may keep entries (negative
+# ones too: names appear only through this kernel) and attributes for long; other uids
+# of an allow_other mount share the same caches. tests/mount/test_mount_caching.py
+# checks each case. An hour rather than for ever, should a case be missed.
+ATTR_TIMEOUT = 3600.0
+ENTRY_TIMEOUT = 3600.0
 #: Seconds an O_DIRECT write waits for the kernel to drop the file's cached pages.
 INVALIDATE_WAIT = 1.0
 
@@ -235,7 +241,7 @@ def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
 
 def _negative_entry() -> pyfuse3.EntryAttributes:
     # st_ino 0 lets the kernel cache "no such name"; every create goes through the same
-    # kernel, which drops the negative dentry itself.
+    # kernel, which replaces the negative dentry itself.
     attr = pyfuse3.EntryAttributes()
     attr.st_ino = 0
     attr.entry_timeout = ENTRY_TIMEOUT

@@ -17,8 +17,8 @@ import trio
 import trio.testing
 
 from guestfs.errors import FsError
-from guestfs.fuse_ops import (ROOT_INO, AdapterConfig, Operations,
-                              RequestGate, Traffic, entry_attributes)
+from guestfs.fuse_ops import (ATTR_TIMEOUT, ENTRY_TIMEOUT, ROOT_INO, AdapterConfig,
+                              Operations, RequestGate, Traffic, entry_attributes)
 
 
 @dataclass
@@ -178,7 +178,7 @@ def test_entry_attributes_carry_every_field() -> None:
     assert (attr.st_size, attr.st_blocks, attr.st_blksize) == (5000, 16, 4096)
     assert (attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns) == (
         1_000_000_001, 2_000_000_002, 3_000_000_003)
-    assert 0 < attr.attr_timeout <= 5 and 0 < attr.entry_timeout <= 5
+    assert attr.attr_timeout == ATTR_TIMEOUT and attr.entry_timeout == ENTRY_TIMEOUT
 
 
 def test_setattr_passes_only_requested_fields() -> None:

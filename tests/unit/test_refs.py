@@ -174,3 +174,21 @@ def test_a_new_filesystem_object_adopts_the_mounts_references(fs: Filesystem) ->
     assert not gone(again, f.ino)
     again.forget(f.ino, 1)
     assert gone(again, f.ino) and again.store.orphans() == []
+
+
+def test_finishing_orphans_spares_inodes_an_adopted_mount_still_holds(
+        fs: Filesystem) -> None:
+    held = fs.create(ROOT_INO, b"held", REG, ROOT)
+    loose = fs.create(ROOT_INO, b"loose", REG, ROOT)
+    fs.open(held.ino, os.O_RDONLY)
+    fs.ref(loose.ino)
+    fs.unlink(ROOT_INO, b"held", ROOT)
+    fs.unlink(ROOT_INO, b"loose", ROOT)
+    refs = fs.kernel_refs()
+    refs.drop_lookups(loose.ino, 1)         # its forget was lost with the old process
+    again = Filesystem(fs.store)
+    again.adopt_kernel_refs(refs)
+    assert again.finish_orphans() == 1
+    assert gone(again, loose.ino) and not gone(again, held.ino)
+    again.release(held.ino)
+    assert gone(again, held.ino) and again.store.orphans() == []

@@ -36,10 +36,11 @@ from benchlib.model import MISSING
 from benchlib.proc import remove_tree_unless_mounted
 from benchlib.profiles import FULL, QUICK, TINY, Profile
 from benchlib.results import Results
+from benchlib.shell import run_shell
 from benchlib.systems import Caps, Guestfs, Mounted, PyfuseScript, System, Tmpfs, ceiling
 from benchlib.units import MiB
 
-SUITES = ("datapath", "metadata", "kexec")
+SUITES = ("datapath", "metadata", "shell", "kexec")
 TOOLS_NEEDED = ("fio", "fusermount3", "tar", "ls")
 
 
@@ -114,7 +115,7 @@ def _run(suites: Sequence[str], results: Results, stack: ExitStack, outdir: Path
     stack.callback(quietly(remove_tree_unless_mounted, workdir))
     cli = GuestfsCli(machine_dir)
     results.python_startup_ms = python_startup_ms(cli.env)
-    if "datapath" in suites or "metadata" in suites:
+    if {"datapath", "metadata", "shell"} & set(suites):
         _guarded(results, "mounting the systems",
                  lambda: _compare_systems(suites, results, cli, workdir, outdir))
     if "kexec" in suites:
@@ -126,7 +127,7 @@ def _run(suites: Sequence[str], results: Results, stack: ExitStack, outdir: Path
 
 def _compare_systems(suites: Sequence[str], results: Results, cli: GuestfsCli, workdir: Path,
                      outdir: Path) -> None:
-    """The data-path and metadata parts, on all systems mounted side by side."""
+    """The data-path, metadata and shell parts, on all systems mounted side by side."""
     profile = results.profile
     with undo_stack() as mounts:
         mounted = _mount_systems(mounts, profile, cli, workdir, outdir, results)
@@ -134,6 +135,8 @@ def _compare_systems(suites: Sequence[str], results: Results, cli: GuestfsCli, w
             _guarded(results, "data path", lambda: run_datapath(profile, mounted, results.datapath))
         if "metadata" in suites:
             _guarded(results, "metadata", lambda: run_metadata(profile, mounted, results.metadata))
+        if "shell" in suites:
+            _guarded(results, "shell", lambda: run_shell(profile, mounted, results.shell))
 
 
 def _guarded(results: Results, part: str, action: Callable[[], None]) -> None:

@@ -11,6 +11,7 @@ from benchlib.kexec import TreeResult
 from benchlib.metadata import TITLES as META_TITLES
 from benchlib.model import MISSING, Series, Table
 from benchlib.results import SYSTEMS, Results
+from benchlib.shell import TITLES as SHELL_TITLES
 from benchlib.targets import TargetResult
 from benchlib.units import size_text
 
@@ -183,6 +184,8 @@ def render(results: Results, plots: Sequence[str] = ()) -> str:
             "reads are the same thing.",
             "", f"## Metadata ({p.meta_files:,} files in one folder)", "",
             *comparison_table(results.metadata, META_TITLES),
+            "", "## Shell work (seconds, lower is better; the ratio is how many times "
+            "tmpfs's time)", "", *comparison_table(results.shell, SHELL_TITLES),
             "", "## Kexec blackout against copy-to-disk", "", *kexec_table(results.trees),
             "", "### Blackout phases (median ms)", "", *phases_table(results.trees),
             "", "## Daemon memory (after the kexecs)", "", *memory_table(results.trees)]

@@ -9,6 +9,7 @@ from typing import Any
 from benchlib.kexec import TreeResult
 from benchlib.model import Table
 from benchlib.profiles import Profile
+from benchlib.shell import shell_targets
 from benchlib.targets import TargetResult, evaluate
 
 SYSTEMS = {"tmpfs": "kernel tmpfs", "ceiling": "pyfuse3 ceiling",
@@ -27,11 +28,13 @@ class Results:
     python_startup_ms: float | None = None
     datapath: Table = field(default_factory=Table)
     metadata: Table = field(default_factory=Table)
+    shell: Table = field(default_factory=Table)
     trees: list[TreeResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # suites that failed, and why
 
     def targets(self) -> list[TargetResult]:
-        return evaluate(self.profile, self.datapath, self.metadata, self.trees)
+        return (evaluate(self.profile, self.datapath, self.metadata, self.trees)
+                + shell_targets(self.shell))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,7 @@ class Results:
             "profile": dataclasses.asdict(self.profile), "host": self.host,
             "systems": SYSTEMS, "python_startup_ms": self.python_startup_ms,
             "datapath": self.datapath.to_json(), "metadata": self.metadata.to_json(),
+            "shell": self.shell.to_json(),
             "kexec": [t.to_json() for t in self.trees],
             "targets": [t.to_json() for t in self.targets()], "errors": self.errors,
         }
