@@ -8,7 +8,7 @@ sizes, modes), in plain dicts, because a create followed by a stat that fails, o
 ``ls`` that lists nothing, would not be the same request stream guestfs answers.
 
 It mounts with the options and cache settings guestfs uses (writeback cache,
-``keep_cache``, 1 s entry and attribute timeouts, ``default_permissions``, answers to
+``keep_cache``, one-hour entry and attribute timeouts, ``default_permissions``, answers to
 ``getxattr``), so that the kernel sends both of them the same requests.
 
     python tools/ceilingfs.py MOUNTPOINT      (runs until unmounted: fusermount3 -u)
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-TIMEOUT = 1.0             # entry and attribute timeouts, as guestfs's
+TIMEOUT = 3600.0          # entry and attribute timeouts, as guestfs's (fuse_ops.py)
 FIRST_COOKIE = 3          # readdir cookies 1 and 2 are "." and "..", as in guestfs
 _ZEROS = memoryview(bytes(1 << 20))  # FUSE never asks for more than 1 MiB at once
 
