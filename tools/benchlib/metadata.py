@@ -1,12 +1,13 @@
 """The metadata driver: create, stat, ``ls -l``, rename and unlink of many small files.
 
 Each phase goes through every file once and counts operations per second (for
-``ls -l``: entries listed per second). The FUSE systems are mounted with 1 s entry and
-attribute timeouts (guestfs's own, which the ceiling copies), so a stat right after a
-create would be answered from the kernel's cache without asking the filesystem at all.
-Phases therefore run phase by phase across the systems, and a system waits until
-`Profile.cache_expiry_s` has passed since its previous phase: every operation then
-reaches the filesystem (as it does for a client that comes back to its files later).
+``ls -l``: entries listed per second). The FUSE systems are mounted with one-hour entry
+and attribute timeouts (guestfs's own, which the ceiling copies), so a stat right after
+a create would be answered from the kernel's cache without asking the filesystem at all.
+Before each phase the kernel's dentry and inode caches are therefore dropped
+(``drop_caches``, as root) and the forgets this sends are given
+`Profile.forget_settle_s` to arrive: every operation then reaches the filesystem (as it
+does for a client that comes back to its files after the kernel evicted them).
 
 The driver is Python; its own cost per call (about a microsecond) is small next to a
 FUSE round trip, but it does bound the tmpfs figures.
@@ -37,7 +38,6 @@ class _Dir:
     path: str
     names: list[str]
     fd: int = -1
-    last_phase_end: float = 0.0
 
 
 def _create(d: _Dir) -> None:
@@ -110,13 +110,19 @@ def _names(profile: Profile, mounted: Mounted, table: Table) -> list[str]:
     return [f"f{i:06d}" for i in range(count)]
 
 
+def _drop_kernel_caches() -> None:
+    """Drop the kernel's dentries and inodes (not the page cache), so that the next
+    phase's names and attributes are asked of each filesystem again."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+
+
 def _timed_phase(profile: Profile, phase: str, action: Callable[[_Dir], None], d: _Dir,
                  table: Table) -> None:
-    wait = d.last_phase_end + profile.cache_expiry_s - time.monotonic()
-    if wait > 0:
-        time.sleep(wait)
+    _drop_kernel_caches()
+    time.sleep(profile.forget_settle_s)
     t0 = time.perf_counter()
     action(d)
     elapsed = time.perf_counter() - t0
-    d.last_phase_end = time.monotonic()
     table.add(phase, d.mounted.system, UNIT, len(d.names) / elapsed)

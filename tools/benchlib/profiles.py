@@ -25,7 +25,7 @@ class Profile:
     example_file_size: int      # caps for pyfuse3's example: its writes and reads copy the
     example_meta_files: int     # whole file, its readdir reads the whole folder each call
     meta_files: int             # files of the metadata driver
-    cache_expiry_s: float       # wait between metadata phases (see metadata.py)
+    forget_settle_s: float       # settle time after dropping caches (see metadata.py)
     kexec_runs: int             # kexecs per tree
     baseline_runs: int          # tar out and back per tree
     inode_counts: tuple[int, ...]
@@ -60,7 +60,7 @@ class Profile:
 FULL = Profile(
     name="full", runs=5, seq_size=1 * GiB, rand_size=256 * MiB, rand_runtime_s=10,
     example_file_size=32 * MiB, example_meta_files=4 * KiB, meta_files=10 * KiB,
-    cache_expiry_s=1.1, kexec_runs=5, baseline_runs=3,
+    forget_settle_s=0.3, kexec_runs=5, baseline_runs=3,
     inode_counts=(1 * KiB, 4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB),
     byte_sizes=(8 * MiB, 64 * MiB, 512 * MiB, 4 * GiB, 8 * GiB),
     reference_bytes=4 * GiB, headline=True)
@@ -68,7 +68,7 @@ FULL = Profile(
 QUICK = Profile(
     name="quick", runs=3, seq_size=256 * MiB, rand_size=64 * MiB, rand_runtime_s=1,
     example_file_size=16 * MiB, example_meta_files=2 * KiB, meta_files=10 * KiB,
-    cache_expiry_s=1.1, kexec_runs=3, baseline_runs=2,
+    forget_settle_s=0.3, kexec_runs=3, baseline_runs=2,
     inode_counts=(1 * KiB, 4 * KiB, 16 * KiB),
     byte_sizes=(8 * MiB, 64 * MiB, 256 * MiB),
     reference_bytes=256 * MiB, headline=True)
@@ -76,7 +76,7 @@ QUICK = Profile(
 # For tests/bench/test_bench.py: every code path, in seconds; the figures mean nothing.
 TINY = Profile(
     name="tiny", runs=1, seq_size=8 * MiB, rand_size=4 * MiB, rand_runtime_s=0.3,
-    example_file_size=1 * MiB, example_meta_files=50, meta_files=100, cache_expiry_s=0,
+    example_file_size=1 * MiB, example_meta_files=50, meta_files=100, forget_settle_s=0,
     kexec_runs=1, baseline_runs=1,
     inode_counts=(64, 256), byte_sizes=(1 * MiB, 4 * MiB),
     reference_bytes=4 * MiB, headline=False)
