@@ -27,7 +27,7 @@ GUESTFS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$GUESTFS_ROOT/.venv"
 CONSTRAINTS="$GUESTFS_ROOT/tools/constraints.txt"
 SETUP_STATUS="$VENV/setup-status"
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config swig device-tree-compiler attr acl sqlite3 stress-ng fio man-db)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config swig device-tree-compiler attr acl sqlite3 stress-ng fio man-db rsync git)
 APT_OPTIONS=(-y -qq -o DPkg::Lock::Timeout=300 -o Acquire::Retries=3)
 
 # Time limits in seconds, per try of a step. Generous: a slow mirror on a loaded 2-core
