@@ -8,6 +8,7 @@ from typing import Any
 
 from benchlib.kexec import TreeResult
 from benchlib.model import Table
+from benchlib.poison import PoisonResult
 from benchlib.profiles import Profile
 from benchlib.targets import TargetResult, evaluate
 
@@ -28,10 +29,12 @@ class Results:
     datapath: Table = field(default_factory=Table)
     metadata: Table = field(default_factory=Table)
     trees: list[TreeResult] = field(default_factory=list)
+    poison: PoisonResult = field(default_factory=PoisonResult)
     errors: list[str] = field(default_factory=list)  # suites that failed, and why
 
     def targets(self) -> list[TargetResult]:
-        return evaluate(self.profile, self.datapath, self.metadata, self.trees)
+        return evaluate(self.profile, self.datapath, self.metadata, self.trees,
+                        self.python_startup_ms, self.poison)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +42,6 @@ class Results:
             "profile": dataclasses.asdict(self.profile), "host": self.host,
             "systems": SYSTEMS, "python_startup_ms": self.python_startup_ms,
             "datapath": self.datapath.to_json(), "metadata": self.metadata.to_json(),
-            "kexec": [t.to_json() for t in self.trees],
+            "kexec": [t.to_json() for t in self.trees], "poison": self.poison.to_json(),
             "targets": [t.to_json() for t in self.targets()], "errors": self.errors,
         }
