@@ -2,12 +2,17 @@
 across a guestfs kexec, paused only for the time it takes to save its device state,
 flush, kexec and restore; or, live, QEMU keeps running through a kexec that keeps the
 mount, and waits only for what it asks of the mount during the blackout.
+
+In both modes the guest's pause is timed by its heartbeat (a ``beat N`` line every 4 ms
+or so on the serial console, timed here as each line arrives): the pause is the largest
+gap between two beats around the kexec, to within a beat's period.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import statistics
 import subprocess
 import tempfile
 import time
@@ -23,6 +28,9 @@ from clients.report import progress
 
 PACKAGES = apt.PACKAGES["vm"]
 TICK = r"^tick (\d+) boot (\S+) uptime ([\d.]+)$"
+BEAT = r"^beat (\d+)$"
+BEATS_AROUND = 25  # heartbeats to see before the pause starts and after it ends
+BEAT_TIMEOUT = 30.0  # seconds for that many beats (a guest faulting its RAM back in)
 BOOT_TIMEOUT = 120.0  # seconds to boot under TCG (about 5 s) plus filling the RAM
 CHECK_TIMEOUT = 300.0  # seconds for the guest to checksum its data (TCG, lazy faults)
 EXIT_TIMEOUT = 120.0  # seconds for QEMU to quit (its exit flushes the guest's RAM)
@@ -52,6 +60,61 @@ class Tick:
         return cls(int(match.group(1)), match.group(2), float(match.group(3)))
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """The guest's heartbeat around the pause, as its lines arrived here."""
+
+    beats: int              # beat lines seen
+    pause_ms: float         # the largest gap between two of them across the pause
+    period_ms: float        # their median gap: the resolution of `pause_ms`
+    elsewhere_ms: float     # the largest gap not across it: the noise of this host
+    consecutive: bool       # no beat number skipped (none lost on the console)
+
+    @classmethod
+    def measure(cls, console: SerialConsole, start: int, window: tuple[float, float]
+                ) -> Heartbeat:
+        """The beats from console line `start` on; the pause is the largest gap that
+        overlaps `window` (time.monotonic from the start of the host's action to its end:
+        ``stop`` to ``cont``, or the ``guestfs kexec`` command)."""
+        beats = [(console.arrived[i], int(m.group(1))) for i in range(start, len(console.lines))
+                 if (m := re.match(BEAT, console.lines[i]))]
+        if len(beats) < 2:
+            raise Failure(f"the guest printed {len(beats)} heartbeat lines")
+        pairs = list(zip(beats, beats[1:]))
+        across = [(b[0] - a[0]) * 1e3 for a, b in pairs
+                  if b[0] >= window[0] and a[0] <= window[1]]
+        others = [(b[0] - a[0]) * 1e3 for a, b in pairs
+                  if not (b[0] >= window[0] and a[0] <= window[1])]
+        if not across:
+            raise Failure("no heartbeat gap spans the pause (the beats ended before it?)")
+        numbers = [n for _, n in beats]
+        return cls(len(beats), max(across),
+                   statistics.median((b[0] - a[0]) * 1e3 for a, b in pairs),
+                   max(others, default=0.0),
+                   numbers == list(range(numbers[0], numbers[0] + len(numbers))))
+
+    def problems(self) -> list[str]:
+        return [] if self.consecutive else ["heartbeat lines lost on the console"]
+
+
+def start_heartbeat(console: SerialConsole) -> int:
+    """Start the guest's heartbeat and wait for a few beats; the console line index of
+    the first."""
+    seen = len(console.lines)
+    console.send("beat")
+    first, _ = console.expect(BEAT, BEAT_TIMEOUT, seen)
+    await_beats(console, first)
+    return first
+
+
+def await_beats(console: SerialConsole, start: int) -> None:
+    """Wait for `BEATS_AROUND` beats from console line `start` on."""
+    index = start
+    for _ in range(BEATS_AROUND):
+        index, _ = console.expect(BEAT, BEAT_TIMEOUT, index)
+        index += 1
+
+
 @dataclass
 class Pause:
     """The VM pause, from ``stop`` to ``cont``, by phase (milliseconds)."""
@@ -77,10 +140,11 @@ class Outcome:
     state_bytes: int
     pause: Pause
     kexec: Kexec
+    heartbeat: Heartbeat
 
     def problems(self) -> list[str]:
         """Everything that shows the guest did not simply go on."""
-        found = []
+        found = self.heartbeat.problems()
         if self.after.n != self.before.n + 1:
             found.append(f"tick {self.after.n} follows tick {self.before.n}")
         if self.after.boot != self.before.boot:
@@ -114,16 +178,18 @@ def qemu(config: VmConfig, console: SerialConsole, qmp_path: Path, *, incoming: 
 
 
 def save_and_quit(config: VmConfig, console: SerialConsole, qmp_path: Path,
-                  pause: Pause) -> tuple[Tick, str]:
-    """Boot the guest, let it fill and checksum its RAM, then stop it, save its device
-    state to the mount and quit. Returns the last tick and the checksum before."""
+                  pause: Pause) -> tuple[Tick, str, int, float]:
+    """Boot the guest, let it fill and checksum its RAM, start its heartbeat, then stop
+    it, save its device state to the mount and quit. Returns the last tick, the checksum
+    before, the console line of the first beat and when ``stop`` was sent."""
     with qemu(config, console, qmp_path, incoming=False) as (proc, qmp):
         progress(f"booting the guest; it fills {config.fill_mb} MiB of its RAM")
         index, match = console.expect(r"^checksum before (\w+)$", BOOT_TIMEOUT)
         console.expect(r"^tick 3 ", 10, index)  # a few ticks, for the record
+        beats = start_heartbeat(console)
         qmp.leave_out_shared_ram()
         progress("pausing the VM: stop, save the device state")
-        t0 = time.perf_counter()
+        t0, stopped = time.perf_counter(), time.monotonic()
         qmp.execute("stop")
         qmp.execute("migrate", uri=f"exec:cat > {config.state_path}")
         qmp.wait("query-migrate", "status", "completed")
@@ -133,13 +199,14 @@ def save_and_quit(config: VmConfig, console: SerialConsole, qmp_path: Path,
         proc.wait()
         pause.flush = ms_since(t0)
     ticks = [m for line in console.lines if (m := re.match(TICK, line))]
-    return Tick.parse(ticks[-1]), match.group(1)
+    return Tick.parse(ticks[-1]), match.group(1), beats, stopped
 
 
 def restore(config: VmConfig, console: SerialConsole, qmp_path: Path,
-            pause: Pause) -> tuple[Tick, str]:
+            pause: Pause) -> tuple[Tick, str, float]:
     """A new QEMU takes the saved state and the RAM on the mount and goes on. Returns
-    the first tick after and the checksum the guest computes then."""
+    the first tick after, the checksum the guest computes then, and when ``cont``
+    returned."""
     seen = len(console.lines)
     t0 = time.perf_counter()
     with qemu(config, console, qmp_path, incoming=True) as (proc, qmp):
@@ -147,13 +214,15 @@ def restore(config: VmConfig, console: SerialConsole, qmp_path: Path,
         qmp.execute("migrate-incoming", uri=f"exec:cat {config.state_path}")
         qmp.wait("query-status", "status", "paused")
         qmp.execute("cont")
-        pause.restore = ms_since(t0)
+        pause.restore, resumed = ms_since(t0), time.monotonic()
+        await_beats(console, seen)
+        console.send("quiet")
         progress("the VM runs again; the guest checksums its RAM")
         _, tick = console.expect(TICK, 10, seen)
         console.send("check")
         _, match = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
         qmp.execute("quit")
-    return Tick.parse(tick), match.group(1)
+    return Tick.parse(tick), match.group(1), resumed
 
 
 @dataclass
@@ -165,10 +234,11 @@ class LiveOutcome:
     checksum_before: str
     checksum_after: str
     kexec: Kexec
+    heartbeat: Heartbeat
 
     def problems(self) -> list[str]:
         """Everything that shows the guest did not simply go on."""
-        found = []
+        found = self.heartbeat.problems()
         if [t.n for t in self.ticks] != list(range(self.ticks[0].n,
                                                    self.ticks[0].n + len(self.ticks))):
             found.append(f"ticks not consecutive: {[t.n for t in self.ticks]}")
@@ -190,8 +260,13 @@ def run_live(config: VmConfig, console: SerialConsole, qmp_path: Path, gm: Guest
         progress(f"booting the guest; it fills {config.fill_mb} MiB of its RAM")
         index, match = console.expect(r"^checksum before (\w+)$", BOOT_TIMEOUT)
         last, _ = console.expect(r"^tick 3 ", 10, index)
+        beats = start_heartbeat(console)
         progress("guestfs kexec, QEMU running")
+        window = time.monotonic()
         kexec = gm.kexec(poison=poison)
+        await_beats(console, len(console.lines))
+        heartbeat = Heartbeat.measure(console, beats, (window, window + kexec.wall_ms / 1e3))
+        console.send("quiet")
         console.expect(r"^tick ", 10, len(console.lines))
         end, _ = console.expect(r"^tick ", 10, len(console.lines))  # two ticks after
         lines = range(last, end + 1)
@@ -204,7 +279,7 @@ def run_live(config: VmConfig, console: SerialConsole, qmp_path: Path, gm: Guest
         _, after = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
         qmp.execute("quit")
     return LiveOutcome([Tick.parse(m) for _, m in ticks], gap, match.group(1), after.group(1),
-                       kexec)
+                       kexec, heartbeat)
 
 
 def find_kernel() -> Path:
@@ -228,10 +303,12 @@ def run(settings: Settings) -> Outcome | LiveOutcome:
         console, pause = SerialConsole(), Pause()
         if settings.live:
             return run_live(config, console, work / "qmp1.sock", gm, settings.poison)
-        before, sum_before = save_and_quit(config, console, work / "qmp1.sock", pause)
+        before, sum_before, beats, stopped = save_and_quit(config, console, work / "qmp1.sock",
+                                                           pause)
         state_bytes = config.state_path.stat().st_size
         progress("guestfs kexec")
         kexec = gm.kexec(poison=settings.poison)
         pause.kexec = kexec.wall_ms
-        after, sum_after = restore(config, console, work / "qmp2.sock", pause)
-    return Outcome(before, after, sum_before, sum_after, state_bytes, pause, kexec)
+        after, sum_after, resumed = restore(config, console, work / "qmp2.sock", pause)
+        heartbeat = Heartbeat.measure(console, beats, (stopped, resumed))
+    return Outcome(before, after, sum_before, sum_after, state_bytes, pause, kexec, heartbeat)
