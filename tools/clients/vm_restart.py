@@ -14,6 +14,7 @@ import contextlib
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients import Failure, apt, initramfs
-from clients.guestmount import GuestMount, Kexec, guest_mount
+from clients.guestmount import ROOT, GuestMount, Kexec, guest_mount
 from clients.procs import started
 from clients.qemu import Qmp, SerialConsole, VmConfig
 from clients.report import progress
@@ -34,6 +35,7 @@ BEAT_TIMEOUT = 30.0  # seconds for that many beats (a guest faulting its RAM bac
 BOOT_TIMEOUT = 120.0  # seconds to boot under TCG (about 5 s) plus filling the RAM
 CHECK_TIMEOUT = 300.0  # seconds for the guest to checksum its data (TCG, lazy faults)
 EXIT_TIMEOUT = 120.0  # seconds for QEMU to quit (its exit flushes the guest's RAM)
+KEXEC_TIMEOUT = 300.0  # seconds for the next kernel to serve (as `guestfs kexec` waits)
 MAX_TICK_GAP = 3.0  # seconds of guest uptime between the ticks around the pause
 
 
@@ -45,6 +47,7 @@ class Settings:
     fill_mb: int
     poison: bool
     live: bool = False      # QEMU keeps running through the kexec
+    via_cli: bool = False   # kexec with the `guestfs kexec` command, not on the socket
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,45 @@ class Tick:
     @classmethod
     def parse(cls, match: re.Match[str]) -> Tick:
         return cls(int(match.group(1)), match.group(2), float(match.group(3)))
+
+
+@dataclass(frozen=True)
+class Kexecer:
+    """How the demo asks for the kexec: as a host orchestrator already running would,
+    with one request on the daemon's control socket (what ``guestfs kexec`` sends, less
+    the start of a command during the pause), or with the ``guestfs kexec`` command."""
+
+    gm: GuestMount
+    poison: bool
+    via_cli: bool
+
+    def __call__(self, generation: int) -> Kexec:
+        """Kexec the mount whose kernel is at `generation`; returns once the next kernel
+        serves it."""
+        if self.via_cli:
+            return self.gm.kexec(poison=self.poison)
+        if str(ROOT) not in sys.path:       # the project's stdlib-only client modules
+            sys.path.insert(0, str(ROOT))
+        from guestfs import control
+        from kho_backend.machine import machine_dir
+        sock = control.socket_path(machine_dir(), self.gm.machine)
+        t0 = time.perf_counter()
+        control.request(sock, {"op": "kexec", "poison": self.poison}, timeout=KEXEC_TIMEOUT)
+        deadline = time.monotonic() + KEXEC_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                status = control.request(sock, {"op": "status"})
+            except control.ControlError:    # an exec'd next image not listening yet
+                status = None
+            if status and status["generation"] > generation and status["last_blackout"]:
+                if status["pid"] != self.gm.pid:
+                    raise Failure(f"kexec changed the daemon's PID from {self.gm.pid} to "
+                                  f"{status['pid']}")
+                blackout = status["last_blackout"]
+                return Kexec(status["generation"], status["pid"], blackout["total_ms"],
+                             blackout["phases"], ms_since(t0))
+            time.sleep(0.002)
+        raise Failure(f"the next kernel did not serve within {KEXEC_TIMEOUT:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -122,7 +164,7 @@ class Pause:
     save: float = 0.0  # stop, migrate the device state to the mount
     flush: float = 0.0  # QEMU's exit: its dirty RAM pages written through FUSE
     kexec: float = 0.0  # `guestfs kexec` as seen from here
-    restore: float = 0.0  # a new QEMU, migrate_incoming, cont
+    restore: float = 0.0  # the next QEMU (started ahead): migrate_incoming, cont
 
     @property
     def total(self) -> float:
@@ -177,52 +219,72 @@ def qemu(config: VmConfig, console: SerialConsole, qmp_path: Path, *, incoming: 
         reader.join()
 
 
-def save_and_quit(config: VmConfig, console: SerialConsole, qmp_path: Path,
-                  pause: Pause) -> tuple[Tick, str, int, float]:
-    """Boot the guest, let it fill and checksum its RAM, start its heartbeat, then stop
-    it, save its device state to the mount and quit. Returns the last tick, the checksum
-    before, the console line of the first beat and when ``stop`` was sent."""
-    with qemu(config, console, qmp_path, incoming=False) as (proc, qmp):
+def restart(config: VmConfig, console: SerialConsole, work: Path, gm: GuestMount,
+            kexecer: Kexecer) -> Outcome:
+    """Boot the guest, let it fill and checksum its RAM and start its heartbeat; start
+    the next QEMU ahead (``-incoming defer``, paused, on the same RAM file: as QEMU's own
+    CPR does, its start-up is then no part of the pause); stop the guest, save its device
+    state to the mount, quit the first QEMU, kexec the mount, and let the next QEMU take
+    the saved state and go on."""
+    pause = Pause()
+    with qemu(config, console, work / "qmp1.sock", incoming=False) as (proc, qmp):
         progress(f"booting the guest; it fills {config.fill_mb} MiB of its RAM")
         index, match = console.expect(r"^checksum before (\w+)$", BOOT_TIMEOUT)
+        sum_before = match.group(1)
         console.expect(r"^tick 3 ", 10, index)  # a few ticks, for the record
         beats = start_heartbeat(console)
         qmp.leave_out_shared_ram()
-        progress("pausing the VM: stop, save the device state")
-        t0, stopped = time.perf_counter(), time.monotonic()
-        qmp.execute("stop")
-        qmp.execute("migrate", uri=f"exec:cat > {config.state_path}")
-        qmp.wait("query-migrate", "status", "completed")
-        pause.save = ms_since(t0)
-        t0 = time.perf_counter()
-        qmp.execute("quit")
-        proc.wait()
-        pause.flush = ms_since(t0)
-    ticks = [m for line in console.lines if (m := re.match(TICK, line))]
-    return Tick.parse(ticks[-1]), match.group(1), beats, stopped
+        progress("starting the next QEMU, paused, waiting for the saved state")
+        with qemu(config, console, work / "qmp2.sock", incoming=True) as (_, qmp2):
+            qmp2.leave_out_shared_ram()
+            generation = gm.status()["generation"]
+            progress("pausing the VM: stop, save the device state, quit")
+            stopped = save_and_quit(config, qmp, proc, pause)
+            ticks = [m for line in console.lines if (m := re.match(TICK, line))]
+            before = Tick.parse(ticks[-1])
+            state_bytes = config.state_path.stat().st_size
+            progress("guestfs kexec")
+            kexec = kexecer(generation)
+            pause.kexec = kexec.wall_ms
+            seen = len(console.lines)
+            resumed = resume(config, qmp2, pause)
+            await_beats(console, seen)
+            heartbeat = Heartbeat.measure(console, beats, (stopped, resumed))
+            console.send("quiet")
+            progress("the VM runs again; the guest checksums its RAM")
+            _, tick = console.expect(TICK, 10, seen)
+            console.send("check")
+            _, after = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
+            qmp2.execute("quit")
+    return Outcome(before, Tick.parse(tick), sum_before, after.group(1), state_bytes, pause,
+                   kexec, heartbeat)
 
 
-def restore(config: VmConfig, console: SerialConsole, qmp_path: Path,
-            pause: Pause) -> tuple[Tick, str, float]:
-    """A new QEMU takes the saved state and the RAM on the mount and goes on. Returns
-    the first tick after, the checksum the guest computes then, and when ``cont``
-    returned."""
-    seen = len(console.lines)
+def save_and_quit(config: VmConfig, qmp: Qmp, proc: subprocess.Popen[bytes],
+                  pause: Pause) -> float:
+    """Stop the guest, save its device state to the mount and quit QEMU; when ``stop``
+    was sent (time.monotonic)."""
+    t0, stopped = time.perf_counter(), time.monotonic()
+    qmp.execute("stop")
+    qmp.execute("migrate", uri=f"exec:cat > {config.state_path}")
+    qmp.wait("query-migrate", "status", "completed")
+    pause.save = ms_since(t0)
     t0 = time.perf_counter()
-    with qemu(config, console, qmp_path, incoming=True) as (proc, qmp):
-        qmp.leave_out_shared_ram()
-        qmp.execute("migrate-incoming", uri=f"exec:cat {config.state_path}")
-        qmp.wait("query-status", "status", "paused")
-        qmp.execute("cont")
-        pause.restore, resumed = ms_since(t0), time.monotonic()
-        await_beats(console, seen)
-        console.send("quiet")
-        progress("the VM runs again; the guest checksums its RAM")
-        _, tick = console.expect(TICK, 10, seen)
-        console.send("check")
-        _, match = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
-        qmp.execute("quit")
-    return Tick.parse(tick), match.group(1), resumed
+    qmp.execute("quit")
+    proc.wait(EXIT_TIMEOUT)
+    pause.flush = ms_since(t0)
+    return stopped
+
+
+def resume(config: VmConfig, qmp: Qmp, pause: Pause) -> float:
+    """The next QEMU, started ahead, takes the saved state and the RAM on the mount and
+    goes on; when ``cont`` returned (time.monotonic)."""
+    t0 = time.perf_counter()
+    qmp.execute("migrate-incoming", uri=f"exec:cat {config.state_path}")
+    qmp.wait("query-status", "status", "paused")
+    qmp.execute("cont")
+    pause.restore = ms_since(t0)
+    return time.monotonic()
 
 
 @dataclass
@@ -253,7 +315,7 @@ class LiveOutcome:
 
 
 def run_live(config: VmConfig, console: SerialConsole, qmp_path: Path, gm: GuestMount,
-             poison: bool) -> LiveOutcome:
+             kexecer: Kexecer) -> LiveOutcome:
     """Boot the guest, let it fill and checksum its RAM, kexec the mount under the
     running QEMU, let it tick on, then have it checksum its RAM again."""
     with qemu(config, console, qmp_path, incoming=False) as (proc, qmp):
@@ -261,9 +323,10 @@ def run_live(config: VmConfig, console: SerialConsole, qmp_path: Path, gm: Guest
         index, match = console.expect(r"^checksum before (\w+)$", BOOT_TIMEOUT)
         last, _ = console.expect(r"^tick 3 ", 10, index)
         beats = start_heartbeat(console)
+        generation = gm.status()["generation"]
         progress("guestfs kexec, QEMU running")
         window = time.monotonic()
-        kexec = gm.kexec(poison=poison)
+        kexec = kexecer(generation)
         await_beats(console, len(console.lines))
         heartbeat = Heartbeat.measure(console, beats, (window, window + kexec.wall_ms / 1e3))
         console.send("quiet")
@@ -300,15 +363,8 @@ def run(settings: Settings) -> Outcome | LiveOutcome:
         initramfs.build(work / "initrd.gz")
         config = VmConfig(find_kernel(), work / "initrd.gz", settings.ram_mb,
                           gm / "vm0.ram", settings.fill_mb)
-        console, pause = SerialConsole(), Pause()
+        console = SerialConsole()
+        kexecer = Kexecer(gm, settings.poison, settings.via_cli)
         if settings.live:
-            return run_live(config, console, work / "qmp1.sock", gm, settings.poison)
-        before, sum_before, beats, stopped = save_and_quit(config, console, work / "qmp1.sock",
-                                                           pause)
-        state_bytes = config.state_path.stat().st_size
-        progress("guestfs kexec")
-        kexec = gm.kexec(poison=settings.poison)
-        pause.kexec = kexec.wall_ms
-        after, sum_after, resumed = restore(config, console, work / "qmp2.sock", pause)
-        heartbeat = Heartbeat.measure(console, beats, (stopped, resumed))
-    return Outcome(before, after, sum_before, sum_after, state_bytes, pause, kexec, heartbeat)
+            return run_live(config, console, work / "qmp1.sock", gm, kexecer)
+        return restart(config, console, work, gm, kexecer)
