@@ -100,8 +100,19 @@ def test_bench_json_has_every_figure(bench_run: tuple[Path, Path, int]) -> None:
         assert _number(tree["baseline"]["median"])
         assert tree["phases_median_ms"] and all(map(_number, tree["phases_median_ms"].values()))
         assert tree["daemon_memory"]["RssAnon"] > 0
-    assert {"inodes", "bytes", "layout", "fragmentation"} <= {
+    assert {"inodes", "bytes", "layout", "fragmentation", "exec"} <= {
         role for tree in data["kexec"] for role in tree["roles"]}
+    for tree in data["kexec"]:     # the old path, on the "exec" tree only
+        exec_path = tree["exec_path"]
+        if "exec" in tree["roles"]:
+            assert _number(exec_path["blackout"]["median"])
+            assert {"unmount", "exec"} <= set(exec_path["phases_median_ms"])
+        else:
+            assert not exec_path["blackout"]["samples"]
+    poison = data["poison"]
+    assert poison["runs"] and _number(poison["median_ratio"])
+    for run in poison["runs"]:
+        assert run["pages"] > 0 and run["poison_ms"] > 0 and run["dd_ms"] > 0
     assert len(data["targets"]) >= 15
     assert all(t["met"] in (True, False, None) for t in data["targets"])
     assert data["host"]["nproc"] >= 1 and data["host"]["pyfuse3"]
@@ -113,8 +124,12 @@ def test_bench_markdown_has_every_table(bench_run: tuple[Path, Path, int]) -> No
     text = (out / "bench.md").read_text()
     for heading in ("## Machine", "## Targets", "## Data path", "## Metadata", "## Shell work",
                     "## Kexec blackout against copy-to-disk", "### Blackout phases",
+                    "### The in-process switch against --exec", "## Poison against dd",
                     "## Daemon memory"):
         assert heading in text
+    for target in ("exec phase ≤ 0.15 ×", "poison ≤ 1.5 × dd"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {target}"))
+        assert "✅ met" in row or "❌ missed" in row, row    # judged, whichever way
     for title in ("sequential write, 1 MiB", "random write, 4 KiB, O_DIRECT, 4 jobs",
                   "ls -l of the folder", "the whole script", "64 files × 64 KiB, fragmented",
                   "64 files × 64 KiB, 4 KiB pages", "256 files × 512 B"):

@@ -33,6 +33,7 @@ from benchlib.kexec import run_kexec_suite
 from benchlib.log import say
 from benchlib.metadata import PHASES, UNIT, run_metadata
 from benchlib.model import MISSING
+from benchlib.poison import run_poison_probe
 from benchlib.proc import remove_tree_unless_mounted
 from benchlib.profiles import FULL, QUICK, TINY, Profile
 from benchlib.results import Results
@@ -40,7 +41,7 @@ from benchlib.shell import run_shell
 from benchlib.systems import Caps, Guestfs, Mounted, PyfuseScript, System, Tmpfs, ceiling
 from benchlib.units import MiB
 
-SUITES = ("datapath", "metadata", "shell", "kexec")
+SUITES = ("datapath", "metadata", "shell", "kexec", "poison")
 TOOLS_NEEDED = ("fio", "fusermount3", "tar", "ls")
 
 
@@ -123,6 +124,10 @@ def _run(suites: Sequence[str], results: Results, stack: ExitStack, outdir: Path
             run_kexec_suite(profile, cli, workdir, results.trees, results.errors)
         else:
             results.errors.append("kexec: this guestfs has no `guestfs kexec` command yet")
+    if "poison" in suites:
+        say(f"poison against dd, {profile.poison_bytes // MiB} MiB arena")
+        _guarded(results, "poison", lambda: run_poison_probe(profile, cli, workdir,
+                                                              results.poison))
 
 
 def _compare_systems(suites: Sequence[str], results: Results, cli: GuestfsCli, workdir: Path,

@@ -51,9 +51,10 @@ class GuestfsCli:
         """``guestfs status --json``."""
         return json.loads(self.run("status", os.fspath(mountpoint), "--json"))
 
-    def kexec(self, mountpoint: Path) -> dict[str, Any]:
-        """``guestfs kexec --json``: generation, pid, blackout_ms and phases."""
-        return json.loads(self.run("kexec", "--json", os.fspath(mountpoint)))
+    def kexec(self, mountpoint: Path, *flags: str) -> dict[str, Any]:
+        """``guestfs kexec --json [FLAGS]`` (e.g. ``--exec``, ``--poison``): generation,
+        pid, blackout_ms and phases."""
+        return json.loads(self.run("kexec", "--json", *flags, os.fspath(mountpoint)))
 
     def destroy(self, machine: str) -> None:
         """``guestfs machine destroy``."""

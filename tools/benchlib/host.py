@@ -64,8 +64,9 @@ def _commit() -> str:
 
 
 def python_startup_ms(env: dict[str, str]) -> float:
-    """Median wall time of a Python that imports the guestfs daemon and exits: the
-    least the exec phase of a kexec can cost."""
+    """Median wall time of a Python that imports the guestfs daemon and exits: the next
+    image's imports, the least an exec of it costs (the exec phase of ``guestfs kexec
+    --exec``), against which the in-process switch is judged."""
     samples = []
     for _ in range(STARTUP_RUNS):
         t0 = time.perf_counter()

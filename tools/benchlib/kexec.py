@@ -2,9 +2,11 @@
 
 For each tree of the profile: build it on a machine of its own (`benchlib.trees`),
 mount it with ``guestfs mount`` (which restores it), check that every inode came back,
-run ``guestfs kexec --json`` several times, stat every file and read the daemon's
-memory, SIGKILL the daemon and time the next ``guestfs mount``'s recovery, unmount and
-destroy the machine. Then the same files, written to kernel tmpfs, go through the tar
+run ``guestfs kexec --json`` several times (the next kernel boots in the daemon's
+process and keeps the mount), stat every file and read the daemon's memory, on the
+"exec" tree also ``guestfs kexec --exec`` (the old path: unmount, exec of a fresh next
+image, mount again) for comparison, SIGKILL the daemon and time the next ``guestfs
+mount``'s recovery, unmount and destroy the machine. Then the same files, written to kernel tmpfs, go through the tar
 round trip of `benchlib.baseline` (once per distinct set of files: the guestfs page
 layout does not change what tar copies).
 """
@@ -44,6 +46,12 @@ class TreeResult:
     layout: dict[str, Any] = field(default_factory=dict)   # from the builder
     blackout: Series = field(default_factory=lambda: Series("ms"))
     phases: dict[str, list[float]] = field(default_factory=dict)
+    #: Default kexecs that did not boot in the daemon's process (an ``unmount`` phase
+    #: shows the exec path: the code on disk changed, or the in-process boot failed).
+    exec_fallbacks: int = 0
+    #: ``guestfs kexec --exec`` on the "exec" tree: the old path, for comparison.
+    exec_blackout: Series = field(default_factory=lambda: Series("ms"))
+    exec_phases: dict[str, list[float]] = field(default_factory=dict)
     memory: dict[str, int] = field(default_factory=dict)  # of the daemon after the kexecs
     #: After a SIGKILL of the daemon: the next kernel's boot and restore (in process),
     #: and the whole ``guestfs mount`` command (Python start-up and the FUSE mount too).
@@ -53,8 +61,8 @@ class TreeResult:
     baseline_runs: list[RoundTrip] = field(default_factory=list)
 
     def core_blackout(self) -> Series:
-        """The blackout of each kexec without its exec and poison phases (the Python
-        start-up of the next image, and a debugging aid): what the handover costs."""
+        """The blackout of each kexec without its exec and poison phases (the switch to
+        the next kernel, and a debugging aid): what the handover costs."""
         out = Series("ms")
         for i, total in enumerate(self.blackout.samples):
             out.samples.append(total - sum(self.phases.get(p, [0.0] * (i + 1))[i]
@@ -65,6 +73,10 @@ class TreeResult:
         """Median milliseconds of each blackout phase."""
         return {name: statistics.median(values) for name, values in self.phases.items()}
 
+    def exec_phase_medians(self) -> dict[str, float]:
+        """Median milliseconds of each phase of the ``--exec`` kexecs."""
+        return {name: statistics.median(values) for name, values in self.exec_phases.items()}
+
     def to_json(self) -> dict[str, Any]:
         return {"label": self.spec.label, "files": self.spec.files,
                 "file_size": self.spec.file_size, "bytes": self.spec.bytes,
@@ -72,6 +84,10 @@ class TreeResult:
                 "fragmented": self.spec.fragmented, "roles": sorted(self.roles),
                 "arena_layout": self.layout, "blackout": self.blackout.to_json(),
                 "phases_median_ms": self.phase_medians(), "phases_ms": self.phases,
+                "exec_fallbacks": self.exec_fallbacks,
+                "exec_path": {"blackout": self.exec_blackout.to_json(),
+                              "phases_median_ms": self.exec_phase_medians(),
+                              "phases_ms": self.exec_phases},
                 "daemon_memory": self.memory, "baseline": self.baseline.to_json(),
                 "core_blackout": self.core_blackout().to_json(),
                 "recovery": self.recovery.to_json(),
@@ -118,11 +134,31 @@ def _measure_guestfs(profile: Profile, cli: GuestfsCli, workdir: Path, machine: 
             result.blackout.samples.append(out["blackout_ms"])
             for name, ms in out["phases"].items():
                 result.phases.setdefault(name, []).append(ms)
+            if "unmount" in out["phases"]:
+                result.exec_fallbacks += 1
             say(f"  kexec {run + 1}/{profile.kexec_runs}: blackout {out['blackout_ms']:.1f} ms "
-                f"(generation {out['generation']})")
+                f"(generation {out['generation']}"
+                f"{'' if 'unmount' not in out['phases'] else ', exec path'})")
         _stat_every_file(mounted.path, spec)
         result.memory = memory_of(mounted.pid) if mounted.pid else {}
+        if "exec" in result.roles:
+            _measure_exec_path(profile, cli, mounted.path, result)
         _measure_recovery(cli, system, mounted.path, mounted.pid, result)
+
+
+def _measure_exec_path(profile: Profile, cli: GuestfsCli, mountpoint: Path,
+                       result: TreeResult) -> None:
+    """``guestfs kexec --exec``: unmount, exec a fresh next image (its Python start-up
+    and imports), mount again; what the in-process switch saves. After the memory
+    figures, which a fresh process would change."""
+    for run in range(profile.exec_runs):
+        out = cli.kexec(mountpoint, "--exec")
+        result.exec_blackout.samples.append(out["blackout_ms"])
+        for name, ms in out["phases"].items():
+            result.exec_phases.setdefault(name, []).append(ms)
+        say(f"  kexec --exec {run + 1}/{profile.exec_runs}: blackout "
+            f"{out['blackout_ms']:.1f} ms, of which exec {out['phases'].get('exec', 0):.1f} ms")
+    _check_restored(cli, mountpoint, result.spec)
 
 
 def _stat_every_file(mountpoint: Path, spec: TreeSpec) -> None:

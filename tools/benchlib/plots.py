@@ -105,19 +105,24 @@ def plot_blackout(results: Results, path: Path) -> Path:
 
 
 def plot_phases(results: Results, path: Path) -> Path:
-    """Stacked median phases of every tree's blackout."""
-    trees = [t for t in results.trees if t.phases]
+    """Stacked median phases of every tree's blackout (and of its ``--exec`` kexecs)."""
+    rows: list[tuple[str, dict[str, float]]] = []
+    for t in results.trees:
+        if t.phases:
+            rows.append((t.spec.label, t.phase_medians()))
+        if t.exec_phases:
+            rows.append((f"{t.spec.label}, --exec", t.exec_phase_medians()))
     names: list[str] = []
-    for t in trees:
-        names += [n for n in t.phases if n not in names]
-    fig, ax = plt.subplots(figsize=(11, 0.45 * len(trees) + 1.5))
-    left = [0.0] * len(trees)
+    for _, medians in rows:
+        names += [n for n in medians if n not in names]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
     for name in names:
-        widths = [t.phase_medians().get(name, 0.0) for t in trees]
-        ax.barh(range(len(trees)), widths, left=left, label=name)
+        widths = [medians.get(name, 0.0) for _, medians in rows]
+        ax.barh(range(len(rows)), widths, left=left, label=name)
         left = [a + b for a, b in zip(left, widths, strict=True)]
-    ax.set_yticks(range(len(trees)))
-    ax.set_yticklabels([t.spec.label for t in trees], fontsize=7)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([label for label, _ in rows], fontsize=7)
     ax.set_xlabel("ms (median of each phase)")
     ax.set_title("where the blackout goes")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

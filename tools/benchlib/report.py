@@ -10,6 +10,7 @@ from benchlib.datapath import workloads
 from benchlib.kexec import TreeResult
 from benchlib.metadata import TITLES as META_TITLES
 from benchlib.model import MISSING, Series, Table
+from benchlib.poison import PoisonResult
 from benchlib.results import SYSTEMS, Results
 from benchlib.shell import TITLES as SHELL_TITLES
 from benchlib.targets import TargetResult
@@ -111,22 +112,66 @@ def kexec_table(trees: Sequence[TreeResult]) -> list[str]:
     return lines + notes.render()
 
 
-def phases_table(trees: Sequence[TreeResult]) -> list[str]:
-    """Median milliseconds of each blackout phase, per tree, and the share of the exec
-    phase (the next image's Python start-up and imports) in the blackout."""
+def phases_table(trees: Sequence[TreeResult], imports_ms: float | None) -> list[str]:
+    """Median milliseconds of each blackout phase, per tree (and of the ``--exec``
+    kexecs where measured), with the exec phase against the next image's imports.
+
+    ``exec`` is the switch to the next kernel inside the daemon's process (the old
+    kernel closed, the exec time stamped); with ``--exec`` it is the next image's
+    Python start-up and imports, and ``unmount`` and ``teardown`` appear."""
+    rows = []
+    for t in trees:
+        rows.append((t.spec.label, t.phase_medians(), t.blackout))
+        if t.exec_blackout.summary is not None:
+            rows.append((f"{t.spec.label}, --exec", t.exec_phase_medians(), t.exec_blackout))
     names: list[str] = []
-    for t in trees:
-        names += [n for n in t.phases if n not in names]
-    lines = [_row(["tree", *names, "blackout", "exec share"]), _row(["---"] * (len(names) + 3))]
-    for t in trees:
-        medians = t.phase_medians()
-        summary = t.blackout.summary
-        share = (f"{100 * medians['exec'] / summary.median:.0f} %"
-                 if summary and "exec" in medians else "—")
-        lines.append(_row([t.spec.label, *(number(medians[n]) if n in medians else "—"
-                                           for n in names),
+    for _, medians, _ in rows:
+        names += [n for n in medians if n not in names]
+    lines = [_row(["tree", *names, "blackout", "exec / imports"]),
+             _row(["---"] * (len(names) + 3))]
+    for label, medians, blackout in rows:
+        summary = blackout.summary
+        share = (f"{medians['exec'] / imports_ms:.2g}" if imports_ms and "exec" in medians
+                 else "—")
+        lines.append(_row([label, *(number(medians[n]) if n in medians else "—"
+                                    for n in names),
                            number(summary.median) if summary else "—", share]))
     return lines
+
+
+def exec_path_table(trees: Sequence[TreeResult], imports_ms: float | None) -> list[str]:
+    """The in-process switch against ``--exec`` (the old path) on the same tree."""
+    lines = [_row(["tree", "path", "blackout (ms)", "exec phase (ms)", "exec / imports"]),
+             _row(["---"] * 5)]
+    for t in trees:
+        if t.exec_blackout.summary is None:
+            continue
+        notes = Notes()
+        for path, medians, blackout in (("in process (default)", t.phase_medians(), t.blackout),
+                                        ("--exec", t.exec_phase_medians(), t.exec_blackout)):
+            ms = medians.get("exec")
+            lines.append(_row([t.spec.label, path, cell(blackout, notes),
+                               number(ms) if ms is not None else "—",
+                               f"{ms / imports_ms:.2g}" if ms is not None and imports_ms
+                               else "—"]))
+    if imports_ms:
+        lines += ["", f"imports: Python start-up with the daemon's imports, {imports_ms:.0f} ms "
+                      "in this run (what an exec of the next image costs at least)."]
+    return lines
+
+
+def poison_table(poison: PoisonResult) -> list[str]:
+    """Each poisoning kexec against dd of the same size into /dev/shm."""
+    lines = [_row(["run", "poisoned", "poison (ms)", "dd (ms)", "poison / dd", "path"]),
+             _row(["---"] * 6)]
+    for i, r in enumerate(poison.runs, 1):
+        lines.append(_row([str(i), size_text(r.pages * 4096), number(r.poison_ms),
+                           number(r.dd_ms), f"{r.ratio:.2f}",
+                           "in process" if r.in_process else "exec"]))
+    return lines + ["", "Run 1 is the first poison of a fresh sparse arena and dd into a new "
+                    "file (both allocate their pages); later runs overwrite pages already "
+                    "there, on both sides. dd: `dd if=/dev/zero bs=1M conv=notrunc,fsync`, "
+                    "by its own timing."]
 
 
 def memory_table(trees: Sequence[TreeResult]) -> list[str]:
@@ -155,6 +200,11 @@ def targets_table(targets: Sequence[TargetResult]) -> list[str]:
     return lines + [_row([t.target, t.measured, VERDICT[t.met]]) for t in targets]
 
 
+def _section(heading: str, body: list[str], measured: bool) -> list[str]:
+    """A heading and its body, or nothing if this run did not measure it."""
+    return ["", heading, "", *body] if measured else []
+
+
 def _times(n: int, what: str) -> str:
     return f"{n} {what}" + ("s" if n != 1 else "")
 
@@ -172,7 +222,8 @@ def render(results: Results, plots: Sequence[str] = ()) -> str:
            "## Machine", "", _row(["what", "value"]), _row(["---", "---"])]
     out += [_row([k, size_text(v) if k == "memory_bytes" else str(v)]) for k, v in h.items()]
     if results.python_startup_ms is not None:
-        out.append(_row(["Python start-up with the daemon's imports",
+        out.append(_row(["Python start-up with the daemon's imports (the next image's "
+                         "imports: what an exec costs at least)",
                          f"{results.python_startup_ms:.0f} ms"]))
     out += ["", "## Targets", "", *targets_table(results.targets())]
     if results.errors:
@@ -187,7 +238,17 @@ def render(results: Results, plots: Sequence[str] = ()) -> str:
             "", "## Shell work (seconds, lower is better; the ratio is how many times "
             "tmpfs's time)", "", *comparison_table(results.shell, SHELL_TITLES),
             "", "## Kexec blackout against copy-to-disk", "", *kexec_table(results.trees),
-            "", "### Blackout phases (median ms)", "", *phases_table(results.trees),
+            "", "### Blackout phases (median ms)", "",
+            *phases_table(results.trees, results.python_startup_ms),
+            "", "`exec` is the switch to the next kernel in the daemon's process (the old "
+            "kernel closed, the exec time stamped), judged against the next image's imports; "
+            "in the `--exec` rows it is the exec of a fresh next image (Python start-up and "
+            "imports), and `unmount` and `teardown` appear.",
+            *_section("### The in-process switch against --exec",
+                      exec_path_table(results.trees, results.python_startup_ms),
+                      any(t.exec_blackout.summary for t in results.trees)),
+            *_section(f"## Poison against dd ({size_text(results.poison.arena_bytes)} arena)",
+                      poison_table(results.poison), bool(results.poison.runs)),
             "", "## Daemon memory (after the kexecs)", "", *memory_table(results.trees)]
     if plots:
         out += ["", "## Plots", "", *(f"![{Path(name).stem}]({name})" for name in plots)]

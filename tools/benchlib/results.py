@@ -8,6 +8,7 @@ from typing import Any
 
 from benchlib.kexec import TreeResult
 from benchlib.model import Table
+from benchlib.poison import PoisonResult
 from benchlib.profiles import Profile
 from benchlib.shell import shell_targets
 from benchlib.targets import TargetResult, evaluate
@@ -30,10 +31,12 @@ class Results:
     metadata: Table = field(default_factory=Table)
     shell: Table = field(default_factory=Table)
     trees: list[TreeResult] = field(default_factory=list)
+    poison: PoisonResult = field(default_factory=PoisonResult)
     errors: list[str] = field(default_factory=list)  # suites that failed, and why
 
     def targets(self) -> list[TargetResult]:
-        return (evaluate(self.profile, self.datapath, self.metadata, self.trees)
+        return (evaluate(self.profile, self.datapath, self.metadata, self.trees,
+                         self.python_startup_ms, self.poison)
                 + shell_targets(self.shell))
 
     def to_json(self) -> dict[str, Any]:
@@ -43,6 +46,6 @@ class Results:
             "systems": SYSTEMS, "python_startup_ms": self.python_startup_ms,
             "datapath": self.datapath.to_json(), "metadata": self.metadata.to_json(),
             "shell": self.shell.to_json(),
-            "kexec": [t.to_json() for t in self.trees],
+            "kexec": [t.to_json() for t in self.trees], "poison": self.poison.to_json(),
             "targets": [t.to_json() for t in self.targets()], "errors": self.errors,
         }

@@ -3,7 +3,9 @@
 The guest fills a tmpfs with random data (so that much of its RAM is dirty), prints
 ``checksum before <md5>``, then once a second ``tick N boot <boot id> uptime <s>`` on
 the serial console, and answers the console command ``check`` with ``checksum after
-<md5>``. Written as a newc cpio archive directly, so no device node or root-owned file
+<md5>``. The command ``beat`` starts a heartbeat, ``beat N`` every 4 ms or so (a
+``read -t`` on a FIFO nobody writes: a sleep of the shell itself, no process started),
+by which the host times the VM's pause to a few ms; ``quiet`` stops it. Written as a newc cpio archive directly, so no device node or root-owned file
 has to be made on the host.
 """
 
@@ -32,8 +34,17 @@ echo "checksum before $(md5sum /fill/data | cut -d' ' -f1)"
     echo "tick $n boot $boot_id uptime $(cut -d' ' -f1 /proc/uptime)"
     sleep 1
 done) &
+mkfifo /beat.fifo
+beat_pid=
 while read -r cmd; do
-    [ "$cmd" = check ] && echo "checksum after $(md5sum /fill/data | cut -d' ' -f1)"
+    case "$cmd" in
+    check) echo "checksum after $(md5sum /fill/data | cut -d' ' -f1)" ;;
+    beat) (exec 3<>/beat.fifo; n=0; while [ $n -lt 30000 ]; do
+               n=$((n + 1)); echo "beat $n"; read -t 0.004 -u 3 _
+           done) &
+          beat_pid=$! ;;
+    quiet) [ -n "$beat_pid" ] && kill $beat_pid; beat_pid= ;;
+    esac
 done
 """
 

@@ -2,13 +2,19 @@
 across a guestfs kexec, paused only for the time it takes to save its device state,
 flush, kexec and restore; or, live, QEMU keeps running through a kexec that keeps the
 mount, and waits only for what it asks of the mount during the blackout.
+
+In both modes the guest's pause is timed by its heartbeat (a ``beat N`` line every 4 ms
+or so on the serial console, timed here as each line arrives): the pause is the largest
+gap between two beats around the kexec, to within a beat's period.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,16 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clients import Failure, apt, initramfs
-from clients.guestmount import GuestMount, Kexec, guest_mount
+from clients.guestmount import ROOT, GuestMount, Kexec, guest_mount
 from clients.procs import started
 from clients.qemu import Qmp, SerialConsole, VmConfig
 from clients.report import progress
 
 PACKAGES = apt.PACKAGES["vm"]
 TICK = r"^tick (\d+) boot (\S+) uptime ([\d.]+)$"
+BEAT = r"^beat (\d+)$"
+BEATS_AROUND = 25  # heartbeats to see before the pause starts and after it ends
+BEAT_TIMEOUT = 30.0  # seconds for that many beats (a guest faulting its RAM back in)
 BOOT_TIMEOUT = 120.0  # seconds to boot under TCG (about 5 s) plus filling the RAM
 CHECK_TIMEOUT = 300.0  # seconds for the guest to checksum its data (TCG, lazy faults)
 EXIT_TIMEOUT = 120.0  # seconds for QEMU to quit (its exit flushes the guest's RAM)
+KEXEC_TIMEOUT = 300.0  # seconds for the next kernel to serve (as `guestfs kexec` waits)
 MAX_TICK_GAP = 3.0  # seconds of guest uptime between the ticks around the pause
 
 
@@ -37,6 +47,7 @@ class Settings:
     fill_mb: int
     poison: bool
     live: bool = False      # QEMU keeps running through the kexec
+    via_cli: bool = False   # kexec with the `guestfs kexec` command, not on the socket
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,100 @@ class Tick:
         return cls(int(match.group(1)), match.group(2), float(match.group(3)))
 
 
+@dataclass(frozen=True)
+class Kexecer:
+    """How the demo asks for the kexec: as a host orchestrator already running would,
+    with one request on the daemon's control socket (what ``guestfs kexec`` sends, less
+    the start of a command during the pause), or with the ``guestfs kexec`` command."""
+
+    gm: GuestMount
+    poison: bool
+    via_cli: bool
+
+    def __call__(self, generation: int) -> Kexec:
+        """Kexec the mount whose kernel is at `generation`; returns once the next kernel
+        serves it."""
+        if self.via_cli:
+            return self.gm.kexec(poison=self.poison)
+        if str(ROOT) not in sys.path:       # the project's stdlib-only client modules
+            sys.path.insert(0, str(ROOT))
+        from guestfs import control
+        from kho_backend.machine import machine_dir
+        sock = control.socket_path(machine_dir(), self.gm.machine)
+        t0 = time.perf_counter()
+        control.request(sock, {"op": "kexec", "poison": self.poison}, timeout=KEXEC_TIMEOUT)
+        deadline = time.monotonic() + KEXEC_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                status = control.request(sock, {"op": "status"})
+            except control.ControlError:    # an exec'd next image not listening yet
+                status = None
+            if status and status["generation"] > generation and status["last_blackout"]:
+                if status["pid"] != self.gm.pid:
+                    raise Failure(f"kexec changed the daemon's PID from {self.gm.pid} to "
+                                  f"{status['pid']}")
+                blackout = status["last_blackout"]
+                return Kexec(status["generation"], status["pid"], blackout["total_ms"],
+                             blackout["phases"], ms_since(t0))
+            time.sleep(0.002)
+        raise Failure(f"the next kernel did not serve within {KEXEC_TIMEOUT:.0f} s")
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The guest's heartbeat around the pause, as its lines arrived here."""
+
+    beats: int              # beat lines seen
+    pause_ms: float         # the largest gap between two of them across the pause
+    period_ms: float        # their median gap: the resolution of `pause_ms`
+    elsewhere_ms: float     # the largest gap not across it: the noise of this host
+    consecutive: bool       # no beat number skipped (none lost on the console)
+
+    @classmethod
+    def measure(cls, console: SerialConsole, start: int, window: tuple[float, float]
+                ) -> Heartbeat:
+        """The beats from console line `start` on; the pause is the largest gap that
+        overlaps `window` (time.monotonic from the start of the host's action to its end:
+        ``stop`` to ``cont``, or the ``guestfs kexec`` command)."""
+        beats = [(console.arrived[i], int(m.group(1))) for i in range(start, len(console.lines))
+                 if (m := re.match(BEAT, console.lines[i]))]
+        if len(beats) < 2:
+            raise Failure(f"the guest printed {len(beats)} heartbeat lines")
+        pairs = list(zip(beats, beats[1:]))
+        across = [(b[0] - a[0]) * 1e3 for a, b in pairs
+                  if b[0] >= window[0] and a[0] <= window[1]]
+        others = [(b[0] - a[0]) * 1e3 for a, b in pairs
+                  if not (b[0] >= window[0] and a[0] <= window[1])]
+        if not across:
+            raise Failure("no heartbeat gap spans the pause (the beats ended before it?)")
+        numbers = [n for _, n in beats]
+        return cls(len(beats), max(across),
+                   statistics.median((b[0] - a[0]) * 1e3 for a, b in pairs),
+                   max(others, default=0.0),
+                   numbers == list(range(numbers[0], numbers[0] + len(numbers))))
+
+    def problems(self) -> list[str]:
+        return [] if self.consecutive else ["heartbeat lines lost on the console"]
+
+
+def start_heartbeat(console: SerialConsole) -> int:
+    """Start the guest's heartbeat and wait for a few beats; the console line index of
+    the first."""
+    seen = len(console.lines)
+    console.send("beat")
+    first, _ = console.expect(BEAT, BEAT_TIMEOUT, seen)
+    await_beats(console, first)
+    return first
+
+
+def await_beats(console: SerialConsole, start: int) -> None:
+    """Wait for `BEATS_AROUND` beats from console line `start` on."""
+    index = start
+    for _ in range(BEATS_AROUND):
+        index, _ = console.expect(BEAT, BEAT_TIMEOUT, index)
+        index += 1
+
+
 @dataclass
 class Pause:
     """The VM pause, from ``stop`` to ``cont``, by phase (milliseconds)."""
@@ -59,7 +164,7 @@ class Pause:
     save: float = 0.0  # stop, migrate the device state to the mount
     flush: float = 0.0  # QEMU's exit: its dirty RAM pages written through FUSE
     kexec: float = 0.0  # `guestfs kexec` as seen from here
-    restore: float = 0.0  # a new QEMU, migrate_incoming, cont
+    restore: float = 0.0  # the next QEMU (started ahead): migrate_incoming, cont
 
     @property
     def total(self) -> float:
@@ -77,10 +182,11 @@ class Outcome:
     state_bytes: int
     pause: Pause
     kexec: Kexec
+    heartbeat: Heartbeat
 
     def problems(self) -> list[str]:
         """Everything that shows the guest did not simply go on."""
-        found = []
+        found = self.heartbeat.problems()
         if self.after.n != self.before.n + 1:
             found.append(f"tick {self.after.n} follows tick {self.before.n}")
         if self.after.boot != self.before.boot:
@@ -113,47 +219,72 @@ def qemu(config: VmConfig, console: SerialConsole, qmp_path: Path, *, incoming: 
         reader.join()
 
 
-def save_and_quit(config: VmConfig, console: SerialConsole, qmp_path: Path,
-                  pause: Pause) -> tuple[Tick, str]:
-    """Boot the guest, let it fill and checksum its RAM, then stop it, save its device
-    state to the mount and quit. Returns the last tick and the checksum before."""
-    with qemu(config, console, qmp_path, incoming=False) as (proc, qmp):
+def restart(config: VmConfig, console: SerialConsole, work: Path, gm: GuestMount,
+            kexecer: Kexecer) -> Outcome:
+    """Boot the guest, let it fill and checksum its RAM and start its heartbeat; start
+    the next QEMU ahead (``-incoming defer``, paused, on the same RAM file: as QEMU's own
+    CPR does, its start-up is then no part of the pause); stop the guest, save its device
+    state to the mount, quit the first QEMU, kexec the mount, and let the next QEMU take
+    the saved state and go on."""
+    pause = Pause()
+    with qemu(config, console, work / "qmp1.sock", incoming=False) as (proc, qmp):
         progress(f"booting the guest; it fills {config.fill_mb} MiB of its RAM")
         index, match = console.expect(r"^checksum before (\w+)$", BOOT_TIMEOUT)
+        sum_before = match.group(1)
         console.expect(r"^tick 3 ", 10, index)  # a few ticks, for the record
+        beats = start_heartbeat(console)
         qmp.leave_out_shared_ram()
-        progress("pausing the VM: stop, save the device state")
-        t0 = time.perf_counter()
-        qmp.execute("stop")
-        qmp.execute("migrate", uri=f"exec:cat > {config.state_path}")
-        qmp.wait("query-migrate", "status", "completed")
-        pause.save = ms_since(t0)
-        t0 = time.perf_counter()
-        qmp.execute("quit")
-        proc.wait()
-        pause.flush = ms_since(t0)
-    ticks = [m for line in console.lines if (m := re.match(TICK, line))]
-    return Tick.parse(ticks[-1]), match.group(1)
+        progress("starting the next QEMU, paused, waiting for the saved state")
+        with qemu(config, console, work / "qmp2.sock", incoming=True) as (_, qmp2):
+            qmp2.leave_out_shared_ram()
+            generation = gm.status()["generation"]
+            progress("pausing the VM: stop, save the device state, quit")
+            stopped = save_and_quit(config, qmp, proc, pause)
+            ticks = [m for line in console.lines if (m := re.match(TICK, line))]
+            before = Tick.parse(ticks[-1])
+            state_bytes = config.state_path.stat().st_size
+            progress("guestfs kexec")
+            kexec = kexecer(generation)
+            pause.kexec = kexec.wall_ms
+            seen = len(console.lines)
+            resumed = resume(config, qmp2, pause)
+            await_beats(console, seen)
+            heartbeat = Heartbeat.measure(console, beats, (stopped, resumed))
+            console.send("quiet")
+            progress("the VM runs again; the guest checksums its RAM")
+            _, tick = console.expect(TICK, 10, seen)
+            console.send("check")
+            _, after = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
+            qmp2.execute("quit")
+    return Outcome(before, Tick.parse(tick), sum_before, after.group(1), state_bytes, pause,
+                   kexec, heartbeat)
 
 
-def restore(config: VmConfig, console: SerialConsole, qmp_path: Path,
-            pause: Pause) -> tuple[Tick, str]:
-    """A new QEMU takes the saved state and the RAM on the mount and goes on. Returns
-    the first tick after and the checksum the guest computes then."""
-    seen = len(console.lines)
+def save_and_quit(config: VmConfig, qmp: Qmp, proc: subprocess.Popen[bytes],
+                  pause: Pause) -> float:
+    """Stop the guest, save its device state to the mount and quit QEMU; when ``stop``
+    was sent (time.monotonic)."""
+    t0, stopped = time.perf_counter(), time.monotonic()
+    qmp.execute("stop")
+    qmp.execute("migrate", uri=f"exec:cat > {config.state_path}")
+    qmp.wait("query-migrate", "status", "completed")
+    pause.save = ms_since(t0)
     t0 = time.perf_counter()
-    with qemu(config, console, qmp_path, incoming=True) as (proc, qmp):
-        qmp.leave_out_shared_ram()
-        qmp.execute("migrate-incoming", uri=f"exec:cat {config.state_path}")
-        qmp.wait("query-status", "status", "paused")
-        qmp.execute("cont")
-        pause.restore = ms_since(t0)
-        progress("the VM runs again; the guest checksums its RAM")
-        _, tick = console.expect(TICK, 10, seen)
-        console.send("check")
-        _, match = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
-        qmp.execute("quit")
-    return Tick.parse(tick), match.group(1)
+    qmp.execute("quit")
+    proc.wait(EXIT_TIMEOUT)
+    pause.flush = ms_since(t0)
+    return stopped
+
+
+def resume(config: VmConfig, qmp: Qmp, pause: Pause) -> float:
+    """The next QEMU, started ahead, takes the saved state and the RAM on the mount and
+    goes on; when ``cont`` returned (time.monotonic)."""
+    t0 = time.perf_counter()
+    qmp.execute("migrate-incoming", uri=f"exec:cat {config.state_path}")
+    qmp.wait("query-status", "status", "paused")
+    qmp.execute("cont")
+    pause.restore = ms_since(t0)
+    return time.monotonic()
 
 
 @dataclass
@@ -165,10 +296,11 @@ class LiveOutcome:
     checksum_before: str
     checksum_after: str
     kexec: Kexec
+    heartbeat: Heartbeat
 
     def problems(self) -> list[str]:
         """Everything that shows the guest did not simply go on."""
-        found = []
+        found = self.heartbeat.problems()
         if [t.n for t in self.ticks] != list(range(self.ticks[0].n,
                                                    self.ticks[0].n + len(self.ticks))):
             found.append(f"ticks not consecutive: {[t.n for t in self.ticks]}")
@@ -183,15 +315,21 @@ class LiveOutcome:
 
 
 def run_live(config: VmConfig, console: SerialConsole, qmp_path: Path, gm: GuestMount,
-             poison: bool) -> LiveOutcome:
+             kexecer: Kexecer) -> LiveOutcome:
     """Boot the guest, let it fill and checksum its RAM, kexec the mount under the
     running QEMU, let it tick on, then have it checksum its RAM again."""
     with qemu(config, console, qmp_path, incoming=False) as (proc, qmp):
         progress(f"booting the guest; it fills {config.fill_mb} MiB of its RAM")
         index, match = console.expect(r"^checksum before (\w+)$", BOOT_TIMEOUT)
         last, _ = console.expect(r"^tick 3 ", 10, index)
+        beats = start_heartbeat(console)
+        generation = gm.status()["generation"]
         progress("guestfs kexec, QEMU running")
-        kexec = gm.kexec(poison=poison)
+        window = time.monotonic()
+        kexec = kexecer(generation)
+        await_beats(console, len(console.lines))
+        heartbeat = Heartbeat.measure(console, beats, (window, window + kexec.wall_ms / 1e3))
+        console.send("quiet")
         console.expect(r"^tick ", 10, len(console.lines))
         end, _ = console.expect(r"^tick ", 10, len(console.lines))  # two ticks after
         lines = range(last, end + 1)
@@ -204,7 +342,7 @@ def run_live(config: VmConfig, console: SerialConsole, qmp_path: Path, gm: Guest
         _, after = console.expect(r"^checksum after (\w+)$", CHECK_TIMEOUT, seen)
         qmp.execute("quit")
     return LiveOutcome([Tick.parse(m) for _, m in ticks], gap, match.group(1), after.group(1),
-                       kexec)
+                       kexec, heartbeat)
 
 
 def find_kernel() -> Path:
@@ -225,13 +363,8 @@ def run(settings: Settings) -> Outcome | LiveOutcome:
         initramfs.build(work / "initrd.gz")
         config = VmConfig(find_kernel(), work / "initrd.gz", settings.ram_mb,
                           gm / "vm0.ram", settings.fill_mb)
-        console, pause = SerialConsole(), Pause()
+        console = SerialConsole()
+        kexecer = Kexecer(gm, settings.poison, settings.via_cli)
         if settings.live:
-            return run_live(config, console, work / "qmp1.sock", gm, settings.poison)
-        before, sum_before = save_and_quit(config, console, work / "qmp1.sock", pause)
-        state_bytes = config.state_path.stat().st_size
-        progress("guestfs kexec")
-        kexec = gm.kexec(poison=settings.poison)
-        pause.kexec = kexec.wall_ms
-        after, sum_after = restore(config, console, work / "qmp2.sock", pause)
-    return Outcome(before, after, sum_before, sum_after, state_bytes, pause, kexec)
+            return run_live(config, console, work / "qmp1.sock", gm, kexecer)
+        return restart(config, console, work, gm, kexecer)
