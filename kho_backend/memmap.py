@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import HandoverError
+from .leaves import Leaves
 from .units import MAX_ORDER, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -158,24 +159,39 @@ class Memmap:
         before the page allocator starts)."""
         self.map[pfn : pfn + npages] &= SCRATCH_FLAG
 
-    def set_preserved(self, pfns: np.ndarray, order: int) -> None:
-        """Mark blocks of ``order`` at ``pfns`` PRESERVED (boot time, on a reset memmap).
+    def set_preserved(self, leaves: Leaves) -> None:
+        """Mark the blocks of ``leaves`` PRESERVED (boot time, on a reset memmap), a run
+        of leaves at a time: order-0 pages by whole-run vector passes over their bytes,
+        larger blocks row by row.
 
         HandoverError unless every page of those blocks is still a plain free page
         (not reserved, not scratch, not already preserved).
         """
-        pfns = np.asarray(pfns, dtype=np.int64)
-        _check_heads(pfns, order, self.arena.npages, "preserved")
-        pages = block_pages(pfns, order)
-        busy = self.map[pages] != FREE_PAGE
-        if busy.any():
-            pfn = int(pages[np.argmax(busy)])
-            raise HandoverError(
-                f"A preserved folio of order {order} covers PFN {pfn}, which is {self.describe(pfn)}."
-            )
-        self.map[pages] = TAIL
-        self.map[pfns] = encode(PageState.PRESERVED, order)
-        self._count(pfns, order, +1)
+        order, head = leaves.order, encode(PageState.PRESERVED, leaves.order)
+        for run in leaves.runs(self.arena.npages):
+            if order == 0 and run.dense:
+                view = self.map[run.first:run.first + run.slots]
+                bits = run.bits()
+                busy = (view != FREE_PAGE) & bits.view(bool)
+                if busy.any():
+                    self._refuse_busy(run.first + int(np.argmax(busy)), 0)
+                view ^= bits * (FREE_PAGE ^ head)   # FREE_PAGE -> head where a bit is set
+                continue
+            rows = run.positions()
+            blocks = self.map[run.first:run.first + (run.slots << order)].reshape(run.slots, 1 << order)
+            busy = blocks[rows] != FREE_PAGE
+            bad = np.flatnonzero(busy.any(axis=1))
+            if len(bad):
+                first = run.first + (int(rows[bad[0]]) << order)
+                self._refuse_busy(first + int(np.argmax(busy[bad[0]])), order)
+            blocks[rows] = TAIL
+            blocks[rows, 0] = head
+        self._count(leaves, +1)
+
+    def _refuse_busy(self, pfn: int, order: int) -> None:
+        raise HandoverError(
+            f"A preserved folio of order {order} covers PFN {pfn}, which is {self.describe(pfn)}."
+        )
 
     # -- the handover -----------------------------------------------------------------------
 
@@ -190,12 +206,30 @@ class Memmap:
         _check_heads(pfns, order, self.arena.npages, "restored")
         wrong = self.map[pfns] != encode(PageState.PRESERVED, order)
         if wrong.any():
-            pfn = int(pfns[np.argmax(wrong)])
-            raise HandoverError(
-                f"PFN {pfn} was not preserved as a folio of order {order}; it is {self.describe(pfn)}."
-            )
+            self._refuse_unpreserved(int(pfns[np.argmax(wrong)]), order)
         self.map[pfns] = encode(PageState.ALLOCATED, order)
         self._count(pfns, order, -1)
+
+    def claim_leaves(self, leaves: Leaves) -> None:
+        """PRESERVED -> ALLOCATED for every block of ``leaves`` (a pool restored whole):
+        only head bytes change, a run of leaves at a time. HandoverError unless each is
+        exactly the head of a preserved block of that order; nothing changes then."""
+        order = leaves.order
+        before, after = encode(PageState.PRESERVED, order), encode(PageState.ALLOCATED, order)
+        runs = [(self.map[run.first:run.first + (run.slots << order):1 << order], run.bits())
+                for run in leaves.runs(self.arena.npages)]
+        for (heads, bits), run in zip(runs, leaves.runs(self.arena.npages)):
+            wrong = (heads != before) & bits.view(bool)      # check all, then write all
+            if wrong.any():
+                self._refuse_unpreserved(run.first + (int(np.argmax(wrong)) << order), order)
+        for heads, bits in runs:
+            heads ^= bits * (before ^ after)
+        self._count(leaves, -1)
+
+    def _refuse_unpreserved(self, pfn: int, order: int) -> None:
+        raise HandoverError(
+            f"PFN {pfn} was not preserved as a folio of order {order}; it is {self.describe(pfn)}."
+        )
 
     def preserved_heads(self) -> Iterator[tuple[np.ndarray, int]]:
         """``(pfns, order)`` for the blocks still PRESERVED, ascending PFNs per order."""
@@ -278,8 +312,16 @@ class Memmap:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _count(self, pfns: np.ndarray, order: int, sign: int) -> None:
-        nodes = np.searchsorted(self._node_starts, pfns, side="right")
+    def _count(self, blocks: Leaves | np.ndarray, order: int = 0, sign: int = 1) -> None:
+        """Add ``sign`` times the pages of ``blocks`` (leaves, or head pfns of ``order``)
+        to the per-node preserved counts."""
+        if isinstance(blocks, Leaves):
+            order = blocks.order
+            if self.arena.nodes == 1:
+                self.preserved_per_node[0] += sign * blocks.pages()
+                return
+            blocks = blocks.heads()
+        nodes = np.searchsorted(self._node_starts, blocks, side="right")
         self.preserved_per_node += sign * (np.bincount(nodes, minlength=self.arena.nodes) << order)
 
     def _count_preserved(self) -> np.ndarray:

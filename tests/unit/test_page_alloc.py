@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from conftest_machine import SHM
 from kho_backend.arena import Arena
 from kho_backend.errors import HandoverError, MachineError, OutOfMemory
+from kho_backend.leaves import Leaves
 from kho_backend.memmap import (
     FREE_PAGE,
     Memmap,
@@ -48,7 +49,7 @@ def fresh(arena: Arena, *, scratch: Sequence[tuple[int, int]] = SCRATCH,
     for start, n in RESERVED:
         memmap.mark_reserved(start, n)
     for pfns, order in preserved:
-        memmap.set_preserved(pfns, order)
+        memmap.set_preserved(Leaves.from_heads(pfns, order))
     return PageAllocator(arena, memmap)
 
 
@@ -266,8 +267,8 @@ def test_set_preserved_refuses_overlaps(arena: Arena) -> None:
         fresh(arena, preserved=[(np.array([512]), 9), (np.array([600]), 0)])
     with pytest.raises(HandoverError, match="the head of a preserved block of order 2"):
         fresh(arena, preserved=[(np.array([512]), 2), (np.array([512]), 0)])
-    with pytest.raises(HandoverError, match="not aligned"):
-        fresh(arena, preserved=[(np.array([513]), 1)])
+    with pytest.raises(ValueError, match="not aligned"):
+        Leaves.from_heads(np.array([513]), 1)
 
 
 # -- memmap reading ------------------------------------------------------------------------------
