@@ -41,6 +41,8 @@ NORMAL, SCRATCH = 0, 1
 CHUNK = 1 << MAX_ORDER
 #: 0x0101010101010101: a byte value times this is that byte in every byte of a u64.
 _WORD = 0x0101010101010101
+#: Chunks scanned at once (256 KiB of memmap).
+_SCAN = 256
 KINDS = (NORMAL, SCRATCH)
 _FREE = PageState.FREE << STATE_SHIFT
 _ALLOCATED = PageState.ALLOCATED << STATE_SHIFT
@@ -307,26 +309,32 @@ class PageAllocator:
     # its bytes read as u64 words; only the other chunks are cut into blocks page by page.
 
     def _count_kinds(self) -> tuple[list[int], list[int]]:
-        """Per node: RESERVED pages (they have no tails) and scratch pages."""
-        state = self._map & STATE_MASK
-        spans = list(zip(self._starts, self._starts[1:]))
-        reserved = [int(np.count_nonzero(state[lo:hi] == 0)) for lo, hi in spans]
-        scratch = [int(np.count_nonzero(self._map[lo:hi] >= SCRATCH_FLAG)) for lo, hi in spans]
-        return reserved, scratch
+        """Per node: RESERVED pages (they have no tails) and scratch pages; counted on
+        u64 words, a slice of chunks at a time (small temporaries stay in cache)."""
+        used = np.zeros(self._nfull, np.int64)      # bytes with a state other than RESERVED
+        scratch = np.zeros(self._nfull, np.int64)
+        for lo in range(0, self._nfull, _SCAN):
+            words = self._words[lo:lo + _SCAN]
+            state = words & np.uint64(_WORD * STATE_MASK)
+            nonzero = (state + np.uint64(_WORD * 0x7F)) | state    # high bit: state != 0
+            used[lo:lo + _SCAN] = np.bitwise_count(nonzero & np.uint64(_WORD * 0x80)).sum(axis=1)
+            scratch[lo:lo + _SCAN] = np.bitwise_count(words & np.uint64(_WORD * 0x80)).sum(axis=1)
+        reserved_out, scratch_out = [], []
+        for lo, hi in zip(self._starts, self._starts[1:]):
+            rows = slice(lo >> MAX_ORDER, min(hi >> MAX_ORDER, self._nfull))
+            tail = self._map[max(lo, self._nfull << MAX_ORDER):hi]     # the partial chunk
+            reserved_out.append(((rows.stop - rows.start) << MAX_ORDER) - int(used[rows].sum())
+                                + int(np.count_nonzero((tail & STATE_MASK) == 0)))
+            scratch_out.append(int(scratch[rows].sum()) + int(np.count_nonzero(tail >= SCRATCH_FLAG)))
+        return reserved_out, scratch_out
 
     def _rebuild(self, chunks: np.ndarray) -> None:
         """Add the free blocks of ``chunks`` (ascending, none of them listed) to the
         free lists, merging their free pages into maximal aligned blocks in the memmap."""
         full = chunks[chunks < self._nfull]
-        words = self._words if len(full) == self._nfull else self._words[full]
-        free_head = _has_byte(words & _WORD * STATE_MASK, _WORD * _FREE).any(axis=1)
+        free_head, whole = self._classify(full)
         first = self._rows[full, 0]
-        whole = free_head & ((first & (SCRATCH_FLAG - 1)) == _FREE | MAX_ORDER)
-        for flag in (0, SCRATCH_FLAG):
-            fresh = free_head & (words == _WORD * (flag | _FREE)).all(axis=1)
-            self._rows[full[fresh], 1:] = flag | _TAIL
-            self._rows[full[fresh], 0] = flag | _FREE | MAX_ORDER
-            whole |= fresh
+        whole |= free_head & ((first & (SCRATCH_FLAG - 1)) == _FREE | MAX_ORDER)
         heads = [full[whole] << MAX_ORDER]
         orders = [np.full(len(heads[0]), MAX_ORDER, np.int64)]
         mixed = np.concatenate([full[free_head & ~whole], chunks[chunks >= self._nfull]])
@@ -335,6 +343,25 @@ class PageAllocator:
             heads.append(more)
             orders.append(more_orders)
         self._add(np.concatenate(heads), np.concatenate(orders))
+
+    def _classify(self, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per whole chunk of ``full`` (ascending): has it a FREE head, and is it all
+        free order-0 pages of one kind (as boot leaves an untouched chunk: made one free
+        block here, in the memmap)? Read as u64 words, a slice of chunks at a time."""
+        free_head = np.zeros(len(full), bool)
+        fresh = np.zeros(len(full), bool)
+        dense = len(full) == self._nfull      # every chunk: slices, not a gather
+        for lo in range(0, len(full), _SCAN):
+            words = self._words[lo:lo + _SCAN] if dense else self._words[full[lo:lo + _SCAN]]
+            free_head[lo:lo + _SCAN] = _has_byte(words & np.uint64(_WORD * STATE_MASK),
+                                                 _WORD * _FREE).any(axis=1)
+            for flag in (0, SCRATCH_FLAG):
+                fresh[lo:lo + _SCAN] |= (words == np.uint64(_WORD * (flag | _FREE))).all(axis=1)
+        for flag in (0, SCRATCH_FLAG):
+            rows = full[fresh & (self._rows[full, 0] == flag | _FREE)]
+            self._rows[rows, 1:] = flag | _TAIL
+            self._rows[rows, 0] = flag | _FREE | MAX_ORDER
+        return free_head, fresh
 
     def _cut(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cut the free pages of ``chunks`` (ascending; the partial last chunk of the
