@@ -4,9 +4,11 @@
 the arena, and refuses it with a HandoverError naming what is wrong: the root FDT, the
 preserved-memory maps (the global radix tree and each pool's, or a ``kho-v1`` chunk list
 from release 0.2.0), every sub-FDT, kexec-metadata, and where all of that lies: inside
-the arena, no two blocks over one page, nothing on page 0 or in scratch. That last check
-is one coverage count over the arena (two ``bincount`` and a ``cumsum``), so it costs in
-proportion to the arena and the blocks, with no sort of the heads.
+the arena, no two blocks over one page, nothing on page 0 or in scratch. The maps stay
+radix leaves (``leaves.Leaves``) from the arena to the memmap: that last check sets one
+bit per arena page from them, boot reserves them and ``restore_pool`` claims them a run
+of leaves at a time, so a million preserved pages cost a few vector passes over one byte
+each, not a step per block.
 
 Boot then reserves ``reserved_blocks()``, ``attach``es the kernel, and subsystems take
 their state back with ``retrieve_subtree``, the ``restore_*`` calls (the kernel's

@@ -20,6 +20,9 @@ from .units import PAGE_SHIFT
 #: A leaf is a page of bits: 32768 blocks.
 LEAF_SHIFT = PAGE_SHIFT + 3
 LEAF_BITS = 1 << LEAF_SHIFT
+#: Leaves taken in one run: the temporaries of a pass over a run (a byte per block)
+#: stay small enough to be reused from the heap, not mapped and faulted in anew.
+RUN_LEAVES = 4
 
 
 def leaf_slots(npages: int, order: int) -> int:
@@ -121,11 +124,12 @@ class Leaves:
         return Leaves(self.order, self.index, self.bitmaps & ~other, self.pfns)
 
     def runs(self, npages: int) -> Iterator[Run]:
-        """The blocks as runs of consecutive leaves, clipped to an arena of ``npages``
-        pages (whose blocks all end inside it)."""
+        """The blocks as runs of up to RUN_LEAVES consecutive leaves, clipped to an arena
+        of ``npages`` pages (whose blocks all end inside it)."""
         if not len(self.index):
             return
-        cuts = np.flatnonzero(np.diff(self.index) != 1) + 1
+        cuts = np.flatnonzero((np.diff(self.index) != 1)
+                              | (np.arange(1, len(self.index)) % RUN_LEAVES == 0)) + 1
         counts = np.bitwise_count(self.bitmaps).sum(axis=1, dtype=np.int64)
         for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(self.index)]):
             count = int(counts[lo:hi].sum())

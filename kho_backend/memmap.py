@@ -132,6 +132,7 @@ class Memmap:
         self.map = np.frombuffer(arena.view(first_pfn, self.npages), dtype=np.uint8)[: arena.npages]
         self._node_starts = np.array([arena.node_range(n)[0] for n in range(1, arena.nodes)], dtype=np.int64)
         if reset:
+            arena.prefault(first_pfn, self.npages)
             self.map[:] = FREE_PAGE
             #: Pages in PRESERVED blocks, per node.
             self.preserved_per_node = np.zeros(arena.nodes, dtype=np.int64)
