@@ -39,7 +39,7 @@ from .kho_mem import (KHO_V1_COMPATIBLE, PROP_FDT, PROP_FDT_CRC, PROP_FDT_SIZE,
 from .kho_pool import PreservedPool
 from .kho_radix import RadixMap, read_radix
 from .leaves import LEAF_BITS, LEAF_SHIFT, Leaves, Run
-from .memmap import blocks_mask, has_duplicates
+from .memmap import block_pages, blocks_mask, has_duplicates
 from .page_alloc import PageAllocator
 from .units import PAGE_SHIFT, PAGE_SIZE
 
@@ -418,6 +418,9 @@ def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, in
     used = np.zeros(-(-npages // 8) + 1, np.uint8)
     twice = np.zeros_like(used)
     for _, leaves in placed:
+        if leaves.sparse:
+            _place_pages(used, twice, block_pages(leaves.heads(), leaves.order))
+            continue
         for run in leaves.runs(npages):
             pages = _page_bits(run)
             at = run.first >> 3                  # a run starts on a multiple of 32768
@@ -440,6 +443,14 @@ def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, in
             holder = _holders(placed, start + int(inside[0]))[0]
             raise HandoverError(f"{holder.capitalize()} lies in the scratch area at pfns "
                                 f"[{start}, {start + n}).")
+
+
+def _place_pages(used: np.ndarray, twice: np.ndarray, pages: np.ndarray) -> None:
+    """check_placement's marking of a few pages (distinct), one by one."""
+    at, bit = pages >> 3, np.left_shift(1, pages & 7).astype(np.uint8)
+    hit = (used[at] & bit) != 0
+    np.bitwise_or.at(twice, at[hit], bit[hit])
+    np.bitwise_or.at(used, at, bit)
 
 
 def _page_bits(run: Run) -> np.ndarray:

@@ -77,6 +77,7 @@ class Leaves:
     bitmaps: np.ndarray
     pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     _heads: np.ndarray | None = field(default=None, repr=False)
+    _count: int | None = field(default=None, repr=False)
 
     @classmethod
     def from_heads(cls, heads: np.ndarray, order: int) -> Leaves:
@@ -87,15 +88,26 @@ class Leaves:
         if bad.any():
             raise ValueError(f"PFN {int(heads[np.argmax(bad)])} cannot head a block of order "
                              f"{order}: it is negative or not aligned to it.")
-        leaf = heads >> (order + LEAF_SHIFT)
-        index, row = np.unique(leaf, return_inverse=True)
-        bits = np.zeros((len(index), LEAF_BITS), bool)
-        bits[row, (heads >> order) & (LEAF_BITS - 1)] = True
-        return cls(order, index, np.packbits(bits, axis=1, bitorder="little"))
+        slots = np.unique(heads >> order)                    # block numbers, ascending
+        index, row = np.unique(slots >> LEAF_SHIFT, return_inverse=True)
+        at = (row << (LEAF_SHIFT - 3)) | ((slots & (LEAF_BITS - 1)) >> 3)   # byte of each bit
+        first = np.flatnonzero(np.diff(at, prepend=-1))      # the bits of a byte are adjacent
+        bitmaps = np.zeros((len(index), LEAF_BITS >> 3), np.uint8)
+        bitmaps.reshape(-1)[at[first]] = np.bitwise_or.reduceat(
+            np.left_shift(1, slots & 7).astype(np.uint8), first) if len(first) else 0
+        return cls(order, index, bitmaps, _heads=slots << order, _count=len(slots))
+
+    @property
+    def sparse(self) -> bool:
+        """So few blocks for their leaves that block by block is cheaper than passes
+        over whole leaves."""
+        return self.count() * 64 < len(self.index) << LEAF_SHIFT
 
     def count(self) -> int:
-        """Blocks held."""
-        return int(np.bitwise_count(self.bitmaps).sum())
+        """Blocks held (counted once, then kept: the bitmaps are not changed)."""
+        if self._count is None:
+            self._count = int(np.bitwise_count(self.bitmaps).sum())
+        return self._count
 
     def pages(self) -> int:
         return self.count() << self.order
@@ -103,9 +115,11 @@ class Leaves:
     def heads(self) -> np.ndarray:
         """Head pfns of every block, ascending (unpacked once, then kept)."""
         if self._heads is None:
-            heads = [((self.index[row] << LEAF_SHIFT) | set_bits(self.bitmaps[row])) << self.order
-                     for row in range(len(self.index))]
-            self._heads = np.concatenate(heads) if heads else np.zeros(0, np.int64)
+            rows, cols = np.nonzero(self.bitmaps)        # only the non-zero bytes unpacked
+            which, bits = np.nonzero(np.unpackbits(self.bitmaps[rows, cols][:, None], axis=1,
+                                                   bitorder="little"))
+            slots = (self.index[rows[which]] << LEAF_SHIFT) | (cols[which] << 3) | bits
+            self._heads = slots.astype(np.int64) << self.order
         return self._heads
 
     def contains(self, pfns: np.ndarray) -> np.ndarray:

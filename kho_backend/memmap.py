@@ -169,6 +169,9 @@ class Memmap:
         (not reserved, not scratch, not already preserved).
         """
         order, head = leaves.order, encode(PageState.PRESERVED, leaves.order)
+        if leaves.sparse:
+            self._set_preserved_heads(leaves.heads(), order)
+            return
         for run in leaves.runs(self.arena.npages):
             if order == 0 and run.dense:
                 view = self.map[run.first:run.first + run.slots]
@@ -188,6 +191,16 @@ class Memmap:
             blocks[rows] = TAIL
             blocks[rows, 0] = head
         self._count(leaves, +1)
+
+    def _set_preserved_heads(self, heads: np.ndarray, order: int) -> None:
+        """set_preserved for a few blocks: page by page."""
+        pages = block_pages(heads, order)
+        busy = self.map[pages] != FREE_PAGE
+        if busy.any():
+            self._refuse_busy(int(pages[np.argmax(busy)]), order)
+        self.map[pages] = TAIL
+        self.map[heads] = encode(PageState.PRESERVED, order)
+        self._count(heads, order, +1)
 
     def _refuse_busy(self, pfn: int, order: int) -> None:
         raise HandoverError(
@@ -216,6 +229,9 @@ class Memmap:
         only head bytes change, a run of leaves at a time. HandoverError unless each is
         exactly the head of a preserved block of that order; nothing changes then."""
         order = leaves.order
+        if leaves.sparse:
+            self.claim_preserved(leaves.heads(), order)
+            return
         before, after = encode(PageState.PRESERVED, order), encode(PageState.ALLOCATED, order)
         runs = [(self.map[run.first:run.first + (run.slots << order):1 << order], run.bits())
                 for run in leaves.runs(self.arena.npages)]
