@@ -33,6 +33,9 @@ from .errors import HandoverError
 from .leaves import Leaves
 from .units import MAX_ORDER, PAGE_SIZE
 
+#: Pages of the largest block: no block crosses a multiple of it.
+CHUNK = 1 << MAX_ORDER
+
 if TYPE_CHECKING:
     from .arena import Arena
 
@@ -118,6 +121,40 @@ def _check_heads(pfns: np.ndarray, order: int, npages: int, what: str) -> None:
         raise HandoverError(f"The {what} folios of order {order} list some PFN twice.")
 
 
+class BootMarks:
+    """What boot's marks did to a reset memmap, counted as they are made, so that the
+    page allocator starts without reading it all: per chunk of CHUNK pages (the largest
+    block), whether anything touched it and how many of its pages are no longer free
+    (RESERVED or PRESERVED); per node, the RESERVED and the scratch pages."""
+
+    def __init__(self, npages: int, node_starts: np.ndarray) -> None:
+        nchunks = -(-npages // CHUNK)
+        self.touched = np.zeros(nchunks, bool)
+        self.covered = np.zeros(nchunks, np.int64)
+        self.reserved = np.zeros(len(node_starts) + 1, np.int64)
+        self.scratch = np.zeros_like(self.reserved)
+        self._node_starts = node_starts
+
+    def note(self, pfn: int, changed: np.ndarray, per_node: np.ndarray) -> None:
+        """Pages ``pfn + i`` with ``changed[i]`` change kind: count them per node."""
+        self.touched[pfn // CHUNK:-(-(pfn + len(changed)) // CHUNK)] = True
+        pages = pfn + np.flatnonzero(changed)
+        per_node += np.bincount(np.searchsorted(self._node_starts, pages, side="right"),
+                                minlength=len(per_node))
+
+    def cover(self, heads: np.ndarray, order: int) -> None:
+        """Blocks of ``order`` at ``heads``, all free until now, are not any more."""
+        np.add.at(self.covered, heads >> MAX_ORDER, 1 << order)
+        self.touched[heads >> MAX_ORDER] = True
+
+    def cover_bits(self, first: int, packed: np.ndarray) -> None:
+        """The order-0 pages set in ``packed`` from ``first`` (a multiple of CHUNK)."""
+        per_byte = np.bitwise_count(packed)
+        counts = np.add.reduceat(per_byte, np.arange(0, len(per_byte), CHUNK >> 3), dtype=np.int64)
+        self.covered[first // CHUNK:first // CHUNK + len(counts)] += counts
+        self.touched[first // CHUNK:first // CHUNK + len(counts)] |= counts != 0
+
+
 class Memmap:
     """Per-page state of the arena, stored in ``npages`` arena pages from ``first_pfn``."""
 
@@ -131,6 +168,9 @@ class Memmap:
         #: One uint8 per arena page: a view onto the arena bytes, not a copy.
         self.map = np.frombuffer(arena.view(first_pfn, self.npages), dtype=np.uint8)[: arena.npages]
         self._node_starts = np.array([arena.node_range(n)[0] for n in range(1, arena.nodes)], dtype=np.int64)
+        #: What boot marked since the reset, for the page allocator's start; None for
+        #: a memmap attached as found.
+        self.boot = BootMarks(arena.npages, self._node_starts) if reset else None
         if reset:
             arena.prefault(first_pfn, self.npages)
             self.map[:] = FREE_PAGE
@@ -153,12 +193,18 @@ class Memmap:
 
     def mark_scratch(self, pfn: int, npages: int) -> None:
         """Flag ``[pfn, pfn + npages)`` as scratch (boot time)."""
-        self.map[pfn : pfn + npages] |= SCRATCH_FLAG
+        pages = self.map[pfn : pfn + npages]
+        self.boot.note(pfn, pages < SCRATCH_FLAG, self.boot.scratch)
+        pages |= SCRATCH_FLAG
 
     def mark_reserved(self, pfn: int, npages: int) -> None:
         """Make ``[pfn, pfn + npages)`` RESERVED, keeping the scratch flag (boot time,
         before the page allocator starts)."""
-        self.map[pfn : pfn + npages] &= SCRATCH_FLAG
+        pages = self.map[pfn : pfn + npages]
+        fresh = (pages & STATE_MASK) != 0
+        self.boot.note(pfn, fresh, self.boot.reserved)
+        self.boot.cover(np.arange(pfn, pfn + npages, dtype=np.int64)[fresh], 0)
+        pages &= SCRATCH_FLAG
 
     def set_preserved(self, leaves: Leaves) -> None:
         """Mark the blocks of ``leaves`` PRESERVED (boot time, on a reset memmap), a run
@@ -180,6 +226,7 @@ class Memmap:
                 if busy.any():
                     self._refuse_busy(run.first + int(np.argmax(busy)), 0)
                 view ^= bits * (FREE_PAGE ^ head)   # FREE_PAGE -> head where a bit is set
+                self.boot.cover_bits(run.first, run.packed)
                 continue
             rows = run.positions()
             blocks = self.map[run.first:run.first + (run.slots << order)].reshape(run.slots, 1 << order)
@@ -190,6 +237,7 @@ class Memmap:
                 self._refuse_busy(first + int(np.argmax(busy[bad[0]])), order)
             blocks[rows] = TAIL
             blocks[rows, 0] = head
+            self.boot.cover(run.first + (rows << order), order)
         self._count(leaves, +1)
 
     def _set_preserved_heads(self, heads: np.ndarray, order: int) -> None:
@@ -200,6 +248,7 @@ class Memmap:
             self._refuse_busy(int(pages[np.argmax(busy)]), order)
         self.map[pages] = TAIL
         self.map[heads] = encode(PageState.PRESERVED, order)
+        self.boot.cover(heads, order)
         self._count(heads, order, +1)
 
     def _refuse_busy(self, pfn: int, order: int) -> None:

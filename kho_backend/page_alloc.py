@@ -28,10 +28,12 @@ import numpy as np
 from .arena import Arena
 from .errors import MachineError, OutOfMemory
 from .memmap import (
+    CHUNK,
     ORDER_MASK,
     SCRATCH_FLAG,
     STATE_MASK,
     STATE_SHIFT,
+    BootMarks,
     Memmap,
     PageState,
     block_pages,
@@ -40,8 +42,6 @@ from .memmap import (
 from .units import MAX_ORDER, PAGE_SHIFT, format_size
 
 NORMAL, SCRATCH = 0, 1
-#: Pages of the largest block: the unit the free lists are rebuilt in.
-CHUNK = 1 << MAX_ORDER
 #: 0x0101010101010101: a byte value times this is that byte in every byte of a u64.
 _WORD = 0x0101010101010101
 #: Chunks scanned at once (256 KiB of memmap).
@@ -129,8 +129,12 @@ class PageAllocator:
         self._nfull = arena.npages >> MAX_ORDER
         self._rows = self._map[: self._nfull << MAX_ORDER].reshape(self._nfull, CHUNK)
         self._words = self._rows.view(np.uint64)
-        self._reserved, self._scratch = self._count_kinds()
-        self._rebuild(np.arange(-(-arena.npages // CHUNK), dtype=np.int64))
+        marks = memmap.boot
+        if marks is None:
+            raise MachineError("The page allocator starts from a memmap boot has reset and "
+                               "marked, not from one attached as found.")
+        self._reserved, self._scratch = marks.reserved.tolist(), marks.scratch.tolist()
+        self._start(marks)
 
     # -- allocation -------------------------------------------------------------------------
 
@@ -311,25 +315,18 @@ class PageAllocator:
     # no FREE head is skipped and a chunk free as a whole is one block, both found from
     # its bytes read as u64 words; only the other chunks are cut into blocks page by page.
 
-    def _count_kinds(self) -> tuple[list[int], list[int]]:
-        """Per node: RESERVED pages (they have no tails) and scratch pages; counted on
-        u64 words, a slice of chunks at a time (small temporaries stay in cache)."""
-        used = np.zeros(self._nfull, np.int64)      # bytes with a state other than RESERVED
-        scratch = np.zeros(self._nfull, np.int64)
-        for lo in range(0, self._nfull, _SCAN):
-            words = self._words[lo:lo + _SCAN]
-            state = words & np.uint64(_WORD * STATE_MASK)
-            nonzero = (state + np.uint64(_WORD * 0x7F)) | state    # high bit: state != 0
-            used[lo:lo + _SCAN] = np.bitwise_count(nonzero & np.uint64(_WORD * 0x80)).sum(axis=1)
-            scratch[lo:lo + _SCAN] = np.bitwise_count(words & np.uint64(_WORD * 0x80)).sum(axis=1)
-        reserved_out, scratch_out = [], []
-        for lo, hi in zip(self._starts, self._starts[1:]):
-            rows = slice(lo >> MAX_ORDER, min(hi >> MAX_ORDER, self._nfull))
-            tail = self._map[max(lo, self._nfull << MAX_ORDER):hi]     # the partial chunk
-            reserved_out.append(((rows.stop - rows.start) << MAX_ORDER) - int(used[rows].sum())
-                                + int(np.count_nonzero((tail & STATE_MASK) == 0)))
-            scratch_out.append(int(scratch[rows].sum()) + int(np.count_nonzero(tail >= SCRATCH_FLAG)))
-        return reserved_out, scratch_out
+    def _start(self, marks: BootMarks) -> None:
+        """The first free lists: a whole chunk boot never touched is one free block, a
+        chunk it filled has none (neither is read); the others are rebuilt from their
+        bytes."""
+        chunks = np.arange(len(marks.touched), dtype=np.int64)
+        full = chunks < self._nfull
+        fresh = chunks[full & ~marks.touched]
+        self._rows[fresh, 1:] = _TAIL
+        self._rows[fresh, 0] = _FREE | MAX_ORDER
+        self._add(fresh << MAX_ORDER, np.full(len(fresh), MAX_ORDER, np.int64))
+        filled = full & (marks.covered == CHUNK)
+        self._rebuild(chunks[marks.touched & ~filled | ~full])
 
     def _rebuild(self, chunks: np.ndarray) -> None:
         """Add the free blocks of ``chunks`` (ascending, none of them listed) to the
