@@ -6,12 +6,12 @@ Free lists are kept per node, per kind and per order; the kinds are *normal* mem
 scratch first. The memmap is the truth (a block's state and order sit in its head's byte);
 the free lists are Python sets of head PFNs, an index over it that can always be rebuilt.
 
-Start-up (and a bulk free) rebuilds the free lists from the memmap with numpy, per chunk
-of 4 MiB (the largest block, which no block crosses): a chunk with no free head is
-skipped and a chunk free as a whole is one block, both seen from its bytes read as u64
-words; only the other chunks are cut into maximal aligned blocks page by page. A bulk
-free rebuilds only the chunks it touched, so releasing a few pages costs a few chunks,
-whatever the arena's size.
+The free lists are built from the memmap per chunk of 4 MiB (the largest block, which no
+block crosses). At start-up, boot's marks say which chunks it never touched (each one
+free block) and which it filled (none): neither is read. Any other chunk is read as u64
+words (no free head: skipped; all free: one block) and else cut into maximal aligned
+blocks page by page. A bulk free rebuilds only the chunks it touched, so releasing a few
+pages costs a few chunks, whatever the arena's size.
 
 Accounting per node is exact: ``total = free + used + preserved + reserved``. Preserved
 pages (handed over, not yet restored) are counted by the memmap; freeing one releases it.
