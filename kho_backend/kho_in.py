@@ -127,7 +127,8 @@ class IncomingHandover:
 
     def __init__(self, mem: PhysMemory, version: str, fdt_phys: int, fdt_size: int,
                  pmap: PreservedMap, subtrees: dict[str, InSubtree], pools: dict[str, InPool],
-                 metadata: KexecMetadata | None, crashed: bool) -> None:
+                 metadata: KexecMetadata | None, crashed: bool,
+                 occupied: Sequence[Leaves]) -> None:
         self.mem = mem
         #: The root's ``compatible``: "kho-v3", or "kho-v1" (release 0.2.0).
         self.version = version
@@ -141,6 +142,8 @@ class IncomingHandover:
         self.metadata = metadata
         #: The previous kernel died without handing over; this is its live state.
         self.crashed = crashed
+        #: Everything the handover occupies, as validated (see reserved_blocks).
+        self._occupied = list(occupied)
         self.buddy: PageAllocator | None = None
         self.kho: KHO | None = None
         # Per order, parallel to pmap.leaves[order].bitmaps: restored (or released)?
@@ -171,7 +174,8 @@ class IncomingHandover:
             pmap, pools, specs = _parse_v1(mem, root, top)
         else:
             pmap, pools, specs = _parse_v3(mem, root, top)
-        check_placement(mem.npages, _placed(version, fdt_phys, fdt_size, pmap, pools), scratch)
+        placed = _placed(version, fdt_phys, fdt_size, pmap, pools)
+        check_placement(mem.npages, placed, scratch)
         if version == KHO_V1_COMPATIBLE:
             _check_preserved(pmap, fdt_phys, fdt_size, "the KHO root FDT")
         subtrees: dict[str, InSubtree] = {}
@@ -186,7 +190,8 @@ class IncomingHandover:
                  pmap.nr_pages(), len(subtrees), len(pools),
                  f"; exec from: {metadata.previous_release} (count {metadata.kexec_count})"
                  if metadata else "")
-        return cls(mem, version, fdt_phys, fdt_size, pmap, subtrees, pools, metadata, crashed)
+        return cls(mem, version, fdt_phys, fdt_size, pmap, subtrees, pools, metadata, crashed,
+                   [leaves for _, leaves in placed])
 
     @property
     def holds_state(self) -> bool:
@@ -204,9 +209,7 @@ class IncomingHandover:
     def reserved_blocks(self) -> Iterator[Leaves]:
         """The leaves of everything the handover occupies, which boot reserves: the
         global map's folios and nodes, every pool's blocks and nodes, the root FDT."""
-        for _, leaves in _placed(self.version, self.fdt_phys, self.fdt_size, self.pmap,
-                                 self.pools):
-            yield leaves
+        yield from self._occupied
 
     def page_mask(self) -> np.ndarray:
         """Bool per arena page: occupied by the handover (see :meth:`reserved_blocks`)."""
