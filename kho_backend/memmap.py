@@ -35,6 +35,8 @@ from .units import MAX_ORDER, PAGE_SIZE
 
 #: Pages of the largest block: no block crosses a multiple of it.
 CHUNK = 1 << MAX_ORDER
+#: A byte value times this: that byte in each of a u64's eight bytes.
+_WORD = 0x0101010101010101
 
 if TYPE_CHECKING:
     from .arena import Arena
@@ -121,26 +123,43 @@ def _check_heads(pfns: np.ndarray, order: int, npages: int, what: str) -> None:
         raise HandoverError(f"The {what} folios of order {order} list some PFN twice.")
 
 
-def _mismatch(heads: np.ndarray, run: Run, value: int) -> int | None:
-    """Index of the first byte of ``heads`` (one per slot of ``run``) whose slot is set
-    and which is not ``value``, or None. A run with every slot set (contiguous memory
-    preserved whole) is compared eight bytes at a time."""
-    if run.count == run.slots:
-        if heads.flags.c_contiguous and not len(heads) % 8:
-            if (heads.view(np.uint64) == np.uint64(0x0101010101010101 * value)).all():
-                return None
+def _mismatch(heads: np.ndarray, run: Run, bits: np.ndarray | None, value: int) -> int | None:
+    """Index of the first byte of ``heads`` (one per slot of ``run``; ``bits`` its slots
+    as 0/1 bytes, None when all are set) whose slot is set and which is not ``value``,
+    or None. Compared eight bytes at a time where the bytes are contiguous."""
+    words = _words(heads)
+    pattern = np.uint64(_WORD * value)
+    if bits is None:
+        if words is not None and (words == pattern).all():
+            return None
         wrong = heads != value
     else:
-        wrong = (heads != value) & run.bits().view(bool)
+        if words is not None and not ((words ^ pattern) & (_words(bits) * np.uint64(0xFF))).any():
+            return None
+        wrong = (heads != value) & bits.view(bool)
     return int(np.argmax(wrong)) if wrong.any() else None
 
 
-def _turn(heads: np.ndarray, run: Run, before: int, after: int) -> None:
+def _turn(heads: np.ndarray, bits: np.ndarray | None, before: int, after: int) -> None:
     """Set to ``after`` the bytes of ``heads`` whose slot is set (all ``before``)."""
-    if run.count == run.slots:
+    if bits is None:
         heads.fill(after)
+        return
+    words = _words(heads)
+    if words is not None:
+        words ^= _words(bits) * np.uint64(before ^ after)   # 0/1 bytes: no carries
     else:
-        heads ^= run.bits() * (before ^ after)
+        heads ^= bits * (before ^ after)
+
+
+def _words(pages: np.ndarray) -> np.ndarray | None:
+    """``pages`` (bytes) as u64 words, if they are contiguous and a whole number of them."""
+    return pages.view(np.uint64) if pages.flags.c_contiguous and not len(pages) % 8 else None
+
+
+def _run_bits(run: Run) -> np.ndarray | None:
+    """The run's slots as 0/1 bytes; None when every slot is set."""
+    return None if run.count == run.slots else run.bits()
 
 
 class BootMarks:
@@ -243,10 +262,11 @@ class Memmap:
         for run in leaves.runs(self.arena.npages):
             if order == 0 and run.dense:
                 view = self.map[run.first:run.first + run.slots]
-                busy = _mismatch(view, run, FREE_PAGE)
+                bits = _run_bits(run)
+                busy = _mismatch(view, run, bits, FREE_PAGE)
                 if busy is not None:
                     self._refuse_busy(run.first + busy, 0)
-                _turn(view, run, FREE_PAGE, head)
+                _turn(view, bits, FREE_PAGE, head)
                 self.boot.cover_bits(run.first, run.packed)
                 continue
             rows = run.positions()
@@ -303,14 +323,14 @@ class Memmap:
             self.claim_preserved(leaves.heads(), order)
             return
         before, after = encode(PageState.PRESERVED, order), encode(PageState.ALLOCATED, order)
-        runs = [(run, self.map[run.first:run.first + (run.slots << order):1 << order])
-                for run in leaves.runs(self.arena.npages)]
-        for run, heads in runs:                  # check all, then write all
-            wrong = _mismatch(heads, run, before)
+        runs = [(run, self.map[run.first:run.first + (run.slots << order):1 << order],
+                 _run_bits(run)) for run in leaves.runs(self.arena.npages)]
+        for run, heads, bits in runs:            # check all, then write all
+            wrong = _mismatch(heads, run, bits, before)
             if wrong is not None:
                 self._refuse_unpreserved(run.first + (wrong << order), order)
-        for run, heads in runs:
-            _turn(heads, run, before, after)
+        for _, heads, bits in runs:
+            _turn(heads, bits, before, after)
         self._count(leaves, sign=-1)
 
     def _refuse_unpreserved(self, pfn: int, order: int) -> None:
