@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Most NUMA nodes a machine can have (bounded by the scratch table in the header).
 MAX_NODES = 64
+#: madvise(2) advice that populates page tables for writing (Python names it from 3.12 on).
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 #: Smallest node: one block of the largest order (4 MiB).
 MIN_NODE_PAGES = MAX_ORDER_PAGES
 
@@ -124,6 +126,15 @@ class Arena:
                 f"Pages [{pfn}, {pfn + npages}) lie outside the arena of {self.npages} pages."
             )
         return self._mv[pfn << PAGE_SHIFT : (pfn + npages) << PAGE_SHIFT]
+
+    def prefault(self, pfn: int, npages: int) -> None:
+        """Map ``npages`` pages from ``pfn`` into this process for writing in one call
+        (``MADV_POPULATE_WRITE``, Linux 5.14): half the cost of taking a page fault on
+        each first store. A kernel without it just leaves them to fault."""
+        try:
+            self._mm.madvise(_MADV_POPULATE_WRITE, pfn << PAGE_SHIFT, npages << PAGE_SHIFT)
+        except OSError:
+            pass
 
     def phys_view(self, phys: int, length: int) -> memoryview:
         """Writable view of ``length`` bytes at physical address ``phys`` (bounds-checked)."""

@@ -200,8 +200,8 @@ def _boot(name: str, arena: Arena, header: MachineHeader, cmdline: str, fmt: boo
         for start, end in memblock.reserved:
             memmap.mark_reserved(start, end - start)
         if kho_in is not None:
-            for pfns, order in kho_in.reserved_blocks():
-                memmap.set_preserved(pfns, order)
+            for leaves in kho_in.reserved_blocks():
+                memmap.set_preserved(leaves)
     with _phase(timings, "page-alloc"):
         buddy = PageAllocator(arena, memmap)
     _start_running(arena, header, memmap, kho_in, cmdline)

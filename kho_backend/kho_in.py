@@ -4,9 +4,11 @@
 the arena, and refuses it with a HandoverError naming what is wrong: the root FDT, the
 preserved-memory maps (the global radix tree and each pool's, or a ``kho-v1`` chunk list
 from release 0.2.0), every sub-FDT, kexec-metadata, and where all of that lies: inside
-the arena, no two blocks over one page, nothing on page 0 or in scratch. That last check
-is one coverage count over the arena (two ``bincount`` and a ``cumsum``), so it costs in
-proportion to the arena and the blocks, with no sort of the heads.
+the arena, no two blocks over one page, nothing on page 0 or in scratch. The maps stay
+radix leaves (``leaves.Leaves``) from the arena to the memmap: that last check sets one
+bit per arena page from them, boot reserves them and ``restore_pool`` claims them a run
+of leaves at a time, so a million preserved pages cost a few vector passes over one byte
+each, not a step per block.
 
 Boot then reserves ``reserved_blocks()``, ``attach``es the kernel, and subsystems take
 their state back with ``retrieve_subtree``, the ``restore_*`` calls (the kernel's
@@ -36,7 +38,8 @@ from .kho_mem import (KHO_V1_COMPATIBLE, PROP_FDT, PROP_FDT_CRC, PROP_FDT_SIZE,
                       kho_mem_deserialize)
 from .kho_pool import PreservedPool
 from .kho_radix import RadixMap, read_radix
-from .memmap import blocks_mask, has_duplicates
+from .leaves import LEAF_BITS, LEAF_SHIFT, Leaves, Run
+from .memmap import block_pages, blocks_mask, has_duplicates
 from .page_alloc import PageAllocator
 from .units import PAGE_SHIFT, PAGE_SIZE
 
@@ -59,27 +62,27 @@ class InSubtree:
 class PreservedMap:
     """The global preserved-memory map of a handover: what subsystems restore."""
 
-    #: Per order, the preserved folios' head pfns, ascending.
-    heads: dict[int, np.ndarray] = field(default_factory=dict)
+    #: Per order with folios: their leaves (a kho-v1 map is converted to leaves).
+    leaves: dict[int, Leaves] = field(default_factory=dict)
     #: kho-v3: the radix tree's node pages (reserved beside the folios, never restored).
     nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    leaves: int = 0
+    nr_leaves: int = 0
     #: kho-v1: the chunk pages (preserved order-0 folios themselves).
     chunk_pfns: list[int] = field(default_factory=list)
 
     def ranges(self) -> Iterator[tuple[np.ndarray, int]]:
-        """(head pfns, order) for every order with preserved folios, ascending order."""
-        for order in sorted(self.heads):
-            yield self.heads[order], order
+        """(head pfns, order) for every order with preserved folios, ascending order
+        (unpacked from the leaves)."""
+        for order in sorted(self.leaves):
+            yield self.leaves[order].heads(), order
 
     def nr_pages(self) -> int:
-        return sum(len(h) << o for o, h in self.heads.items())
+        return sum(leaves.pages() for leaves in self.leaves.values())
 
     def order_of(self, pfn: int) -> int | None:
         """The order of the preserved folio whose head is ``pfn``, or None."""
-        for heads, order in self.ranges():
-            i = np.searchsorted(heads, pfn)
-            if i < len(heads) and heads[i] == pfn:
+        for order, leaves in sorted(self.leaves.items()):
+            if pfn >= 0 and not pfn & ((1 << order) - 1) and leaves.contains(np.array([pfn]))[0]:
                 return order
         return None
 
@@ -87,10 +90,8 @@ class PreservedMap:
         """Is every page of [pfn, pfn + npages) inside some preserved folio?"""
         want = np.arange(pfn, pfn + npages, dtype=np.int64)
         covered = np.zeros(npages, bool)
-        for heads, order in self.ranges():
-            folio = want >> order << order
-            idx = np.minimum(np.searchsorted(heads, folio), max(len(heads) - 1, 0))
-            covered |= heads[idx] == folio
+        for order, leaves in self.leaves.items():
+            covered |= leaves.contains(want >> order << order)
         return bool(covered.all())
 
 
@@ -126,7 +127,8 @@ class IncomingHandover:
 
     def __init__(self, mem: PhysMemory, version: str, fdt_phys: int, fdt_size: int,
                  pmap: PreservedMap, subtrees: dict[str, InSubtree], pools: dict[str, InPool],
-                 metadata: KexecMetadata | None, crashed: bool) -> None:
+                 metadata: KexecMetadata | None, crashed: bool,
+                 occupied: Sequence[Leaves]) -> None:
         self.mem = mem
         #: The root's ``compatible``: "kho-v3", or "kho-v1" (release 0.2.0).
         self.version = version
@@ -140,10 +142,12 @@ class IncomingHandover:
         self.metadata = metadata
         #: The previous kernel died without handing over; this is its live state.
         self.crashed = crashed
+        #: Everything the handover occupies, as validated (see reserved_blocks).
+        self._occupied = list(occupied)
         self.buddy: PageAllocator | None = None
         self.kho: KHO | None = None
-        # Per order, parallel to pmap.heads[order]: restored (or released) already?
-        self._claimed = {o: np.zeros(len(h), bool) for o, h in pmap.heads.items()}
+        # Per order, parallel to pmap.leaves[order].bitmaps: restored (or released)?
+        self._claimed = {o: np.zeros_like(leaves.bitmaps) for o, leaves in pmap.leaves.items()}
         self._restored_pools: set[str] = set()
         self._released = False
 
@@ -170,7 +174,8 @@ class IncomingHandover:
             pmap, pools, specs = _parse_v1(mem, root, top)
         else:
             pmap, pools, specs = _parse_v3(mem, root, top)
-        check_placement(mem.npages, _placed(version, fdt_phys, fdt_size, pmap, pools), scratch)
+        placed = _placed(version, fdt_phys, fdt_size, pmap, pools)
+        check_placement(mem.npages, placed, scratch)
         if version == KHO_V1_COMPATIBLE:
             _check_preserved(pmap, fdt_phys, fdt_size, "the KHO root FDT")
         subtrees: dict[str, InSubtree] = {}
@@ -185,7 +190,8 @@ class IncomingHandover:
                  pmap.nr_pages(), len(subtrees), len(pools),
                  f"; exec from: {metadata.previous_release} (count {metadata.kexec_count})"
                  if metadata else "")
-        return cls(mem, version, fdt_phys, fdt_size, pmap, subtrees, pools, metadata, crashed)
+        return cls(mem, version, fdt_phys, fdt_size, pmap, subtrees, pools, metadata, crashed,
+                   [leaves for _, leaves in placed])
 
     @property
     def holds_state(self) -> bool:
@@ -200,21 +206,15 @@ class IncomingHandover:
         ``restore_*`` calls give back."""
         return self.pmap.ranges()
 
-    def reserved_blocks(self) -> Iterator[tuple[np.ndarray, int]]:
-        """(head pfns, order) of everything the handover occupies, which boot reserves:
-        the global map's folios and nodes, every pool's blocks and nodes, the root FDT."""
-        yield from self.pmap.ranges()
-        if len(self.pmap.nodes):
-            yield self.pmap.nodes, 0
-        for pool in self.pools.values():
-            yield from pool.map.ranges()
-            yield pool.map.nodes, 0
-        if self.version == KHO_COMPATIBLE:
-            yield _pages_of(self.fdt_phys, self.fdt_size), 0
+    def reserved_blocks(self) -> Iterator[Leaves]:
+        """The leaves of everything the handover occupies, which boot reserves: the
+        global map's folios and nodes, every pool's blocks and nodes, the root FDT."""
+        yield from self._occupied
 
     def page_mask(self) -> np.ndarray:
         """Bool per arena page: occupied by the handover (see :meth:`reserved_blocks`)."""
-        return blocks_mask(self.mem.npages, self.reserved_blocks())
+        return blocks_mask(self.mem.npages, ((leaves.heads(), leaves.order)
+                                             for leaves in self.reserved_blocks()))
 
     def attach(self, buddy: PageAllocator, kho: KHO) -> None:
         """Bind to the booted kernel: its buddy allocator takes back what the restores
@@ -229,9 +229,9 @@ class IncomingHandover:
         if self._released:
             return 0
         blocks = []
-        for heads, order in self.pmap.ranges():
-            blocks.append((heads[~self._claimed[order]], order))
-            self._claimed[order][:] = True
+        for order, leaves in self.pmap.leaves.items():
+            blocks.append((leaves.without(self._claimed[order]).heads(), order))
+            self._claimed[order][:] = leaves.bitmaps
         blocks.append((self.pmap.nodes, 0))
         for name, pool in self.pools.items():
             if name not in self._restored_pools:
@@ -278,9 +278,9 @@ class IncomingHandover:
         ``order`` and not restored yet.
         """
         pfns = np.asarray(pfns, np.int64).ravel()
-        idx = self._claimable(pfns, order)
+        rows, bits = self._claimable(pfns, order)
         self._attached().memmap.claim_preserved(pfns, order)
-        self._claimed[order][idx] = True
+        np.bitwise_or.at(self._claimed[order], (rows, bits >> 3), (1 << (bits & 7)).astype(np.uint8))
 
     def restore_pool(self, name: str) -> PreservedPool:
         """Take back the pool ``name`` whole: every block and every page of its tree is
@@ -300,8 +300,8 @@ class IncomingHandover:
             raise RuntimeError("IncomingHandover.attach(buddy, kho) has not been called")
         kho.check_pool_name(name)
         memmap = self._attached().memmap
-        for heads, order in pool.map.ranges():
-            memmap.claim_preserved(heads, order)
+        for leaves in pool.map.leaves.values():
+            memmap.claim_leaves(leaves)
         memmap.claim_preserved(pool.map.nodes, 0)
         self._restored_pools.add(name)
         return kho.adopt_pool(name, pool.map)
@@ -326,25 +326,33 @@ class IncomingHandover:
             raise RuntimeError("IncomingHandover.attach(buddy, kho) has not been called")
         return self.buddy
 
-    def _claimable(self, pfns: np.ndarray, order: int) -> np.ndarray:
-        """Indexes into pmap.heads[order] of ``pfns``; HandoverError naming a bad one."""
-        heads = self.pmap.heads.get(order, np.zeros(0, np.int64))
-        idx = np.searchsorted(heads, pfns)
-        found = idx < len(heads)
-        found[found] = heads[idx[found]] == pfns[found]
+    def _claimable(self, pfns: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+        """(leaf rows, bits) in pmap.leaves[order] of ``pfns``; HandoverError naming a
+        bad one."""
+        leaves = self.pmap.leaves.get(order)
+        if not len(pfns):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        aligned = (pfns >= 0) & (pfns & ((1 << order) - 1) == 0)
+        found = aligned.copy()
+        if leaves is not None:
+            found[aligned] = leaves.contains(pfns[aligned])
+        else:
+            found[:] = False
         if not found.all():
             pfn = int(pfns[np.flatnonzero(~found)[0]])
             actual = self.pmap.order_of(pfn)
             why = (f"it was preserved as an order-{actual} folio" if actual is not None
                    else "it was not preserved")
             raise HandoverError(f"Pfn {pfn} cannot be restored as an order-{order} folio: {why}.")
-        claimed = self._claimed[order][idx]
+        rows = np.searchsorted(leaves.index, pfns >> (order + LEAF_SHIFT))
+        bits = (pfns >> order) & (LEAF_BITS - 1)
+        claimed = (self._claimed[order][rows, bits >> 3] >> (bits & 7)) & 1 != 0
         if claimed.any():
             pfn = int(pfns[np.flatnonzero(claimed)[0]])
             raise HandoverError(f"The order-{order} folio at pfn {pfn} was already restored.")
-        if has_duplicates(idx):
+        if has_duplicates(pfns):
             raise HandoverError(f"restore_pfns was given an order-{order} folio twice.")
-        return idx
+        return rows, bits
 
 
 # -- the two formats ----------------------------------------------------------------------
@@ -355,7 +363,7 @@ Specs = list[tuple[str, int, int, int]]   # subtree name, phys, size, crc32
 def _parse_v3(mem: PhysMemory, root: FdtReader,
               top: int) -> tuple[PreservedMap, dict[str, InPool], Specs]:
     found = read_radix(mem, root.u64(top, PROP_MEM_MAP), "the preserved-memory map")
-    pmap = PreservedMap(heads=found.blocks, nodes=found.nodes, leaves=found.nr_leaves)
+    pmap = PreservedMap(leaves=found.leaves, nodes=found.nodes, nr_leaves=found.nr_leaves)
     pools: dict[str, InPool] = {}
     specs: Specs = []
     for name, off in root.subnodes(top):
@@ -375,7 +383,9 @@ def _parse_v3(mem: PhysMemory, root: FdtReader,
 def _parse_v1(mem: PhysMemory, root: FdtReader,
               top: int) -> tuple[PreservedMap, dict[str, InPool], Specs]:
     chunks = kho_mem_deserialize(mem, root.u64(top, PROP_MEM_MAP))
-    pmap = PreservedMap(heads=chunks.heads, chunk_pfns=chunks.chunk_pfns)
+    pmap = PreservedMap(leaves={order: Leaves.from_heads(heads, order)
+                                for order, heads in chunks.heads.items()},
+                        chunk_pfns=chunks.chunk_pfns)
     specs = [(name, root.u64(off, PROP_FDT), root.u64(off, PROP_FDT_SIZE),
               root.u32(off, PROP_FDT_CRC)) for name, off in root.subnodes(top)]
     return pmap, {}, specs
@@ -383,60 +393,94 @@ def _parse_v1(mem: PhysMemory, root: FdtReader,
 
 # -- where the handover lies ----------------------------------------------------------------
 
-Placed = list[tuple[str, np.ndarray, int]]   # what (for errors), ascending heads, order
+Placed = list[tuple[str, Leaves]]   # what (for errors), its blocks
 
 
 def _placed(version: str, fdt_phys: int, fdt_size: int, pmap: PreservedMap,
             pools: dict[str, InPool]) -> Placed:
-    placed: Placed = [(f"the preserved order-{order} folio", heads, order)
-                      for heads, order in pmap.ranges()]
-    placed.append(("the preserved-memory map's node", pmap.nodes, 0))
+    placed: Placed = [(f"the preserved order-{order} folio", leaves)
+                      for order, leaves in sorted(pmap.leaves.items())]
+    placed.append(("the preserved-memory map's node", Leaves.from_heads(pmap.nodes, 0)))
     for name, pool in pools.items():
-        placed += [(f"the order-{order} block of pool {name!r}", heads, order)
-                   for heads, order in pool.map.ranges()]
-        placed.append((f"the map node of pool {name!r}", pool.map.nodes, 0))
+        placed += [(f"the order-{order} block of pool {name!r}", leaves)
+                   for order, leaves in sorted(pool.map.leaves.items())]
+        placed.append((f"the map node of pool {name!r}", Leaves.from_heads(pool.map.nodes, 0)))
     if version == KHO_COMPATIBLE:
         if fdt_phys % PAGE_SIZE:
             raise HandoverError(f"The KHO root FDT at {fdt_phys:#x} does not start on a page.")
-        placed.append(("the KHO root FDT's page", _pages_of(fdt_phys, fdt_size), 0))
+        placed.append(("the KHO root FDT's page",
+                       Leaves.from_heads(_pages_of(fdt_phys, fdt_size), 0)))
     return placed
 
 
 def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, int]]) -> None:
-    """HandoverError unless the blocks ``placed`` (each list's heads ascending and
-    inside the arena) leave page 0 and the ``scratch`` areas alone and no two share a
-    page. One count of blocks per page, by a difference array: two ``bincount`` and a
-    ``cumsum`` over the arena, whatever the number of blocks."""
-    placed = [(what, heads, order) for what, heads, order in placed if len(heads)]
-    if not placed:
-        return
-    cover = np.bincount(np.concatenate([heads for _, heads, _ in placed]), minlength=npages + 1)
-    cover -= np.bincount(np.concatenate([heads + (1 << order) for _, heads, order in placed]),
-                         minlength=npages + 1)
-    np.cumsum(cover, out=cover)
-    if cover[0]:
+    """HandoverError unless the blocks ``placed`` (inside the arena) leave page 0 and
+    the ``scratch`` areas alone and no two share a page. One bit per arena page, set run
+    by run of leaves (each leaf bit widened to its block's pages): cost in proportion to
+    the arena's pages / 8 and the leaves, whatever the number of blocks."""
+    used = np.zeros(-(-npages // 8) + 1, np.uint8)
+    twice = np.zeros_like(used)
+    for _, leaves in placed:
+        if leaves.sparse:
+            _place_pages(used, twice, block_pages(leaves.heads(), leaves.order))
+            continue
+        for run in leaves.runs(npages):
+            pages = _page_bits(run)
+            at = run.first >> 3                  # a run starts on a multiple of 32768
+            seg = used[at:at + len(pages)]
+            twice[at:at + len(pages)] |= seg & pages
+            seg |= pages
+    if used[0] & 1:
         raise HandoverError(f"{_holders(placed, 0)[0].capitalize()} covers page 0, the "
                             "machine header.")
-    twice = int(np.argmax(cover[:npages] > 1))
-    if cover[twice] > 1:
-        first, second = (_holders(placed, twice) + ["another block"])[:2]
-        raise HandoverError(f"The handover's memory overlaps itself at pfn {twice}: "
+    shared = np.flatnonzero(twice)
+    if len(shared):
+        pfn = int(shared[0]) * 8 + (int(twice[shared[0]]) & -int(twice[shared[0]])).bit_length() - 1
+        first, second = (_holders(placed, pfn) + ["another block"])[:2]
+        raise HandoverError(f"The handover's memory overlaps itself at pfn {pfn}: "
                             f"{first} and {second} share it.")
     for start, n in scratch:
-        inside = np.flatnonzero(cover[start:start + n])
+        bits = np.unpackbits(used[start >> 3:(start + n + 7) >> 3], bitorder="little")
+        inside = np.flatnonzero(bits[start & 7:(start & 7) + n])
         if len(inside):
             holder = _holders(placed, start + int(inside[0]))[0]
             raise HandoverError(f"{holder.capitalize()} lies in the scratch area at pfns "
                                 f"[{start}, {start + n}).")
 
 
+def _place_pages(used: np.ndarray, twice: np.ndarray, pages: np.ndarray) -> None:
+    """check_placement's marking of a few pages (distinct), one by one."""
+    at, bit = pages >> 3, np.left_shift(1, pages & 7).astype(np.uint8)
+    hit = (used[at] & bit) != 0
+    np.bitwise_or.at(twice, at[hit], bit[hit])
+    np.bitwise_or.at(used, at, bit)
+
+
+def _page_bits(run: Run) -> np.ndarray:
+    """The run's blocks as one bit per page (packed, from page ``run.first``)."""
+    if run.order == 0:
+        return run.packed
+    if run.order < 3:       # each bit becomes 2 or 4 bits: a byte of them, 2 or 4 bytes
+        return _WIDEN[run.order][run.packed].view(np.uint8)[:-(-(run.slots << run.order) // 8)]
+    return np.repeat(run.bits() * np.uint8(0xFF), 1 << (run.order - 3))
+
+
+def _widen(order: int) -> np.ndarray:
+    """Per byte value: the byte with each bit repeated ``2**order`` times."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    wide = np.packbits(np.repeat(bits, 1 << order, axis=1), axis=1, bitorder="little")
+    return wide.view(np.dtype(f"<u{1 << order}")).ravel()
+
+
+_WIDEN = {order: _widen(order) for order in (1, 2)}
+
+
 def _holders(placed: Placed, pfn: int) -> list[str]:
     """What holds page ``pfn``, in words, one entry per block."""
     out = []
-    for what, heads, order in placed:
-        head = pfn >> order << order
-        i = int(np.searchsorted(heads, head))
-        if i < len(heads) and heads[i] == head:
+    for what, leaves in placed:
+        head = pfn >> leaves.order << leaves.order
+        if leaves.contains(np.array([head]))[0]:
             out.append(f"{what} at pfn {head}")
     return out
 

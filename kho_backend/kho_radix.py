@@ -36,6 +36,7 @@ import numpy as np
 
 from .arena import Arena, PhysMemory
 from .errors import HandoverError, OutOfMemory
+from .leaves import LEAF_BITS, LEAF_SHIFT, Leaves, leaf_slots
 from .page_alloc import PageAllocator
 from .units import MAX_ORDER, PAGE_SHIFT, PAGE_SIZE
 
@@ -44,16 +45,13 @@ ORDER0_BIT = 64 - PAGE_SHIFT
 #: An inner node: 512 u64 physical addresses.
 TABLE_SHIFT = 9
 TABLE_ENTRIES = 1 << TABLE_SHIFT
-#: A leaf: a bitmap of 32768 bits.
-LEAF_SHIFT = PAGE_SHIFT + 3
-LEAF_BITS = 1 << LEAF_SHIFT
 #: The lowest key bit each inner level indexes, root first (the leaves index bits 14:0).
 LEVEL_SHIFTS = (51, 42, 33, 24, 15)
 DEPTH = len(LEVEL_SHIFTS) + 1
 #: Keys of orders MAX_ORDER .. 0 lie in [KEY_LOW, KEY_END).
 KEY_LOW = 1 << (ORDER0_BIT - MAX_ORDER)
 KEY_END = 1 << (ORDER0_BIT + 1)
-#: Parents gathered at once while reading a tree (4 MiB of tables), leaves (8 MiB).
+#: Parents gathered at once while reading a tree (4 MiB of tables), leaves (1 MiB).
 _READ_CHUNK = 1024
 _LEAF_CHUNK = 256
 
@@ -76,11 +74,6 @@ def leaf_heads(bitmaps: np.ndarray, index: np.ndarray, order: int) -> np.ndarray
     ascending when ``index`` is."""
     rows, bits = np.nonzero(np.unpackbits(bitmaps, axis=1, bitorder="little"))
     return ((index[rows] << LEAF_SHIFT) | bits) << order
-
-
-def _leaf_slots(npages: int, order: int) -> int:
-    """Leaves of ``order`` an arena of ``npages`` pages can need."""
-    return (npages >> (order + LEAF_SHIFT)) + 1
 
 
 class RadixTree:
@@ -106,7 +99,7 @@ class RadixTree:
         self._mv64 = self._mv.cast("Q")
         #: Per order: the pfn of leaf i (0: none) and how many bits it has set. Leaf i
         #: holds the blocks from pfn i << (LEAF_SHIFT + order).
-        self._leaf = [np.zeros(_leaf_slots(arena.npages, o), np.int64)
+        self._leaf = [np.zeros(leaf_slots(arena.npages, o), np.int64)
                       for o in range(MAX_ORDER + 1)]
         self._count = [np.zeros_like(t) for t in self._leaf]
         self._blocks = [0] * (MAX_ORDER + 1)
@@ -130,9 +123,9 @@ class RadixTree:
         """Go on with a tree another kernel left (validated by :func:`read_radix`; its
         node pages already belong to the caller): same pages, counts recomputed."""
         tree = cls(arena, buddy, found.root_pfn, set(found.nodes.tolist()))
-        for order, (index, pfns) in found.leaves.items():
-            tree._leaf[order][index] = pfns
-            tree._count[order][index] = np.bitwise_count(tree._pages[pfns]).sum(axis=1, dtype=np.int64)
+        for order, leaves in found.leaves.items():
+            tree._leaf[order][leaves.index] = leaves.pfns
+            tree._count[order][leaves.index] = np.bitwise_count(leaves.bitmaps).sum(axis=1, dtype=np.int64)
             tree._blocks[order] = int(tree._count[order].sum())
         return tree
 
@@ -347,24 +340,23 @@ class RadixMap:
     """A tree read from the arena and validated by :func:`read_radix`."""
 
     root_pfn: int
-    #: Per order: the blocks' head pfns, ascending.
-    blocks: dict[int, np.ndarray]
-    #: Per order: (leaf indexes, leaf pfns), for :meth:`RadixTree.adopt`.
-    leaves: dict[int, tuple[np.ndarray, np.ndarray]]
+    #: Per order with blocks: its leaves (a copy of their bitmaps, and their pages).
+    leaves: dict[int, Leaves]
     #: Every node page (root, inner nodes, leaves).
     nodes: np.ndarray
 
     def ranges(self) -> Iterator[tuple[np.ndarray, int]]:
-        """(heads, order) per order with blocks, ascending orders."""
-        for order in sorted(self.blocks):
-            yield self.blocks[order], order
+        """(heads, order) per order with blocks, ascending orders (unpacked: for
+        callers that want every head, not for boot)."""
+        for order in sorted(self.leaves):
+            yield self.leaves[order].heads(), order
 
     def nr_pages(self) -> int:
-        return sum(len(h) << o for o, h in self.blocks.items())
+        return sum(leaves.pages() for leaves in self.leaves.values())
 
     @property
     def nr_leaves(self) -> int:
-        return sum(len(index) for index, _ in self.leaves.values())
+        return sum(len(leaves.index) for leaves in self.leaves.values())
 
 
 def read_radix(mem: PhysMemory, root_phys: int, what: str) -> RadixMap:
@@ -390,8 +382,7 @@ def read_radix(mem: PhysMemory, root_phys: int, what: str) -> RadixMap:
             raise HandoverError(f"{what.capitalize()} links the node at "
                                 f"{int(nodes[twice[0]]) << PAGE_SHIFT:#x} twice (a cycle or "
                                 "a shared node).")
-    blocks, leaves = _read_leaves(pages, level, prefixes, npages, what)
-    return RadixMap(root, blocks, leaves, nodes)
+    return RadixMap(root, _read_leaves(pages, level, prefixes, npages, what), nodes)
 
 
 def _node_pfn(mem: PhysMemory, phys: int, where: str) -> int:
@@ -445,15 +436,15 @@ def _refuse(bad: np.ndarray, where, phys: np.ndarray, why: str) -> None:
 
 
 def _read_leaves(pages: np.ndarray, leaves: np.ndarray, prefixes: np.ndarray, npages: int,
-                 what: str) -> tuple[dict[int, np.ndarray], dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """Blocks per order from the leaves; every block must end inside the arena."""
+                 what: str) -> dict[int, Leaves]:
+    """The leaves per order with blocks; every block must end inside the arena. The
+    bitmaps are copied and checked as they are, never unpacked."""
     # A leaf's prefix (key >> 15) lies in [2**27, 2**38); its highest bit gives the order.
     top = np.searchsorted(1 << np.arange(KEY_LOW.bit_length() - 1 - LEAF_SHIFT,
                                          KEY_END.bit_length() - 1 - LEAF_SHIFT),
                           prefixes, side="right") - 1
     orders = MAX_ORDER - top
-    blocks: dict[int, np.ndarray] = {}
-    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    found: dict[int, Leaves] = {}
     pages_seen = 0
     for order in range(MAX_ORDER + 1):
         mine = np.flatnonzero(orders == order)
@@ -461,26 +452,38 @@ def _read_leaves(pages: np.ndarray, leaves: np.ndarray, prefixes: np.ndarray, np
             continue
         index = prefixes[mine] ^ (1 << (ORDER0_BIT - order - LEAF_SHIFT))
         pfns = leaves[mine]
-        beyond = np.flatnonzero(index >= _leaf_slots(npages, order))
+        beyond = np.flatnonzero(index >= leaf_slots(npages, order))
         if len(beyond):
             raise HandoverError(f"{what.capitalize()} has an order-{order} leaf at "
                                 f"{int(pfns[beyond[0]]) << PAGE_SHIFT:#x} for blocks past the "
                                 f"end of the arena ({npages} pages).")
-        heads = []
-        for start in range(0, len(mine), _LEAF_CHUNK):
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        for start in range(0, len(mine), _LEAF_CHUNK):   # memory bounded by what counts
             bitmaps = pages[pfns[start:start + _LEAF_CHUNK]]
-            pages_seen += int(np.bitwise_count(bitmaps).sum()) << order
+            counts = np.bitwise_count(bitmaps).sum(axis=1, dtype=np.int64)
+            pages_seen += int(counts.sum()) << order
             if pages_seen > npages:
-                raise HandoverError(f"{what.capitalize()} records more pages than the arena "
-                                    "has: its blocks must overlap.")
-            heads.append(leaf_heads(bitmaps, index[start:start + _LEAF_CHUNK], order))
-        heads_all = np.concatenate(heads)
-        past = np.flatnonzero(heads_all + (1 << order) > npages)
-        if len(past):
-            raise HandoverError(f"{what.capitalize()} records an order-{order} block at pfn "
-                                f"{int(heads_all[past[0]])}, which ends past the arena "
-                                f"({npages} pages).")
-        if len(heads_all):
-            blocks[order] = heads_all
-        found[order] = (index, pfns)
-    return blocks, found
+                raise HandoverError(f"{what.capitalize()} records more pages than the "
+                                    "arena has: its blocks must overlap.")
+            keep = np.flatnonzero(counts)     # a crash may leave a leaf linked but empty
+            kept.append((start + keep, bitmaps[keep]))
+        rows = np.concatenate([k for k, _ in kept])
+        if len(rows):
+            bitmaps = np.concatenate([b for _, b in kept])
+            _refuse_past_end(bitmaps, index[rows], order, npages, what)
+            found[order] = Leaves(order, index[rows], bitmaps, pfns[rows])
+    return found
+
+
+def _refuse_past_end(bitmaps: np.ndarray, index: np.ndarray, order: int, npages: int,
+                     what: str) -> None:
+    """HandoverError if a block ends past the arena: only the last leaf can hold one."""
+    last = np.flatnonzero(index == leaf_slots(npages, order) - 1)
+    if not len(last):
+        return
+    fits = (npages >> order) - (int(index[last[0]]) << LEAF_SHIFT)   # whole blocks inside
+    past = np.flatnonzero(np.unpackbits(bitmaps[last[0]], bitorder="little")[fits:])
+    if len(past):
+        pfn = ((int(index[last[0]]) << LEAF_SHIFT) + fits + int(past[0])) << order
+        raise HandoverError(f"{what.capitalize()} records an order-{order} block at pfn "
+                            f"{pfn}, which ends past the arena ({npages} pages).")

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import HandoverError
+from .leaves import Leaves, Run
 from .units import MAX_ORDER, PAGE_SIZE
+
+#: Pages of the largest block: no block crosses a multiple of it.
+CHUNK = 1 << MAX_ORDER
+#: A byte value times this: that byte in each of a u64's eight bytes.
+_WORD = 0x0101010101010101
 
 if TYPE_CHECKING:
     from .arena import Arena
@@ -117,6 +123,79 @@ def _check_heads(pfns: np.ndarray, order: int, npages: int, what: str) -> None:
         raise HandoverError(f"The {what} folios of order {order} list some PFN twice.")
 
 
+def _mismatch(heads: np.ndarray, run: Run, bits: np.ndarray | None, value: int) -> int | None:
+    """Index of the first byte of ``heads`` (one per slot of ``run``; ``bits`` its slots
+    as 0/1 bytes, None when all are set) whose slot is set and which is not ``value``,
+    or None. Compared eight bytes at a time where the bytes are contiguous."""
+    words = _words(heads)
+    pattern = np.uint64(_WORD * value)
+    if bits is None:
+        if words is not None and (words == pattern).all():
+            return None
+        wrong = heads != value
+    else:
+        if words is not None and not ((words ^ pattern) & (_words(bits) * np.uint64(0xFF))).any():
+            return None
+        wrong = (heads != value) & bits.view(bool)
+    return int(np.argmax(wrong)) if wrong.any() else None
+
+
+def _turn(heads: np.ndarray, bits: np.ndarray | None, before: int, after: int) -> None:
+    """Set to ``after`` the bytes of ``heads`` whose slot is set (all ``before``)."""
+    if bits is None:
+        heads.fill(after)
+        return
+    words = _words(heads)
+    if words is not None:
+        words ^= _words(bits) * np.uint64(before ^ after)   # 0/1 bytes: no carries
+    else:
+        heads ^= bits * (before ^ after)
+
+
+def _words(pages: np.ndarray) -> np.ndarray | None:
+    """``pages`` (bytes) as u64 words, if they are contiguous and a whole number of them."""
+    return pages.view(np.uint64) if pages.flags.c_contiguous and not len(pages) % 8 else None
+
+
+def _run_bits(run: Run) -> np.ndarray | None:
+    """The run's slots as 0/1 bytes; None when every slot is set."""
+    return None if run.count == run.slots else run.bits()
+
+
+class BootMarks:
+    """What boot's marks did to a reset memmap, counted as they are made, so that the
+    page allocator starts without reading it all: per chunk of CHUNK pages (the largest
+    block), whether anything touched it and how many of its pages are no longer free
+    (RESERVED or PRESERVED); per node, the RESERVED and the scratch pages."""
+
+    def __init__(self, npages: int, node_starts: np.ndarray) -> None:
+        nchunks = -(-npages // CHUNK)
+        self.touched = np.zeros(nchunks, bool)
+        self.covered = np.zeros(nchunks, np.int64)
+        self.reserved = np.zeros(len(node_starts) + 1, np.int64)
+        self.scratch = np.zeros_like(self.reserved)
+        self._node_starts = node_starts
+
+    def note(self, pfn: int, changed: np.ndarray, per_node: np.ndarray) -> None:
+        """Pages ``pfn + i`` with ``changed[i]`` change kind: count them per node."""
+        self.touched[pfn // CHUNK:-(-(pfn + len(changed)) // CHUNK)] = True
+        pages = pfn + np.flatnonzero(changed)
+        per_node += np.bincount(np.searchsorted(self._node_starts, pages, side="right"),
+                                minlength=len(per_node))
+
+    def cover(self, heads: np.ndarray, order: int) -> None:
+        """Blocks of ``order`` at ``heads``, all free until now, are not any more."""
+        np.add.at(self.covered, heads >> MAX_ORDER, 1 << order)
+        self.touched[heads >> MAX_ORDER] = True
+
+    def cover_bits(self, first: int, packed: np.ndarray) -> None:
+        """The order-0 pages set in ``packed`` from ``first`` (a multiple of CHUNK)."""
+        per_byte = np.bitwise_count(packed)
+        counts = np.add.reduceat(per_byte, np.arange(0, len(per_byte), CHUNK >> 3), dtype=np.int64)
+        self.covered[first // CHUNK:first // CHUNK + len(counts)] += counts
+        self.touched[first // CHUNK:first // CHUNK + len(counts)] |= counts != 0
+
+
 class Memmap:
     """Per-page state of the arena, stored in ``npages`` arena pages from ``first_pfn``."""
 
@@ -130,7 +209,11 @@ class Memmap:
         #: One uint8 per arena page: a view onto the arena bytes, not a copy.
         self.map = np.frombuffer(arena.view(first_pfn, self.npages), dtype=np.uint8)[: arena.npages]
         self._node_starts = np.array([arena.node_range(n)[0] for n in range(1, arena.nodes)], dtype=np.int64)
+        #: What boot marked since the reset, for the page allocator's start; None for
+        #: a memmap attached as found.
+        self.boot = BootMarks(arena.npages, self._node_starts) if reset else None
         if reset:
+            arena.prefault(first_pfn, self.npages)
             self.map[:] = FREE_PAGE
             #: Pages in PRESERVED blocks, per node.
             self.preserved_per_node = np.zeros(arena.nodes, dtype=np.int64)
@@ -151,31 +234,68 @@ class Memmap:
 
     def mark_scratch(self, pfn: int, npages: int) -> None:
         """Flag ``[pfn, pfn + npages)`` as scratch (boot time)."""
-        self.map[pfn : pfn + npages] |= SCRATCH_FLAG
+        pages = self.map[pfn : pfn + npages]
+        self.boot.note(pfn, pages < SCRATCH_FLAG, self.boot.scratch)
+        pages |= SCRATCH_FLAG
 
     def mark_reserved(self, pfn: int, npages: int) -> None:
         """Make ``[pfn, pfn + npages)`` RESERVED, keeping the scratch flag (boot time,
         before the page allocator starts)."""
-        self.map[pfn : pfn + npages] &= SCRATCH_FLAG
+        pages = self.map[pfn : pfn + npages]
+        fresh = (pages & STATE_MASK) != 0
+        self.boot.note(pfn, fresh, self.boot.reserved)
+        self.boot.cover(np.arange(pfn, pfn + npages, dtype=np.int64)[fresh], 0)
+        pages &= SCRATCH_FLAG
 
-    def set_preserved(self, pfns: np.ndarray, order: int) -> None:
-        """Mark blocks of ``order`` at ``pfns`` PRESERVED (boot time, on a reset memmap).
+    def set_preserved(self, leaves: Leaves) -> None:
+        """Mark the blocks of ``leaves`` PRESERVED (boot time, on a reset memmap), a run
+        of leaves at a time: order-0 pages by whole-run vector passes over their bytes,
+        larger blocks row by row.
 
         HandoverError unless every page of those blocks is still a plain free page
         (not reserved, not scratch, not already preserved).
         """
-        pfns = np.asarray(pfns, dtype=np.int64)
-        _check_heads(pfns, order, self.arena.npages, "preserved")
-        pages = block_pages(pfns, order)
+        order, head = leaves.order, encode(PageState.PRESERVED, leaves.order)
+        if leaves.sparse:
+            self._set_preserved_heads(leaves.heads(), order)
+            return
+        for run in leaves.runs(self.arena.npages):
+            if order == 0 and run.dense:
+                view = self.map[run.first:run.first + run.slots]
+                bits = _run_bits(run)
+                busy = _mismatch(view, run, bits, FREE_PAGE)
+                if busy is not None:
+                    self._refuse_busy(run.first + busy, 0)
+                _turn(view, bits, FREE_PAGE, head)
+                self.boot.cover_bits(run.first, run.packed)
+                continue
+            rows = run.positions()
+            blocks = self.map[run.first:run.first + (run.slots << order)].reshape(run.slots, 1 << order)
+            busy = blocks[rows] != FREE_PAGE
+            bad = np.flatnonzero(busy.any(axis=1))
+            if len(bad):
+                first = run.first + (int(rows[bad[0]]) << order)
+                self._refuse_busy(first + int(np.argmax(busy[bad[0]])), order)
+            blocks[rows] = TAIL
+            blocks[rows, 0] = head
+            self.boot.cover(run.first + (rows << order), order)
+        self._count(leaves, sign=+1)
+
+    def _set_preserved_heads(self, heads: np.ndarray, order: int) -> None:
+        """set_preserved for a few blocks: page by page."""
+        pages = block_pages(heads, order)
         busy = self.map[pages] != FREE_PAGE
         if busy.any():
-            pfn = int(pages[np.argmax(busy)])
-            raise HandoverError(
-                f"A preserved folio of order {order} covers PFN {pfn}, which is {self.describe(pfn)}."
-            )
+            self._refuse_busy(int(pages[np.argmax(busy)]), order)
         self.map[pages] = TAIL
-        self.map[pfns] = encode(PageState.PRESERVED, order)
-        self._count(pfns, order, +1)
+        self.map[heads] = encode(PageState.PRESERVED, order)
+        self.boot.cover(heads, order)
+        self._count(heads, order, sign=+1)
+
+    def _refuse_busy(self, pfn: int, order: int) -> None:
+        raise HandoverError(
+            f"A preserved folio of order {order} covers PFN {pfn}, which is {self.describe(pfn)}."
+        )
 
     # -- the handover -----------------------------------------------------------------------
 
@@ -190,12 +310,33 @@ class Memmap:
         _check_heads(pfns, order, self.arena.npages, "restored")
         wrong = self.map[pfns] != encode(PageState.PRESERVED, order)
         if wrong.any():
-            pfn = int(pfns[np.argmax(wrong)])
-            raise HandoverError(
-                f"PFN {pfn} was not preserved as a folio of order {order}; it is {self.describe(pfn)}."
-            )
+            self._refuse_unpreserved(int(pfns[np.argmax(wrong)]), order)
         self.map[pfns] = encode(PageState.ALLOCATED, order)
-        self._count(pfns, order, -1)
+        self._count(pfns, order, sign=-1)
+
+    def claim_leaves(self, leaves: Leaves) -> None:
+        """PRESERVED -> ALLOCATED for every block of ``leaves`` (a pool restored whole):
+        only head bytes change, a run of leaves at a time. HandoverError unless each is
+        exactly the head of a preserved block of that order; nothing changes then."""
+        order = leaves.order
+        if leaves.sparse:
+            self.claim_preserved(leaves.heads(), order)
+            return
+        before, after = encode(PageState.PRESERVED, order), encode(PageState.ALLOCATED, order)
+        runs = [(run, self.map[run.first:run.first + (run.slots << order):1 << order],
+                 _run_bits(run)) for run in leaves.runs(self.arena.npages)]
+        for run, heads, bits in runs:            # check all, then write all
+            wrong = _mismatch(heads, run, bits, before)
+            if wrong is not None:
+                self._refuse_unpreserved(run.first + (wrong << order), order)
+        for _, heads, bits in runs:
+            _turn(heads, bits, before, after)
+        self._count(leaves, sign=-1)
+
+    def _refuse_unpreserved(self, pfn: int, order: int) -> None:
+        raise HandoverError(
+            f"PFN {pfn} was not preserved as a folio of order {order}; it is {self.describe(pfn)}."
+        )
 
     def preserved_heads(self) -> Iterator[tuple[np.ndarray, int]]:
         """``(pfns, order)`` for the blocks still PRESERVED, ascending PFNs per order."""
@@ -278,8 +419,16 @@ class Memmap:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _count(self, pfns: np.ndarray, order: int, sign: int) -> None:
-        nodes = np.searchsorted(self._node_starts, pfns, side="right")
+    def _count(self, blocks: Leaves | np.ndarray, order: int = 0, *, sign: int) -> None:
+        """Add ``sign`` times the pages of ``blocks`` (leaves, or head pfns of ``order``)
+        to the per-node preserved counts."""
+        if isinstance(blocks, Leaves):
+            order = blocks.order
+            if self.arena.nodes == 1:
+                self.preserved_per_node[0] += sign * blocks.pages()
+                return
+            blocks = blocks.heads()
+        nodes = np.searchsorted(self._node_starts, blocks, side="right")
         self.preserved_per_node += sign * (np.bincount(nodes, minlength=self.arena.nodes) << order)
 
     def _count_preserved(self) -> np.ndarray:

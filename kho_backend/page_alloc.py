@@ -6,9 +6,12 @@ Free lists are kept per node, per kind and per order; the kinds are *normal* mem
 scratch first. The memmap is the truth (a block's state and order sit in its head's byte);
 the free lists are Python sets of head PFNs, an index over it that can always be rebuilt.
 
-Start-up (and a bulk free) rebuilds the free lists from the memmap with numpy: find the
-runs of free pages of one kind inside one node, then cut every run into maximal aligned
-blocks with a handful of whole-array passes, so a 24 GiB arena starts in tens of ms.
+The free lists are built from the memmap per chunk of 4 MiB (the largest block, which no
+block crosses). At start-up, boot's marks say which chunks it never touched (each one
+free block) and which it filled (none): neither is read. Any other chunk is read as u64
+words (no free head: skipped; all free: one block) and else cut into maximal aligned
+blocks page by page. A bulk free rebuilds only the chunks it touched, so releasing a few
+pages costs a few chunks, whatever the arena's size.
 
 Accounting per node is exact: ``total = free + used + preserved + reserved``. Preserved
 pages (handed over, not yet restored) are counted by the memmap; freeing one releases it.
@@ -17,7 +20,7 @@ pages (handed over, not yet restored) are counted by the memmap; freeing one rel
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +28,12 @@ import numpy as np
 from .arena import Arena
 from .errors import MachineError, OutOfMemory
 from .memmap import (
+    CHUNK,
     ORDER_MASK,
     SCRATCH_FLAG,
     STATE_MASK,
     STATE_SHIFT,
+    BootMarks,
     Memmap,
     PageState,
     block_pages,
@@ -37,6 +42,10 @@ from .memmap import (
 from .units import MAX_ORDER, PAGE_SHIFT, format_size
 
 NORMAL, SCRATCH = 0, 1
+#: 0x0101010101010101: a byte value times this is that byte in every byte of a u64.
+_WORD = 0x0101010101010101
+#: Chunks scanned at once (256 KiB of memmap).
+_SCAN = 256
 KINDS = (NORMAL, SCRATCH)
 _FREE = PageState.FREE << STATE_SHIFT
 _ALLOCATED = PageState.ALLOCATED << STATE_SHIFT
@@ -113,11 +122,19 @@ class PageAllocator:
         self._map = memmap.map
         self._bytes = arena.array()
         self._starts = [lo for lo, _ in arena.node_ranges()] + [arena.npages]
-        self._free: list[list[list[set[int]]]] = []
-        self._nfree: list[list[int]] = []
-        self._reserved: list[int] = []
-        self._scratch: list[int] = []
-        self._rebuild()
+        nodes = arena.nodes
+        self._free = [[[set() for _ in range(MAX_ORDER + 1)] for _ in KINDS] for _ in range(nodes)]
+        self._nfree = [[0, 0] for _ in range(nodes)]
+        #: The memmap of the whole chunks, one row each, as bytes and as u64 words.
+        self._nfull = arena.npages >> MAX_ORDER
+        self._rows = self._map[: self._nfull << MAX_ORDER].reshape(self._nfull, CHUNK)
+        self._words = self._rows.view(np.uint64)
+        marks = memmap.boot
+        if marks is None:
+            raise MachineError("The page allocator starts from a memmap boot has reset and "
+                               "marked, not from one attached as found.")
+        self._reserved, self._scratch = marks.reserved.tolist(), marks.scratch.tolist()
+        self._start(marks)
 
     # -- allocation -------------------------------------------------------------------------
 
@@ -178,12 +195,14 @@ class PageAllocator:
                 checked.append((pfns, order, self._check_blocks(pfns, order)))
         if not checked:
             return
+        chunks = np.unique(np.concatenate([pfns >> MAX_ORDER for pfns, _, _ in checked]))
+        self._forget(chunks)
         for pfns, order, preserved in checked:
             if preserved.size:
                 self.memmap.claim_preserved(preserved, order)
             pages = block_pages(pfns, order)
             self._map[pages] = (self._map[pages] & SCRATCH_FLAG) | _FREE
-        self._rebuild()
+        self._rebuild(chunks)
 
     def _check_blocks(self, pfns: np.ndarray, order: int) -> np.ndarray:
         """MachineError naming the first of ``pfns`` that is not an allocated or
@@ -288,25 +307,128 @@ class PageAllocator:
             )
         return state
 
-    def _rebuild(self) -> None:
-        """Recompute free lists and counters from the memmap, merging free pages into
-        maximal aligned blocks."""
-        m = self._map
-        state = self.memmap.block_states()
-        free = state == PageState.FREE
-        scratch = (m & SCRATCH_FLAG) != 0
-        code = free.view(np.int8) + (free & scratch).view(np.int8)  # 0 used, 1 free, 2 free scratch
-        heads, orders = _free_blocks(code, self._starts)
-        m[:] = np.where(free, (m & SCRATCH_FLAG) | _TAIL, m)
-        m[heads] = (m[heads] & SCRATCH_FLAG) | _FREE | orders.astype(np.uint8)
+    # -- the free lists from the memmap, chunk by chunk ------------------------------------
+    #
+    # No block crosses a multiple of CHUNK (blocks are naturally aligned, node boundaries
+    # are multiples of it), so the free blocks of a chunk follow from its bytes alone:
+    # start-up rebuilds every chunk, a bulk free only the chunks it touched. A chunk with
+    # no FREE head is skipped and a chunk free as a whole is one block, both found from
+    # its bytes read as u64 words; only the other chunks are cut into blocks page by page.
+
+    def _start(self, marks: BootMarks) -> None:
+        """The first free lists: a whole chunk boot never touched is one free block, a
+        chunk it filled has none (neither is read); the others are rebuilt from their
+        bytes."""
+        chunks = np.arange(len(marks.touched), dtype=np.int64)
+        full = chunks < self._nfull
+        fresh = chunks[full & ~marks.touched]
+        self._rows[fresh, 1:] = _TAIL
+        self._rows[fresh, 0] = _FREE | MAX_ORDER
+        self._add(fresh << MAX_ORDER, np.full(len(fresh), MAX_ORDER, np.int64))
+        filled = full & (marks.covered == CHUNK)
+        self._rebuild(chunks[marks.touched & ~filled | ~full])
+
+    def _rebuild(self, chunks: np.ndarray) -> None:
+        """Add the free blocks of ``chunks`` (ascending, none of them listed) to the
+        free lists, merging their free pages into maximal aligned blocks in the memmap."""
+        full = chunks[chunks < self._nfull]
+        free_head, whole = self._classify(full)
+        first = self._rows[full, 0]
+        whole |= free_head & ((first & (SCRATCH_FLAG - 1)) == _FREE | MAX_ORDER)
+        heads = [full[whole] << MAX_ORDER]
+        orders = [np.full(len(heads[0]), MAX_ORDER, np.int64)]
+        mixed = np.concatenate([full[free_head & ~whole], chunks[chunks >= self._nfull]])
+        if len(mixed):
+            more, more_orders = self._cut(mixed)
+            heads.append(more)
+            orders.append(more_orders)
+        self._add(np.concatenate(heads), np.concatenate(orders))
+
+    def _classify(self, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per whole chunk of ``full`` (ascending): has it a FREE head, and is it all
+        free order-0 pages of one kind (as boot leaves an untouched chunk: made one free
+        block here, in the memmap)? Read as u64 words, a slice of chunks at a time."""
+        free_head = np.zeros(len(full), bool)
+        fresh = np.zeros(len(full), bool)
+        dense = len(full) == self._nfull      # every chunk: slices, not a gather
+        for lo in range(0, len(full), _SCAN):
+            words = self._words[lo:lo + _SCAN] if dense else self._words[full[lo:lo + _SCAN]]
+            free_head[lo:lo + _SCAN] = _has_byte(words & np.uint64(_WORD * STATE_MASK),
+                                                 _WORD * _FREE).any(axis=1)
+            for flag in (0, SCRATCH_FLAG):
+                fresh[lo:lo + _SCAN] |= (words == np.uint64(_WORD * (flag | _FREE))).all(axis=1)
+        for flag in (0, SCRATCH_FLAG):
+            rows = full[fresh & (self._rows[full, 0] == flag | _FREE)]
+            self._rows[rows, 1:] = flag | _TAIL
+            self._rows[rows, 0] = flag | _FREE | MAX_ORDER
+        return free_head, fresh
+
+    def _cut(self, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cut the free pages of ``chunks`` (ascending; the partial last chunk of the
+        arena may be among them) into maximal aligned blocks, written to the memmap;
+        returns (head pfns, orders)."""
+        full = chunks[chunks < self._nfull]
+        tail_start = self._nfull << MAX_ORDER
+        has_tail = len(full) < len(chunks)
+        data = np.concatenate([self._rows[full].ravel()]
+                              + ([self._map[tail_start:]] if has_tail else []))
+        states = (data & STATE_MASK) >> STATE_SHIFT
+        is_tail = states == PageState.TAIL
+        if is_tail.any():   # a tail takes its head's state; every chunk starts with a head
+            head = np.arange(len(data), dtype=np.int32)
+            head[is_tail] = 0
+            np.maximum.accumulate(head, out=head)
+            states = states[head]
+        free = states == PageState.FREE
+        scratch = data >= SCRATCH_FLAG
+        code = free.view(np.int8) + (free & scratch).view(np.int8)   # 0 used, 1 free, 2 scratch
+        edges = _with_sorted(np.flatnonzero(code[1:] != code[:-1]) + 1,
+                             np.arange(CHUNK, len(data), CHUNK, dtype=np.int64))
+        starts = np.concatenate(([0], edges)).astype(np.int64)
+        starts = starts[code[starts] != 0]
+        ends = np.concatenate((edges, [len(data)]))[np.searchsorted(edges, starts, side="right")]
+        base = (chunks << MAX_ORDER) - (np.arange(len(chunks), dtype=np.int64) << MAX_ORDER)
+        shift = base[starts >> MAX_ORDER]          # local position -> pfn
+        heads, orders = split_runs(starts + shift, ends + shift)
+        data[free] = (data[free] & SCRATCH_FLAG) | _TAIL
+        if len(full):
+            self._rows[full] = data[: len(full) << MAX_ORDER].reshape(-1, CHUNK)
+        if has_tail:
+            self._map[tail_start:] = data[len(full) << MAX_ORDER:]
+        self._map[heads] = (self._map[heads] & SCRATCH_FLAG) | _FREE | orders.astype(np.uint8)
+        return heads, orders
+
+    def _forget(self, chunks: np.ndarray) -> None:
+        """Take the free blocks of ``chunks`` off the free lists (before a bulk free
+        changes the memmap there; :meth:`_rebuild` lists them again)."""
+        full = chunks[chunks < self._nfull]
+        pfns = (full[:, None] << MAX_ORDER) + np.arange(CHUNK, dtype=np.int64)
+        pfns = [pfns.ravel()]
+        if len(full) < len(chunks):
+            pfns.append(np.arange(self._nfull << MAX_ORDER, self.arena.npages, dtype=np.int64))
+        pages = np.concatenate(pfns)
+        heads = pages[(self._map[pages] & STATE_MASK) == _FREE]
+        orders = (self._map[heads] & ORDER_MASK).astype(np.int64)
+        self._group(heads, orders, forget=True)
+
+    def _add(self, heads: np.ndarray, orders: np.ndarray) -> None:
+        self._group(heads, orders, forget=False)
+
+    def _group(self, heads: np.ndarray, orders: np.ndarray, *, forget: bool) -> None:
+        """Add the free blocks (``heads``, ``orders``) to the free lists and counters,
+        or take them off (``forget``)."""
+        if not len(heads):
+            return
         nodes = np.searchsorted(np.asarray(self._starts[1:-1]), heads, side="right")
-        kinds = scratch[heads].astype(np.int64)
-        self._free = _free_lists(heads, orders, nodes, kinds, self.arena.nodes)
-        nfree = np.bincount(nodes * 2 + kinds, weights=np.left_shift(1, orders), minlength=2 * self.arena.nodes)
-        self._nfree = [[int(nfree[2 * n]), int(nfree[2 * n + 1])] for n in range(self.arena.nodes)]
-        spans = list(zip(self._starts, self._starts[1:]))
-        self._reserved = [int(np.count_nonzero(state[lo:hi] == PageState.RESERVED)) for lo, hi in spans]
-        self._scratch = [int(np.count_nonzero(scratch[lo:hi])) for lo, hi in spans]
+        kinds = (self._map[heads] >= SCRATCH_FLAG).astype(np.int64)
+        for (node, kind, order), group in _groups(heads, orders, nodes, kinds):
+            lists = self._free[node][kind][order]
+            if forget:
+                lists.difference_update(group)
+                self._nfree[node][kind] -= len(group) << order
+            else:
+                lists.update(group)
+                self._nfree[node][kind] += len(group) << order
 
     def _oom_message(self, order: int, movable: bool, node: int | None) -> str:
         kind = "movable" if movable else "unmovable"
@@ -329,15 +451,11 @@ def _check_order(order: int) -> None:
         raise MachineError(f"Order {order} is outside the buddy orders 0..{MAX_ORDER}.")
 
 
-def _free_blocks(code: np.ndarray, node_starts: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the runs of equal non-zero ``code`` (split at node starts) into maximal
-    naturally aligned blocks; returns (head PFNs, orders)."""
-    edges = np.flatnonzero(code[1:] != code[:-1]) + 1
-    bounds = _with_sorted(edges, np.asarray(node_starts[1:-1], dtype=np.int64))
-    starts = np.concatenate(([0], bounds)).astype(np.int64)
-    ends = np.concatenate((bounds, [code.size])).astype(np.int64)
-    keep = code[starts] != 0
-    return split_runs(starts[keep], ends[keep])
+def _has_byte(words: np.ndarray, value: int) -> np.ndarray:
+    """Per u64 word: is one of its bytes equal to the pattern ``value`` (a byte
+    repeated)? The exact SWAR zero-byte test on ``words ^ value``."""
+    x = words ^ np.uint64(value)
+    return ((x - np.uint64(_WORD)) & ~x & np.uint64(_WORD * 0x80)) != 0
 
 
 def _with_sorted(sorted_unique: np.ndarray, few: np.ndarray) -> np.ndarray:
@@ -380,14 +498,13 @@ def split_runs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.concatenate(heads), np.concatenate(orders)
 
 
-def _free_lists(heads: np.ndarray, orders: np.ndarray, nodes: np.ndarray, kinds: np.ndarray, nr_nodes: int) -> list[list[list[set[int]]]]:
-    """Sets of head PFNs indexed [node][kind][order]."""
-    lists = [[[set() for _ in range(MAX_ORDER + 1)] for _ in KINDS] for _ in range(nr_nodes)]
+def _groups(heads: np.ndarray, orders: np.ndarray, nodes: np.ndarray,
+            kinds: np.ndarray) -> Iterator[tuple[tuple[int, int, int], list[int]]]:
+    """The head pfns grouped by (node, kind, order)."""
     key = (nodes * 2 + kinds) * (MAX_ORDER + 1) + orders
     sort = np.argsort(key, kind="stable")
     key, heads = key[sort], heads[sort]
     cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
-    for group_key, group in zip(key[np.concatenate(([0], cuts))] if key.size else [], np.split(heads, cuts)):
-        node_kind, order = divmod(int(group_key), MAX_ORDER + 1)
-        lists[node_kind // 2][node_kind % 2][order] = set(group.tolist())
-    return lists
+    for group_key, group in zip(key[np.concatenate(([0], cuts))].tolist(), np.split(heads, cuts)):
+        node_kind, order = divmod(group_key, MAX_ORDER + 1)
+        yield (node_kind // 2, node_kind % 2, order), group.tolist()

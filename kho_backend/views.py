@@ -193,7 +193,7 @@ def preserved_summary(kho_in: IncomingHandover, mem: ReadOnlyArena) -> list[str]
     if kho_in.version == KHO_V1_COMPATIBLE:
         shape = f"{len(pmap.chunk_pfns)} chunk page(s)"
     else:
-        shape = f"radix tree of {len(pmap.nodes)} node(s), {pmap.leaves} leaf(s)"
+        shape = f"radix tree of {len(pmap.nodes)} node(s), {pmap.nr_leaves} leaf(s)"
     out = _block_table("preserved memory", "folios", pmap.ranges(), mem, shape)
     for pool in kho_in.pools.values():
         out += _block_table(f"pool {pool.name!r}", "blocks", pool.map.ranges(), mem,

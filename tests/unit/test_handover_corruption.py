@@ -242,7 +242,7 @@ def test_addresses_outside_the_arena(machine: Machine) -> None:
     machine.corrupt(subtree_at(MEMORY - 8), "subtree 'guestfs' is at .* outside the arena")
     free_page = (MEMORY >> 1) & ~(PAGE_SIZE - 1)
     machine.corrupt(subtree_at(free_page), "subtree 'guestfs' .* is not in preserved")
-    pool_page = int(machine.handover.pools["p"].map.blocks[1][0]) << PAGE_SHIFT
+    pool_page = int(machine.handover.pools["p"].map.leaves[1].heads()[0]) << PAGE_SHIFT
     machine.corrupt(subtree_at(pool_page), "subtree 'guestfs' .* is not in preserved")
 
 
@@ -260,7 +260,7 @@ def test_two_pools_on_one_tree(machine: Machine) -> None:
 
 def test_tree_pointer_corruptions(machine: Machine) -> None:
     """Every kind of bad pointer in a node, at every level, is refused with its place."""
-    folio = int(machine.handover.pmap.heads[9][0])
+    folio = int(machine.handover.pmap.leaves[9].heads()[0])
     path = machine.path_to(folio, 9)
     root = path[0][0]
     for level, (node, slot) in enumerate(path[:-1]):
@@ -279,7 +279,7 @@ def test_tree_pointer_corruptions(machine: Machine) -> None:
 
 
 def test_a_node_in_scratch(machine: Machine) -> None:
-    folio = int(machine.handover.pmap.heads[9][0])
+    folio = int(machine.handover.pmap.leaves[9].heads()[0])
     node, slot = machine.path_to(folio, 9)[3]
     area = MachineHeader.unpack(bytes(machine.golden[:PAGE_SIZE])).scratch[0]
 
@@ -295,14 +295,14 @@ def test_a_node_in_scratch(machine: Machine) -> None:
 def test_overlapping_blocks(machine: Machine) -> None:
     """A block twice (an order-0 page inside the order-9 folio; a pool's page in the
     global map too; a node inside a block) is refused, naming both."""
-    folio = int(machine.handover.pmap.heads[9][0])
-    page = int(machine.handover.pmap.heads[0][0])
+    folio = int(machine.handover.pmap.leaves[9].heads()[0])
+    page = int(machine.handover.pmap.leaves[0].heads()[0])
     leaf, _ = machine.path_to(page, 0)[-1]
     inside = folio + 3
     machine.corrupt(set_bit(leaf, block_key(inside, 0) & (LEAF_BITS - 1)),
                     f"overlaps itself at pfn {inside}: the preserved order-0 folio at pfn "
                     f"{inside} and the preserved order-9 folio at pfn {folio}")
-    pooled = int(machine.handover.pools["p"].map.blocks[1][0])
+    pooled = int(machine.handover.pools["p"].map.leaves[1].heads()[0])
     machine.corrupt(set_bit(leaf, block_key(pooled, 0) & (LEAF_BITS - 1)),
                     f"overlaps itself at pfn {pooled}: the preserved order-0 folio .* and "
                     f"the order-1 block of pool 'p' at pfn {pooled}")
@@ -314,7 +314,7 @@ def test_overlapping_blocks(machine: Machine) -> None:
 
 
 def test_a_block_on_page_0_or_in_scratch(machine: Machine) -> None:
-    page = int(machine.handover.pmap.heads[0][0])
+    page = int(machine.handover.pmap.leaves[0].heads()[0])
     leaf, _ = machine.path_to(page, 0)[-1]
     machine.corrupt(set_bit(leaf, 0), "covers page 0, the machine header")
     header = MachineHeader.unpack(bytes(machine.golden[:PAGE_SIZE]))
@@ -389,7 +389,7 @@ def _elements(page: bytearray) -> tuple[int, np.ndarray]:
 def test_v1_overlapping_ranges(release: Machine) -> None:
     golden = release.golden
     by_order = {_elements(golden[p:p + PAGE_SIZE])[0]: p for p in chunks(release)}
-    heads = release.handover.pmap.heads[0]
+    heads = release.handover.pmap.leaves[0].heads()
     page = int(heads[heads >= 512][0])
     folio = page >> 9 << 9
 

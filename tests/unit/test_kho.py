@@ -125,7 +125,7 @@ def test_finalize_roundtrip(kernel: Kernel) -> None:
     assert nodes == set(kernel.kho.track.node_pfns().tolist()) and len(nodes) >= 6
     assert not nodes & set(heads[0].tolist())
     assert kho_in.pmap.order_of(fdt_phys >> PAGE_SHIFT) is None
-    assert fdt_phys >> PAGE_SHIFT in {int(p) for h, o in kho_in.reserved_blocks() for p in h}
+    assert fdt_phys >> PAGE_SHIFT in {int(p) for leaves in kho_in.reserved_blocks() for p in leaves.heads()}
     assert kho_in.retrieve_subtree("test")[1] == sub
     with pytest.raises(HandoverError, match="no subtree 'nope'"):
         kho_in.retrieve_subtree("nope")
@@ -179,7 +179,7 @@ def check_restores(k2: Kernel, folio: int, pages: list[int], span: int,
     assert kho_in.consume_chain(chain_phys, b"RECS") == b"records" * 1000
     with pytest.raises(HandoverError, match="already restored"):
         kho_in.consume_chain(chain_phys, b"RECS")
-    occupied = sum(len(h) << o for h, o in kho_in.reserved_blocks())
+    occupied = sum(leaves.pages() for leaves in kho_in.reserved_blocks())
     chain_pages = chain.chain_pages(len(b"records" * 1000))
     released = k2.finish_boot()
     # Released: the old map's nodes, the root FDT, kexec-metadata's two folios.

@@ -17,6 +17,7 @@ from helpers.kho_v1 import V1Map, chunk_page
 from kho_backend import chain, fdt
 from kho_backend.errors import HandoverError
 from kho_backend.kho_in import check_placement
+from kho_backend.leaves import Leaves
 from kho_backend.kho_mem import KHOSER_BITMAP_SIZE, PRESERVE_BITS, kho_mem_deserialize
 from kho_backend.units import MAX_ORDER, PAGE_SIZE
 
@@ -50,7 +51,8 @@ def write_chunk(mem: FakeMem, pfn: int, order: int, elms: list[tuple[int, bytes]
 def read_v1(mem: FakeMem, phys: int, scratch: list[tuple[int, int]] = ()) -> dict:
     """The v1 map at ``phys``, checked as boot checks it (placement included)."""
     heads = kho_mem_deserialize(mem, phys).heads
-    check_placement(mem.npages, [(f"order-{o} folio", h, o) for o, h in heads.items()],
+    check_placement(mem.npages, [(f"order-{o} folio", Leaves.from_heads(h, o))
+                                 for o, h in heads.items()],
                     scratch)
     return heads
 
@@ -162,18 +164,24 @@ def test_placement_checks() -> None:
     """The coverage count boot uses for every handover: overlaps across lists and
     orders, page 0 and scratch refused, each naming the blocks."""
     scratch = [(100, 150)]
-    ok = [("folio", np.array([512, 1024]), 9), ("page", np.array([5, 7, 2100]), 0),
-          ("node", np.array([3, 4]), 0)]
+    def place(*lists: tuple[str, list[int], int]) -> list[tuple[str, Leaves]]:
+        return [(what, Leaves.from_heads(np.array(heads), order)) for what, heads, order in lists]
+    ok = place(("folio", [512, 1024], 9), ("page", [5, 7, 2100], 0), ("node", [3, 4], 0),
+               ("pair", [10, 16382], 1), ("quad", [12, 16376], 2), ("eight", [2048, 16368], 3))
     check_placement(NPAGES, ok, scratch)
     check_placement(NPAGES, [], scratch)
     bad = {
         "overlaps itself at pfn 600: folio at pfn 512 and page at pfn 600":
-            [("folio", np.array([512]), 9), ("page", np.array([600]), 0)],
-        "overlaps itself at pfn 8: page at pfn 8 and another block":
-            [("page", np.array([8, 8]), 0)],
+            place(("folio", [512], 9), ("page", [600], 0)),
+        "overlaps itself at pfn 8: page at pfn 8 and node at pfn 8":
+            place(("page", [8], 0), ("node", [8, 9000], 0)),
+        "overlaps itself at pfn 6: quad at pfn 4 and pair at pfn 6":
+            place(("quad", [4, 40], 2), ("pair", [6, 10], 1), ("page", [3001], 0)),
+        "overlaps itself at pfn 16383: page at pfn 16383 and pair at pfn 16382":
+            place(("page", [16383], 0), ("pair", [16382], 1)),
         "Page at pfn 248 lies in the scratch area at pfns \\[100, 250\\)":
-            [("page", np.array([248]), 3)],
-        "Node at pfn 0 covers page 0": [("node", np.array([0]), 0)],
+            place(("page", [248], 3)),
+        "Node at pfn 0 covers page 0": place(("node", [0], 0)),
     }
     for match, placed in bad.items():
         with pytest.raises(HandoverError, match=match):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from conftest_machine import SHM
 from kho_backend.arena import Arena
 from kho_backend.errors import HandoverError, MachineError, OutOfMemory
+from kho_backend.leaves import Leaves
 from kho_backend.memmap import (
     FREE_PAGE,
     Memmap,
@@ -48,7 +49,7 @@ def fresh(arena: Arena, *, scratch: Sequence[tuple[int, int]] = SCRATCH,
     for start, n in RESERVED:
         memmap.mark_reserved(start, n)
     for pfns, order in preserved:
-        memmap.set_preserved(pfns, order)
+        memmap.set_preserved(Leaves.from_heads(pfns, order))
     return PageAllocator(arena, memmap)
 
 
@@ -266,8 +267,6 @@ def test_set_preserved_refuses_overlaps(arena: Arena) -> None:
         fresh(arena, preserved=[(np.array([512]), 9), (np.array([600]), 0)])
     with pytest.raises(HandoverError, match="the head of a preserved block of order 2"):
         fresh(arena, preserved=[(np.array([512]), 2), (np.array([512]), 0)])
-    with pytest.raises(HandoverError, match="not aligned"):
-        fresh(arena, preserved=[(np.array([513]), 1)])
 
 
 # -- memmap reading ------------------------------------------------------------------------------
@@ -378,3 +377,33 @@ def test_random_alloc_free_keeps_the_books(arena: Arena, preserve, ops) -> None:
         pages.free(pfn, order)
     assert pages.stats() == empty  # everything merged back into the same blocks
     pages.check()
+
+
+def test_whole_leaves_reserved_and_claimed() -> None:
+    """A run of leaves preserved whole (contiguous memory) takes the eight-bytes-at-a-time
+    path, and a page in it that is not free is still named."""
+    from kho_backend.leaves import LEAF_BITS
+    folder = Path(tempfile.mkdtemp(prefix="gfs-alloc-", dir=SHM))
+    arena = Arena.create(folder / "a.mem", 3 * LEAF_BITS * PAGE_SIZE)
+    try:
+        whole = Leaves.from_heads(np.arange(LEAF_BITS, 3 * LEAF_BITS), 0)
+        memmap = Memmap(arena, 1, reset=True)
+        memmap.mark_reserved(0, 2)
+        memmap.set_preserved(whole)
+        assert (memmap.map[LEAF_BITS:] == encode(PageState.PRESERVED)).all()
+        pages = PageAllocator(arena, memmap)
+        assert pages.stats().preserved_pages == 2 * LEAF_BITS
+        assert pages.stats().free_pages == LEAF_BITS - 2
+        memmap.claim_leaves(whole)
+        assert (memmap.map[LEAF_BITS:] == encode(PageState.ALLOCATED)).all()
+        assert pages.stats().preserved_pages == 0
+        pages.check()
+        with pytest.raises(HandoverError, match=f"PFN {LEAF_BITS} was not preserved"):
+            memmap.claim_leaves(whole)
+        again = Memmap(arena, 1, reset=True)
+        again.mark_reserved(LEAF_BITS + 77, 1)
+        with pytest.raises(HandoverError, match=f"covers PFN {LEAF_BITS + 77}, which is reserved"):
+            again.set_preserved(whole)
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
