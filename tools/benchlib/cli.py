@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from benchlib import report
+from benchlib import report, shell
 from benchlib.cleanup import quietly, signals_interrupt, undo_stack
 from benchlib.datapath import run_datapath, workloads
 from benchlib.example import ExampleUnavailable, extract_example
@@ -157,7 +157,8 @@ def _mount_systems(stack: ExitStack, profile: Profile, cli: GuestfsCli, workdir:
     """Mount every system the data path and metadata parts compare, in report order."""
     logs = outdir / "logs"
     logs.mkdir(exist_ok=True)
-    guestfs = Guestfs(cli, "data", memory=profile.seq_size + profile.rand_size + 512 * MiB)
+    guestfs = Guestfs(cli, "data",
+                      memory=profile.seq_size + profile.rand_size + 512 * MiB + shell.ROOM)
     guestfs.claim_machine(stack)
     systems: list[System] = [Tmpfs(), ceiling(logs)]
     try:

@@ -29,6 +29,7 @@ from benchlib.log import say
 from benchlib.model import MISSING, Table
 from benchlib.proc import run
 from benchlib.profiles import Profile
+from benchlib.units import MiB
 from benchlib.systems import Mounted
 from benchlib.targets import TargetResult
 
@@ -44,6 +45,9 @@ TITLES = {"cp -a": "cp -a of the tree", "tar x": "tar x of the tree", "rsync -a"
 NEEDS = {"rsync -a": "rsync", "git gc": "git"}
 #: Runs of the script per system, at most (a full run's five would take long).
 MAX_RUNS = 3
+#: Arena room the script needs on guestfs: three copies of /usr/share/doc (cp, tar,
+#: rsync), a git repository of one, and a page at least per small file.
+ROOM = 2048 * MiB
 #: A bound for a runaway command, not a measure.
 STEP_TIMEOUT = 1800.0
 
