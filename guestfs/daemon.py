@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import gc
 import logging
 import os
 import signal
@@ -47,7 +48,7 @@ from guestfs.blackout import Blackout, elapsed_ns
 from guestfs.config import DEFAULT_MEMORY, DaemonConfig, StartError, control_path
 from guestfs.connection import ConnectionHandover, ConnectionId, ConnectionState
 from guestfs.errors import FsError
-from guestfs.filesystem import AtimeMode, AtimePolicy
+from guestfs.atime import AtimeMode, AtimePolicy
 from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate
 from guestfs.session import Fault, Options, Session, State
 from kho_backend import machine as kmachine
@@ -253,8 +254,13 @@ class Daemon:
                 name = signal.Signals(signum).name
                 log.info("%s: handing over and unmounting", name)
                 async with self._exclusive:
-                    if self._session().state is not State.RUNNING:
-                        return      # a kexec or unmount that just ended did it
+                    session = self.session
+                    if session is None or session.state is not State.RUNNING:
+                        # A kexec or unmount that just ended did it, or a kexec whose
+                        # next kernel failed to boot here is exec'ing it instead.
+                        log.warning("%s: a kexec or unmount has ended this kernel; %s",
+                                    name, "stop the next one with 'guestfs umount'")
+                        return
                     try:
                         await self._hand_over({"force": True}, for_exec=False)
                     except control.ControlError as e:
@@ -440,6 +446,7 @@ class Daemon:
                 self._load(request)
             poison = bool(request.get("poison")) or session.kernel.cmdline.kho_poison
             if not request.get("exec") and self._runs_this_code(session.kernel.kexec.loaded):
+                del session     # the old kernel must be unreachable once it leaves
                 reply = await self._kexec_in_process(poison)
             else:
                 if not request.get("exec"):
@@ -488,6 +495,7 @@ class Daemon:
         # From here no checkpoint until the gate thaws: nothing changes the connection's
         # state between the snapshot at finalize and its adoption by the next kernel.
         image = self._session().kernel.kexec.loaded
+        del kho         # the old kernel must be unreachable once it leaves (see _switch)
         try:
             self._switch(owner, poison)
         except Exception as e:
@@ -513,6 +521,12 @@ class Daemon:
             old.poison()
         old.leave()           # stamps the exec time; the arena and its lock go
         self.session = None
+        # The old kernel's objects hold views of its arena mapping in reference cycles
+        # (KHO and its participants and pools, the store's hooks): free them now, or each
+        # kexec would leave a mapping and a descriptor behind until some later collection.
+        # Part of the switch (phase exec): a few ms with a full inode cache.
+        del old
+        gc.collect()
         started_wall = time.time_ns()
         new = Session.open(Options(self.config.machine, atime=self._atime(), connection=owner),
                            fault=Fault.BOOT if fail_boot else None)
@@ -587,7 +601,9 @@ class Daemon:
                 log.exception("%s failed", what)
             phase = getattr(e, "phase", None) or (
                 Fault.UNMOUNT.value if session.state is State.HANDED_OVER else "quiesce")
-            reason = str(e).rstrip(".")
+            # A KexecError names the phase itself; the message names it once.
+            cause = e.__cause__ if isinstance(e, KexecError) and e.__cause__ else e
+            reason = str(cause).rstrip(".")
             if session.state is not State.RUNNING:
                 # The handover could not be taken back: serving on would change what it
                 # describes, so this kernel stops with it, as an unmount would.

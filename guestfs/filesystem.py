@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from guestfs import acl, fsck
-from guestfs.atime import AtimeMode, AtimePolicy  # noqa: F401 (re-exported)
+from guestfs.atime import AtimeMode, AtimePolicy
 from guestfs.errors import FsError
 from guestfs.inode import ROOT_INO, FileType, Inode, intern_int
 from guestfs.refs import KernelRefs

@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 import errno
 import functools
-import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -297,7 +296,7 @@ class Operations(pyfuse3.Operations):
         #: Called when the kernel's INIT request arrives: the moment the mount answers.
         self.on_init: Callable[[], None] | None = None
         self._handles: dict[int, OpenFile | OpenDir] = {}
-        self._fh_counter = itertools.count(1)
+        self._next_fh = 1
         #: Inodes whose pages the kernel may hold in its page cache: a buffered read or
         #: write went through since their cache was last dropped.
         self._cached: set[int] = set()
@@ -307,7 +306,7 @@ class Operations(pyfuse3.Operations):
         is a directory, O_DIRECT) of every open, the next fh, the inodes maybe cached."""
         table = [(fh, h.ino, isinstance(h, OpenDir), isinstance(h, OpenFile) and h.direct)
                  for fh, h in self._handles.items()]
-        return table, next(self._fh_counter), sorted(self._cached)
+        return table, self._next_fh, sorted(self._cached)
 
     def adopt(self, fs: Filesystem, handles: Sequence[tuple[int, int, bool, bool]],
               next_fh: int, cached: Sequence[int]) -> None:
@@ -316,11 +315,12 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self._handles = {fh: OpenDir(ino) if is_dir else OpenFile(ino, direct)
                          for fh, ino, is_dir, direct in handles}
-        self._fh_counter = itertools.count(next_fh)
+        self._next_fh = next_fh
         self._cached = set(cached)
 
     def _open_handle(self, handle: OpenFile | OpenDir) -> int:
-        fh = next(self._fh_counter)
+        fh = self._next_fh
+        self._next_fh += 1
         self._handles[fh] = handle
         return fh
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from guestfs import upgrade_v1
 from guestfs.errors import FsError
-from guestfs.filesystem import AtimePolicy, Filesystem
+from guestfs.atime import AtimePolicy
+from guestfs.filesystem import Filesystem
 from guestfs.refs import KernelRefs
 from guestfs.store.journal import JournalError
 from guestfs.store.page import CorruptPage, Pages

@@ -85,11 +85,6 @@ class KernelRefs:
         else:
             self._opens.pop(ino, None)
 
-    def drop(self, ino: int) -> None:
-        """Forget every reference to `ino` (an inode freed before this mount began)."""
-        self.drop_lookups(ino, self.lookups(ino))
-        self._opens.pop(ino, None)
-
     def raw_blocks(self) -> tuple[list[int], bytes]:
         """The block keys (inode number // `BLOCK_INOS`) and the blocks themselves, raw
         and in the same order: per block `BLOCK_INOS` u64 counts, then its live count."""

@@ -32,7 +32,8 @@ from typing import NoReturn
 
 from guestfs import connection, handover
 from guestfs.connection import ConnectionId, ConnectionState
-from guestfs.filesystem import AtimePolicy, Filesystem
+from guestfs.atime import AtimePolicy
+from guestfs.filesystem import Filesystem
 from kho_backend import boot as kboot
 from kho_backend.boot import Kernel
 from kho_backend.errors import BootError, KexecError, MachineError

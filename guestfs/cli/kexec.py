@@ -38,8 +38,9 @@ def add(sub: Subparsers) -> None:
     mode.add_argument("--abort", action="store_true",
                       help="unstage a kernel staged with --load-only")
     p.add_argument("--poison", action="store_true",
-                   help="before the exec, overwrite every page that is neither preserved "
-                   "nor scratch with 0xAA, so that reliance on unpreserved memory shows")
+                   help="before the next kernel boots, overwrite every page that is neither "
+                   "preserved nor scratch with 0xAA, so that reliance on unpreserved memory "
+                   "shows")
     p.add_argument("--exec", action="store_true",
                    help="exec a fresh next kernel image (new interpreter, modules loaded "
                    "anew) and mount again, instead of booting it in the daemon's process")

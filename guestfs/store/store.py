@@ -148,12 +148,14 @@ class MetaStore:
         return self.journal.transaction(self._forget_all)
 
     def _forget_all(self) -> None:
+        # Every cache first: if reading the superblock back raises, none may keep what
+        # the rolled-back transaction put there.
         self._cache.clear()
+        self.itable.forget_pages()
+        self.dirs.forget_names()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
         self.itable.table = self.sb.itable
-        self.itable.forget_pages()
         self.dirs.hash_key = self.sb.hash_key
-        self.dirs.forget_names()
 
     def save_superblock(self, txn: Txn) -> None:
         """Write the superblock's fields (counters, roots) in this transaction."""

@@ -23,7 +23,7 @@ from guestfs.cli import mount as mount_cli
 from guestfs.cli.common import one_style
 from guestfs.config import MountOptions
 from kho_backend.fdt import FdtReader
-from guestfs.filesystem import AtimeMode, AtimePolicy
+from guestfs.atime import AtimeMode, AtimePolicy
 
 HELP_PATHS = [[], ["mount"], ["umount"], ["status"], ["machine"], ["machine", "list"],
               ["machine", "destroy"], ["kho"], ["kho", "dump"], ["kho", "memmap"]]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest_machine import machine_env  # noqa: F401
 
-from guestfs.filesystem import AtimeMode, AtimePolicy, Ctx
+from guestfs.atime import AtimeMode, AtimePolicy
+from guestfs.filesystem import Ctx
 from guestfs.session import Options, Session
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

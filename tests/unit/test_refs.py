@@ -73,7 +73,7 @@ def test_neighbours_in_one_block_are_independent() -> None:
     assert [refs.lookups(ino) for ino in inos] == [0 if i % 2 == 0 else ino
                                                    for i, ino in enumerate(inos)]
     for ino in inos:
-        refs.drop(ino)
+        refs.drop_lookups(ino, refs.lookups(ino))
     assert not any(refs.held(ino) for ino in inos)
     refs.add_lookups(inos[0], 1)             # a block freed when empty comes back zeroed
     assert [refs.lookups(ino) for ino in inos] == [1] + [0] * (BLOCK_INOS - 1)

@@ -64,13 +64,13 @@ def run_shell(profile: Profile, systems: Sequence[Mounted], table: Table) -> Non
         source = _source(profile, Path(scratch))
         archive = Path(scratch) / "tree.tar"
         _sh("tar", "cf", archive, "-C", source, ".")
-        for run in range(min(profile.runs, MAX_RUNS)):
+        for n in range(min(profile.runs, MAX_RUNS)):
             for m in chosen:
-                times = _script(source, archive, Path(m.path) / f"shell{run}", missing)
+                times = _script(source, archive, Path(m.path) / f"shell{n}", missing)
                 for step, seconds in times.items():
                     table.add(step, m.system, UNIT, seconds)
                 table.add(WHOLE, m.system, UNIT, sum(times.values()))
-                say(f"run {run + 1} {m.system:8} shell: " +
+                say(f"run {n + 1} {m.system:8} shell: " +
                     ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
 
 
