@@ -130,6 +130,10 @@ class Daemon:
     def run(self) -> int:
         """Boot, mount, serve until asked to stop; the process exit code (0 only when
         the filesystem was handed over into the arena or to the next kernel)."""
+        # What exists now (modules, the interpreter's own objects) lives as long as the
+        # process: kept out of the collections, so that the one at each in-process
+        # switch (see `_switch`) scans only the kernels' objects.
+        gc.freeze()
         try:
             self._start()
         except (StartError, MachineError) as e:
