@@ -226,6 +226,21 @@ def test_handles_are_per_open_and_checked() -> None:
         assert info.value.errno == errno.EBADF
 
 
+def test_flush_and_fsync_are_left_to_the_kernel() -> None:
+    # ENOSYS makes the kernel stop sending them (a request less per close): every change
+    # is in the arena when its own request returns, so they have nothing to do.
+    fs = FakeFs()
+    ops = Operations(fs)
+    fh = open_file(ops, 5)
+    directory = call(ops, "opendir", 1, FakeCtx())
+    for handler, args in (("flush", (fh,)), ("fsync", (fh, False)),
+                          ("fsyncdir", (directory, True))):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            call(ops, handler, *args)
+        assert info.value.errno == errno.ENOSYS
+    assert [name for name, _ in fs.calls] == ["open", "opendir"]
+
+
 def test_gate_holds_new_requests_until_thaw() -> None:
     async def scenario() -> list[str]:
         events: list[str] = []
