@@ -34,7 +34,7 @@ from .fdt import FdtNode, FdtReader, build, u32
 from .header import MachineHeader
 from .kho_pool import PreservedPool
 from .kho_radix import RadixMap, RadixTree
-from .memmap import Memmap, blocks_mask
+from .memmap import Memmap, blocks_mask, has_duplicates
 from .page_alloc import PageAllocator
 from .units import MAX_ORDER, PAGE_SHIFT, PAGE_SIZE
 
@@ -150,7 +150,6 @@ class KHO:
         self._spare_root: Folio | None = None    # after finalize: the root's other folio
         self._poison: int | None = None          # set once kexec poisoned memory
         self._added: list[str] = []              # subtrees added during finalize
-        self._scratch_by_order: dict[int, np.ndarray] = {}
 
     @property
     def finalized(self) -> bool:
@@ -279,11 +278,13 @@ class KHO:
 
     @staticmethod
     def _refuse_duplicates(pfns: np.ndarray, order: int) -> None:
-        # One count per folio slot (the pfns are inside the arena by now): no sort.
-        twice = np.flatnonzero(np.bincount(pfns >> order) > 1)
-        if len(twice):
-            raise KhoError(f"The order-{order} folio at pfn {int(twice[0]) << order} is "
-                           "listed twice.")
+        # By a sort: a count per folio slot would cost a pass over the whole arena,
+        # however few folios are preserved.
+        if not has_duplicates(pfns):
+            return
+        ordered = np.sort(pfns)
+        twice = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
+        raise KhoError(f"The order-{order} folio at pfn {twice} is listed twice.")
 
     def _preserved_anywhere(self, pfns: np.ndarray, order: int) -> np.ndarray:
         hit = self.track.overlapping(pfns, order)
@@ -292,15 +293,14 @@ class KHO:
         return hit
 
     def _in_scratch(self, pfns: np.ndarray, order: int) -> np.ndarray:
-        by_order = self._scratch_by_order.get(order)
-        if by_order is None:
-            mask = np.zeros(self.arena.npages, bool)
-            for start, n in self.scratch:
-                mask[start:start + n] = True
-            whole = self.arena.npages >> order << order
-            by_order = mask[:whole].reshape(-1, 1 << order).any(axis=1)
-            self._scratch_by_order[order] = by_order
-        return by_order[np.clip(pfns >> order, 0, max(len(by_order) - 1, 0))]
+        # The scratch areas do not overlap, so a folio meets one exactly when the last
+        # area that starts before the folio's end reaches past its start: a search in
+        # the few areas, not a mask of the whole arena.
+        if not self.scratch:
+            return np.zeros(len(pfns), bool)
+        areas = np.array(sorted(self.scratch), np.int64)
+        last = np.searchsorted(areas[:, 0], pfns + (1 << order), side="left") - 1
+        return (last >= 0) & (pfns < areas[np.maximum(last, 0)].sum(axis=1))
 
     def _allocated(self, pfns: np.ndarray, order: int) -> np.ndarray:
         pages = (pfns[:, None] + np.arange(1 << order)).ravel()
