@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from guestfs import connection, handover
-from guestfs.connection import ConnectionId, ConnectionState
 from guestfs.atime import AtimePolicy
+from guestfs.connection import ConnectionId, ConnectionState
 from guestfs.filesystem import Filesystem
 from kho_backend import boot as kboot
 from kho_backend.boot import Kernel
@@ -154,7 +154,10 @@ class Session:
             kernel.kho.register(handover.GuestfsHandover(fs))
             released = kernel.finish_boot()
         except BaseException:
-            kernel.shutdown()       # nothing written: the handover stays for a retry
+            # The handover stays for a retry. A restore that got as far as finishing
+            # orphans or counting the boot wrote those to the arena already; a retry
+            # finds them done (and counts the boot once more).
+            kernel.shutdown()
             raise
         session = cls(kernel, fs, time.perf_counter_ns() - t0, fault, kept)
         session.released = released
