@@ -165,3 +165,23 @@ def machine_info(name: str) -> dict[str, Any]:
 def no_machine(name: str) -> str:
     """The one wording for a machine that does not exist."""
     return f"there is no machine named {name!r} in {kmachine.machine_dir()}"
+
+
+def handed_over_generation(machine: str) -> int | None:
+    """The generation of the filesystem waiting in the arena's handover, if there is
+    one that can be read (the next mount checks it fully)."""
+    # Only when no daemon answers: these load numpy, which the light commands never need.
+    from guestfs import handover
+    from kho_backend.arena import Arena
+    from kho_backend.header import MachineHeader
+    from kho_backend.kho_in import IncomingHandover
+
+    try:
+        with Arena.open(kmachine.machine_path(machine)) as mem:
+            params = MachineHeader.read(mem).boot_params
+            if not params.valid:
+                return None
+            kho = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
+            return handover.waiting_generation(mem, kho)
+    except (MachineError, OSError):
+        return None

@@ -7,11 +7,9 @@ import importlib.util
 from pathlib import Path
 
 from guestfs import control
-from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Parser, Subparsers, machine_info,
-                                machine_option, say)
+from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Parser, Subparsers,
+                                handed_over_generation, machine_info, machine_option, say)
 from guestfs.config import control_path
-from kho_backend import machine as kmachine
-from kho_backend.errors import MachineError
 
 
 def add(sub: Subparsers) -> None:
@@ -83,17 +81,4 @@ def _generation(machine: str) -> int | None:
                                timeout=STATUS_TIMEOUT)["generation"]
     except control.ControlError:
         pass
-    from guestfs import handover      # heavy (numpy): only when no daemon answers
-    from kho_backend.arena import Arena
-    from kho_backend.header import MachineHeader
-    from kho_backend.kho_in import IncomingHandover
-
-    try:
-        with Arena.open(kmachine.machine_path(machine)) as mem:
-            params = MachineHeader.read(mem).boot_params
-            if not params.valid:
-                return None
-            kho_in = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
-            return handover.waiting_generation(mem, kho_in)
-    except (MachineError, OSError):
-        return None
+    return handed_over_generation(machine)

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from guestfs import control
-from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Subparsers, machine_at,
-                                machine_info, machine_name)
+from guestfs.cli.common import (STATUS_TIMEOUT, CliError, Subparsers,
+                                handed_over_generation, machine_at, machine_info,
+                                machine_name)
 from guestfs.config import control_path
-from kho_backend import machine as kmachine
-from kho_backend.errors import MachineError
 from kho_backend.units import PAGE_SIZE, format_size
 
 
@@ -46,29 +45,9 @@ def run_status(args: argparse.Namespace) -> int:
 
 def _offline_status(machine: str) -> dict[str, Any]:
     return {"machine": machine, "pid": None, "mountpoint": None,
-            "generation": _handed_over_generation(machine),
+            "generation": handed_over_generation(machine),
             "arena": machine_info(machine), "inodes": None, "boot_timings_ns": None,
             "last_blackout": None}
-
-
-def _handed_over_generation(machine: str) -> int | None:
-    """The generation of the filesystem waiting in the arena's handover, if there is
-    one that can be read (the next mount checks it fully)."""
-    # Only without a daemon: these load numpy, which a status of a mount never needs.
-    from guestfs import handover
-    from kho_backend.arena import Arena
-    from kho_backend.header import MachineHeader
-    from kho_backend.kho_in import IncomingHandover
-
-    try:
-        with Arena.open(kmachine.machine_path(machine)) as mem:
-            params = MachineHeader.read(mem).boot_params
-            if not params.valid:
-                return None
-            kho = IncomingHandover.parse(mem, params.fdt_phys, params.fdt_size)
-            return handover.waiting_generation(mem, kho)
-    except (MachineError, OSError):
-        return None
 
 
 def _pages(n: int) -> str:
