@@ -43,12 +43,12 @@ import pyfuse3
 import trio
 
 from guestfs import connection, control, mounts, quiesce
+from guestfs.atime import AtimeMode, AtimePolicy
 from guestfs.background import Readiness
 from guestfs.blackout import Blackout, elapsed_ns
 from guestfs.config import DEFAULT_MEMORY, DaemonConfig, StartError, control_path
 from guestfs.connection import ConnectionHandover, ConnectionId, ConnectionState
 from guestfs.errors import FsError
-from guestfs.atime import AtimeMode, AtimePolicy
 from guestfs.fuse_ops import AdapterConfig, Operations, RequestGate
 from guestfs.session import Fault, Options, Session, State
 from kho_backend import machine as kmachine

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from guestfs import upgrade_v1
-from guestfs.errors import FsError
 from guestfs.atime import AtimePolicy
+from guestfs.errors import FsError
 from guestfs.filesystem import Filesystem
 from guestfs.refs import KernelRefs
 from guestfs.store.journal import JournalError
@@ -28,7 +28,7 @@ from guestfs.store.superblock import Superblock
 from kho_backend.arena import Arena
 from kho_backend.errors import HandoverError, KhoError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
-from kho_backend.units import PAGE_SIZE, PAGE_SHIFT
+from kho_backend.units import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from kho_backend.boot import Kernel
