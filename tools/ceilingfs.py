@@ -7,9 +7,10 @@ acknowledged and dropped. It keeps only what the benchmark's clients check (name
 sizes, modes), in plain dicts, because a create followed by a stat that fails, or an
 ``ls`` that lists nothing, would not be the same request stream guestfs answers.
 
-It mounts with the options and cache settings guestfs uses (writeback cache,
-``keep_cache``, one-hour entry and attribute timeouts, ``default_permissions``, answers to
-``getxattr``), so that the kernel sends both of them the same requests.
+It mounts with the options and cache settings guestfs uses (no writeback cache, POSIX
+ACLs, ``keep_cache``, one-hour entry and attribute timeouts, ``default_permissions``,
+answers to ``getxattr``, ENOSYS to flush and fsync), so that the kernel sends both of them
+the same requests.
 
     python tools/ceilingfs.py MOUNTPOINT      (runs until unmounted: fusermount3 -u)
 """
@@ -48,7 +49,8 @@ class Node:
 class Ceiling(pyfuse3.Operations):
     """pyfuse3 handlers that do the least a coherent filesystem can."""
 
-    enable_writeback_cache = True
+    enable_writeback_cache = False
+    enable_acl = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -174,12 +176,6 @@ class Ceiling(pyfuse3.Operations):
         node = self._node(fh)
         node.size = max(node.size, off + len(buf))
         return len(buf)
-
-    async def flush(self, fh: int) -> None:
-        """Nothing to write back."""
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        """Nothing to write back."""
 
     async def release(self, fh: int) -> None:
         """No per-open state."""
