@@ -40,6 +40,7 @@ class Node:
     mode: int
     size: int = 0
     nlink: int = 1
+    target: bytes = b""   # symbolic links only
     # Directories only: name -> (inode, cookie), and the names by cookie, with None for
     # a removed entry, so that readdir resumes at an offset without a search.
     entries: dict[bytes, tuple[int, int]] = field(default_factory=dict)
@@ -140,6 +141,17 @@ class Ceiling(pyfuse3.Operations):
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         attr = self._new(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode))
         return pyfuse3.FileInfo(fh=attr.st_ino, keep_cache=True), attr
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        attr = self._new(parent_inode, name, stat.S_IFLNK | 0o777)
+        node = self.nodes[attr.st_ino]
+        node.target, node.size = target, len(target)
+        attr.st_size = len(target)
+        return attr
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self._node(inode).target
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         # Forgotten at once: the benchmark never uses a file after unlinking it.
