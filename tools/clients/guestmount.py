@@ -58,6 +58,12 @@ class Kexec:
     phases: dict[str, Any]
     wall_ms: float
 
+    def largest_phases(self, count: int = 3) -> str:
+        """The `count` longest phases of the blackout, e.g. "poison 410 ms, boot 5 ms"."""
+        timed = sorted(((float(ms), name) for name, ms in self.phases.items()
+                        if isinstance(ms, (int, float))), reverse=True)[:count]
+        return ", ".join(f"{name} {ms:.1f} ms" for ms, name in timed)
+
 
 @dataclass
 class GuestMount:

@@ -122,7 +122,8 @@ def run_round(number: int, gm: GuestMount, cluster: Cluster, settings: Settings,
     progress(f"round {number}: load for {run_s:.2f} s, then SIGKILL of the server and kexec")
     crash_under_load(cluster, settings, acks, run_s)
     kexec = gm.kexec(poison=True)
-    progress(f"round {number}: kexec blackout {kexec.blackout_ms:.1f} ms; starting postgres")
+    progress(f"round {number}: kexec blackout {kexec.blackout_ms:.1f} ms "
+             f"({kexec.largest_phases()}); starting postgres")
     acked = read_acks(acks)
     with cluster.running() as server:
         result = Round(number, len(acked) - before, kexec.blackout_ms, server.ready_s,

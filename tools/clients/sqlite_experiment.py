@@ -119,6 +119,8 @@ def run_round(number: int, gm: GuestMount, dbs: list[Database], run_s: float) ->
     before = {d.mode: len(read_acks(d.acks)) for d in dbs}
     write_until_killed(dbs, run_s)
     kexec = gm.kexec(poison=True)
+    progress(f"round {number}: kexec blackout {kexec.blackout_ms:.1f} ms "
+             f"({kexec.largest_phases()})")
     rows = []
     for d in dbs:
         acked = read_acks(d.acks)
