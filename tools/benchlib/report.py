@@ -13,6 +13,7 @@ from benchlib.model import MISSING, Series, Table
 from benchlib.poison import PoisonResult
 from benchlib.results import SYSTEMS, Results
 from benchlib.shell import TITLES as SHELL_TITLES
+from benchlib.shell import ceiling_note
 from benchlib.targets import TargetResult
 from benchlib.units import size_text
 
@@ -212,6 +213,7 @@ def _times(n: int, what: str) -> str:
 def render(results: Results, plots: Sequence[str] = ()) -> str:
     """The whole report, showing the PNG files named in `plots` (beside it)."""
     p, h = results.profile, results.host
+    shell_note = ceiling_note(results.shell)
     out = [f"# guestfs benchmark ({p.name} run)", "",
            f"Command: `{results.command}`  ",
            f"Started {results.started}, took {results.duration_s / 60:.1f} min; "
@@ -237,6 +239,7 @@ def render(results: Results, plots: Sequence[str] = ()) -> str:
             *comparison_table(results.metadata, META_TITLES),
             "", "## Shell work (seconds, lower is better; the ratio is how many times "
             "tmpfs's time)", "", *comparison_table(results.shell, SHELL_TITLES),
+            *(["", shell_note] if shell_note else []),
             "", "## Kexec blackout against copy-to-disk", "", *kexec_table(results.trees),
             "", "### Blackout phases (median ms)", "",
             *phases_table(results.trees, results.python_startup_ms),

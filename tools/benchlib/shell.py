@@ -95,6 +95,18 @@ def shell_targets(table: Table) -> list[TargetResult]:
     return [_at_most(table, step, 3.0 if step == WHOLE else 5.0) for step in TITLES]
 
 
+def ceiling_note(table: Table) -> str:
+    """What the ceiling alone takes against tmpfs, step by step: the floor under
+    guestfs's own figures for the same requests ("" if it was not measured)."""
+    ratios = [(step, analysis.ratio(table, step, "ceiling", "tmpfs")) for step in TITLES]
+    measured = [f"{step} {value:.1f} ×" for step, value in ratios if value is not None]
+    if not measured:
+        return ""
+    return ("The pyfuse3 ceiling alone, with the same requests and nothing stored, takes "
+            f"{', '.join(measured)} tmpfs's time: the floor, on this machine, of any "
+            "pyfuse3 filesystem with these cache settings.")
+
+
 def _at_most(table: Table, step: str, times: float) -> TargetResult:
     value = analysis.ratio(table, step, "guestfs", "tmpfs")
     name = f"shell {step}: guestfs ≤ {times:g} × tmpfs (time)"
