@@ -283,9 +283,11 @@ class MetaStore:
         self._set_orphans_root(txn, root)
 
     def remove_orphan(self, txn: Txn, ino: int) -> None:
-        """The work noted for `ino` is done."""
+        """The work noted for `ino` is done. The list's last leaf stays when it empties:
+        every unlink of a file still looked up adds an orphan that its forget removes,
+        and the superblock then need not change for either."""
         try:        # a delete refuses an absent key before it changes anything
-            root = self._orphans.delete(txn, self.sb.orphans, ino)
+            root = self._orphans.delete(txn, self.sb.orphans, ino, keep_root=True)
         except KeyError:
             return
         self._set_orphans_root(txn, root)
