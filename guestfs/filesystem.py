@@ -575,7 +575,9 @@ class Filesystem:
         """An extended attribute's value; ENODATA if it is not set."""
         inode = self.get(ino)
         xattr_namespace(name)
-        value = self._xattrs(inode).get(name)
+        # The kernel asks for security.capability before every write (to clear it): the
+        # usual inode has no xattr at all, and its answer needs no read.
+        value = self._xattrs(inode).get(name) if inode.xattr else None
         if value is None:
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
         return value
@@ -673,9 +675,15 @@ class Filesystem:
         return _READING
 
     def _put(self, txn: Txn, *inodes: Inode) -> None:
-        for i, inode in enumerate(inodes):
-            if not any(inode is earlier for earlier in inodes[:i]):   # od is nd
-                self.store.put(txn, inode)
+        put = self.store.put
+        if len(inodes) == 1:
+            put(txn, inodes[0])
+            return
+        done: list[Inode] = []
+        for inode in inodes:
+            if not any(inode is earlier for earlier in done):   # od is nd
+                put(txn, inode)
+                done.append(inode)
 
     # --- internals: lookups --------------------------------------------------
 
@@ -1047,27 +1055,30 @@ class _Change:
     """`Filesystem._change`: one transaction of the store, failures as errno answers,
     then the work it queued."""
 
-    __slots__ = ("fs", "inodes", "queued", "scope")
+    __slots__ = ("fs", "inodes", "queued", "txn")
 
     def __init__(self, fs: Filesystem, inodes: tuple[Inode, ...]) -> None:
         self.fs = fs
         self.inodes = inodes
 
     def __enter__(self) -> Txn:
-        self.queued = len(self.fs._after)
-        self.scope = self.fs.store.transaction()
-        return self.scope.__enter__()
+        fs = self.fs
+        self.queued = len(fs._after)
+        self.txn = fs.store.begin()
+        return self.txn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> bool:
+        fs = self.fs
         try:
-            self.scope.__exit__(exc_type, exc, tb)      # commit, or roll back
+            fs.store.end(self.txn, failed=exc_type is not None)     # commit, or roll back
         except BaseException as e:                       # the commit failed
             failure: BaseException | None = e
         else:
             failure = exc
         if failure is None:
-            self._run_after()
+            if len(fs._after) > self.queued:
+                self._run_after()
             return False
         answer = self._rolled_back(failure)
         if answer is exc:
@@ -1109,8 +1120,24 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, f"bad name {name!r}")
 
 
+#: Names `xattr_namespace` accepted, with their prefix: the kernel asks for the same few
+#: (security.capability before every write, the ACLs) all the time. Bounded.
+_NAMESPACE_OF: dict[bytes, bytes] = {}
+_NAMESPACE_MEMO = 1024
+
+
 def xattr_namespace(name: bytes) -> bytes:
     """The namespace prefix of an xattr name, after checking the name."""
+    known = _NAMESPACE_OF.get(name) if type(name) is bytes else None
+    if known is not None:
+        return known
+    prefix = _namespace(name)
+    if type(name) is bytes and len(_NAMESPACE_OF) < _NAMESPACE_MEMO:
+        _NAMESPACE_OF[name] = prefix
+    return prefix
+
+
+def _namespace(name: bytes) -> bytes:
     if not name or len(name) > XATTR_NAME_MAX:
         raise FsError(errno.ERANGE, f"xattr name of {len(name)} bytes")
     for prefix in XATTR_NAMESPACES:

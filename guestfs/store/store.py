@@ -147,6 +147,15 @@ class MetaStore:
         if it raises."""
         return self.journal.transaction(self._forget_all)
 
+    def begin(self) -> Txn:
+        """Open a transaction, to be ended by `end` (what `transaction` does, for a
+        caller that wraps it in its own context manager: one layer less per request)."""
+        return self.journal.begin(self._forget_all)
+
+    def end(self, txn: Txn, *, failed: bool) -> None:
+        """Commit `txn`, or roll it back (and drop the caches) if its block `failed`."""
+        self.journal.end(txn, failed=failed)
+
     def _forget_all(self) -> None:
         # Every cache first: if reading the superblock back raises, none may keep what
         # the rolled-back transaction put there.
@@ -179,9 +188,10 @@ class MetaStore:
 
     def put(self, txn: Txn, inode: Inode) -> None:
         """Write `inode`'s record (and keep it in the cache)."""
-        before = (self.sb.itable.root, self.sb.itable.height)
+        table = self.sb.itable
+        root, height = table.root, table.height
         self.itable.put(txn, inode)
-        if (self.sb.itable.root, self.sb.itable.height) != before:
+        if table.root != root or table.height != height:
             self.save_superblock(txn)
         self._remember(inode)
 
@@ -215,10 +225,15 @@ class MetaStore:
         return len(self._cache)
 
     def _remember(self, inode: Inode) -> None:
-        self._cache[inode.ino] = inode
-        self._cache.move_to_end(inode.ino)
-        while len(self._cache) > CACHE_INODES:
-            self._cache.popitem(last=False)
+        cache = self._cache
+        ino = inode.ino
+        if cache.get(ino) is inode:
+            cache.move_to_end(ino)
+            return
+        cache[ino] = inode
+        cache.move_to_end(ino)
+        while len(cache) > CACHE_INODES:
+            cache.popitem(last=False)
 
     # --- xattrs and symlink targets ---------------------------------------------------
 
