@@ -47,6 +47,8 @@ NS = 10**9
 assert RECORD_SIZE == 128 and HEADER_SIZE + PER_PAGE * RECORD_SIZE <= 4096
 assert TAIL_OFFSET + REGULAR.size == RECORD_SIZE
 _NO_PFNS = (0,) * INLINE_PFNS
+#: The inode numbers of a record page's records (for counting them).
+_INOS = struct.Struct("<" + f"Q{RECORD_SIZE - 8}x" * PER_PAGE)
 _S_IFMT, _S_IFREG, _S_IFDIR, _S_IFLNK = 0o170000, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
 _FREE = bytes(RECORD_SIZE)
 
@@ -197,6 +199,14 @@ class InodeTable:
             txn.free(page)
             self._radix.set(txn, self.table, key, 0)
             self._pages.pop(key, None)
+
+    def count(self) -> int:
+        """How many inodes are in use (reads every record page, checked)."""
+        used = 0
+        for _key, page in self._radix.items(self.table):
+            inos = _INOS.unpack_from(self.pages.read(page, Kind.RECORDS), HEADER_SIZE)
+            used += PER_PAGE - inos.count(0)
+        return used
 
     def inos(self) -> Iterator[int]:
         """Every inode number in use, ascending (reads every record page)."""
