@@ -142,6 +142,11 @@ class Filesystem:
     def get(self, ino: int) -> Inode:
         """The inode numbered `ino`; ENOENT if there is none, EIO if its record cannot
         be trusted."""
+        cache = self.store.inodes           # the usual case, without a call
+        inode = cache.get(ino)
+        if inode is not None:
+            cache.move_to_end(ino)
+            return inode
         try:
             inode = self.store.get(ino)
         except CorruptPage as e:
@@ -158,7 +163,7 @@ class Filesystem:
     def extents(self, ino: int) -> list[Extent]:
         """Where a regular file's data lies: (file page, PFN, pages, order) runs."""
         inode = self._regular(ino)
-        with self._reading():
+        with _READING:
             return self.store.maps.extents(inode)
 
     def finish_orphans(self) -> int:
@@ -168,7 +173,7 @@ class Filesystem:
         still holds through adopted references (`adopt_kernel_refs`) is left until its
         last reference goes."""
         done = 0
-        with self._reading():
+        with _READING:
             orphans = self.store.orphans()
         for ino, value in orphans:
             if value == ORPHAN_FREE:
@@ -349,7 +354,7 @@ class Filesystem:
         inode = self.get(ino)
         if not inode.is_symlink:
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
-        with self._reading():
+        with _READING:
             return self.store.target(inode)
 
     # --- attributes ----------------------------------------------------------
@@ -423,7 +428,7 @@ class Filesystem:
         size = min(size, inode.size - off)
         if size <= 0:
             return b""
-        with self._reading():
+        with _READING:
             return self.store.maps.read(inode, off, size)
 
     def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
@@ -442,13 +447,17 @@ class Filesystem:
         if off + length > MAX_FILE_SIZE:
             data = memoryview(data)[:MAX_FILE_SIZE - off]
         written = len(data)
+        end = off + written
+        maps = self.store.maps
         with self._change(inode) as txn:
-            self.store.maps.zero_past_end(inode, inode.size, off + written)
-            self.store.maps.write(txn, inode, off, data)
-            if off + written > inode.size:
-                inode.size = off + written
-            inode.touch(self._clock(), mtime=True, ctime=True)
-            self._put(txn, inode)
+            if end > inode.size:
+                maps.zero_past_end(inode, inode.size, end)
+                maps.write(txn, inode, off, data)
+                inode.size = end
+            else:
+                maps.write(txn, inode, off, data)
+            inode.mtime_ns = inode.ctime_ns = self._clock()
+            self.store.put(txn, inode)
         return written
 
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
@@ -494,7 +503,7 @@ class Filesystem:
     def _punch_steps(self, inode: Inode, off: int, end: int) -> list[tuple[int, int]]:
         """The steps of [off, end) that hold pages (a hole punched over a sparse file
         of 2^63 bytes visits only where its pages are)."""
-        with self._reading():
+        with _READING:
             extents = self.store.maps.extents(inode)
         ids = sorted({i for p, _, n, _ in extents
                       for i in range(max(off, p * PAGE_SIZE) // FALLOCATE_STEP,
@@ -505,7 +514,7 @@ class Filesystem:
     def _check_allocation_room(self, inode: Inode, off: int, end: int) -> None:
         """ENOSPC, with nothing changed, if the pages [off, end) lacks cannot fit."""
         first, last = off // PAGE_SIZE, -(-end // PAGE_SIZE)
-        with self._reading():
+        with _READING:
             backed = sum(max(0, min(last, p + n) - max(first, p))
                          for p, _, n, _ in self.store.maps.extents(inode))
         needed = last - first - backed
@@ -643,7 +652,7 @@ class Filesystem:
         are on the orphan list (an inode that loses its last name while held goes
         there), so the work follows the orphans, not the inodes the kernel held."""
         self._refs.clear()
-        with self._reading():
+        with _READING:
             orphans = self.store.orphans()
         for ino, _value in orphans:
             self._settle(ino)
@@ -667,12 +676,6 @@ class Filesystem:
         what the arena holds again. Work queued in `_after` (frees too large for one
         transaction) runs once it committed."""
         return _Change(self, inodes)
-
-    @staticmethod
-    def _reading() -> _Reading:
-        """Metadata that fails its checks is an I/O error (EIO), named in the log:
-        ``with self._reading():``."""
-        return _READING
 
     def _put(self, txn: Txn, *inodes: Inode) -> None:
         put = self.store.put
@@ -702,7 +705,7 @@ class Filesystem:
         return inode
 
     def _find(self, d: Inode, name: bytes) -> int | None:
-        with self._reading():
+        with _READING:
             found = self.store.dirs.lookup(d, name)
         return None if found is None else found[1]
 
@@ -725,7 +728,7 @@ class Filesystem:
             return current.tree if current is not None else 0
         entries = store.dirs.entries_after(root, d.ino, after)
         while True:
-            with self._reading():
+            with _READING:
                 item = next(entries, None)
             if item is None:
                 return
@@ -741,7 +744,7 @@ class Filesystem:
         return True
 
     def _xattrs(self, inode: Inode) -> dict[bytes, bytes]:
-        with self._reading():
+        with _READING:
             return self.store.xattrs(inode)
 
     # --- internals: creating and dropping ------------------------------------
@@ -841,7 +844,7 @@ class Filesystem:
 
     def _stored(self, ino: int) -> Inode | None:
         """Inode `ino` from the store, or None (EIO if its record cannot be trusted)."""
-        with self._reading():
+        with _READING:
             return self.store.get(ino)
 
     def _settle(self, ino: int) -> None:
@@ -1034,7 +1037,7 @@ def _io_error(e: CorruptPage | TxnTooLarge) -> FsError:
 
 
 class _Reading:
-    """`Filesystem._reading`: CorruptPage and TxnTooLarge become EIO. A class, not a
+    """``with _READING:``: CorruptPage and TxnTooLarge become EIO. A class, not a
     generator-based context manager: nearly every request enters one."""
 
     __slots__ = ()

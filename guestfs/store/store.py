@@ -114,7 +114,9 @@ class MetaStore:
         self.dirs = Directories(pages, sb.hash_key)
         self.maps = PageMaps(pages, self.data_room)
         self._orphans = BTree(pages, 0)
-        self._cache: OrderedDict[int, Inode] = OrderedDict()
+        #: Decoded inodes by number, least recently used first (read-only to callers:
+        #: the filesystem looks an inode up here first, without a call).
+        self.inodes: OrderedDict[int, Inode] = OrderedDict()
         #: The live counters when the open transaction began (what a rollback restores:
         #: the superblock read back holds what its page says, which may be stale).
         self._counts = (sb.next_ino, sb.inode_count)
@@ -203,7 +205,7 @@ class MetaStore:
     def _forget_all(self) -> None:
         # Every cache first: if reading the superblock back raises, none may keep what
         # the rolled-back transaction put there.
-        self._cache.clear()
+        self.inodes.clear()
         self.itable.forget_pages()
         self.dirs.forget_names()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
@@ -220,9 +222,9 @@ class MetaStore:
     def get(self, ino: int) -> Inode | None:
         """Inode `ino`, or None if there is none (CorruptPage if its record cannot be
         trusted)."""
-        inode = self._cache.get(ino)
+        inode = self.inodes.get(ino)
         if inode is not None:
-            self._cache.move_to_end(ino)
+            self.inodes.move_to_end(ino)
             return inode
         if not 0 < ino < self.sb.next_ino:
             return None
@@ -245,7 +247,7 @@ class MetaStore:
         transaction that changed it rolled back; it is cached again."""
         fresh = self.itable.get(inode.ino)
         if fresh is None:
-            self._cache.pop(inode.ino, None)
+            self.inodes.pop(inode.ino, None)
             return
         for name in Inode.__slots__:
             setattr(inode, name, getattr(fresh, name))
@@ -269,7 +271,7 @@ class MetaStore:
         self.sb.inode_count -= 1
         if not self.sb.counts_stale:
             self._counters_changed(txn)
-        self._cache.pop(ino, None)
+        self.inodes.pop(ino, None)
 
     def _counters_changed(self, txn: Txn) -> None:
         """Write the superblock, flagged: its counters may go stale from now on."""
@@ -289,10 +291,10 @@ class MetaStore:
 
     def cached(self) -> int:
         """Inodes in the cache."""
-        return len(self._cache)
+        return len(self.inodes)
 
     def _remember(self, inode: Inode) -> None:
-        cache = self._cache
+        cache = self.inodes
         ino = inode.ino
         if cache.get(ino) is inode:
             cache.move_to_end(ino)
