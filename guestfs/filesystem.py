@@ -200,12 +200,22 @@ class Filesystem:
         ``.`` is answered for an inode of any type: the kernel resolves an NFS-style file
         handle (open_by_handle_at) by looking up ``.`` in the inode it names.
         """
+        inode = self.find(parent, name)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"no entry {name!r} in {parent}")
+        return inode
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """`lookup`, with None for a name that does not exist (the kernel asks for
+        every name before it creates it: no exception for the usual answer)."""
         if name == b".":
             return self.get(parent)
         d = self._dir(parent)
         if name == b"..":
             return self.get(d.parent)
-        return self._child(d, name)
+        _check_name(name)
+        ino = self._find(d, name)
+        return None if ino is None else self.get(ino)
 
     def create(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Inode:
         """A new empty regular file."""
@@ -582,14 +592,18 @@ class Filesystem:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """An extended attribute's value; ENODATA if it is not set."""
-        inode = self.get(ino)
-        xattr_namespace(name)
-        # The kernel asks for security.capability before every write (to clear it): the
-        # usual inode has no xattr at all, and its answer needs no read.
-        value = self._xattrs(inode).get(name) if inode.xattr else None
+        value = self.find_xattr(ino, name)
         if value is None:
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
         return value
+
+    def find_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """An extended attribute's value, or None if it is not set (`getxattr` without
+        the exception: the kernel asks for security.capability before every write, and
+        the usual inode has no xattr at all, so the answer needs no read either)."""
+        inode = self.get(ino)
+        xattr_namespace(name)
+        return self._xattrs(inode).get(name) if inode.xattr else None
 
     def listxattr(self, ino: int) -> list[bytes]:
         """The names of the inode's extended attributes."""
