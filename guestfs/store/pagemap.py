@@ -248,6 +248,14 @@ class PageMaps:
     def release(self, txn: Txn, inode: Inode, keep: Keep) -> bool:
         """Free every page of the file (as `truncate`; True when done), then the map's
         own pages."""
+        inline = inode.inline
+        if inline and txn.affords(keep.pages, keep.entries + len(inline)):
+            for pfn in inline:          # a small file: its pages are in its record
+                if pfn:
+                    txn.free(pfn)
+            inode.npages -= sum(1 for pfn in inline if pfn)
+            inode.inline = ()
+            return True
         if not self.truncate(txn, inode, 0, keep):
             return False
         if not inode.inline:

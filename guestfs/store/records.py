@@ -194,8 +194,7 @@ class InodeTable:
         view = txn.write(page, Kind.RECORDS)
         at = HEADER_SIZE + slot * RECORD_SIZE
         view[at:at + RECORD_SIZE] = _FREE
-        if bytes(view[HEADER_SIZE:HEADER_SIZE + PER_PAGE * RECORD_SIZE]) == \
-                _FREE * PER_PAGE:
+        if _INOS.unpack_from(view, HEADER_SIZE).count(0) == PER_PAGE:     # all free
             txn.free(page)
             self._radix.set(txn, self.table, key, 0)
             self._pages.pop(key, None)
