@@ -142,6 +142,11 @@ class Filesystem:
     def get(self, ino: int) -> Inode:
         """The inode numbered `ino`; ENOENT if there is none, EIO if its record cannot
         be trusted."""
+        cache = self.store.inodes           # the usual case, without a call
+        inode = cache.get(ino)
+        if inode is not None:
+            cache.move_to_end(ino)
+            return inode
         try:
             inode = self.store.get(ino)
         except CorruptPage as e:
@@ -158,7 +163,7 @@ class Filesystem:
     def extents(self, ino: int) -> list[Extent]:
         """Where a regular file's data lies: (file page, PFN, pages, order) runs."""
         inode = self._regular(ino)
-        with self._reading():
+        with _READING:
             return self.store.maps.extents(inode)
 
     def finish_orphans(self) -> int:
@@ -168,7 +173,7 @@ class Filesystem:
         still holds through adopted references (`adopt_kernel_refs`) is left until its
         last reference goes."""
         done = 0
-        with self._reading():
+        with _READING:
             orphans = self.store.orphans()
         for ino, value in orphans:
             if value == ORPHAN_FREE:
@@ -195,12 +200,22 @@ class Filesystem:
         ``.`` is answered for an inode of any type: the kernel resolves an NFS-style file
         handle (open_by_handle_at) by looking up ``.`` in the inode it names.
         """
+        inode = self.find(parent, name)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"no entry {name!r} in {parent}")
+        return inode
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """`lookup`, with None for a name that does not exist (the kernel asks for
+        every name before it creates it: no exception for the usual answer)."""
         if name == b".":
             return self.get(parent)
         d = self._dir(parent)
         if name == b"..":
             return self.get(d.parent)
-        return self._child(d, name)
+        _check_name(name)
+        ino = self._find(d, name)
+        return None if ino is None else self.get(ino)
 
     def create(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Inode:
         """A new empty regular file."""
@@ -349,7 +364,7 @@ class Filesystem:
         inode = self.get(ino)
         if not inode.is_symlink:
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
-        with self._reading():
+        with _READING:
             return self.store.target(inode)
 
     # --- attributes ----------------------------------------------------------
@@ -423,7 +438,7 @@ class Filesystem:
         size = min(size, inode.size - off)
         if size <= 0:
             return b""
-        with self._reading():
+        with _READING:
             return self.store.maps.read(inode, off, size)
 
     def write(self, ino: int, off: int, data: bytes | memoryview) -> int:
@@ -442,13 +457,17 @@ class Filesystem:
         if off + length > MAX_FILE_SIZE:
             data = memoryview(data)[:MAX_FILE_SIZE - off]
         written = len(data)
+        end = off + written
+        maps = self.store.maps
         with self._change(inode) as txn:
-            self.store.maps.zero_past_end(inode, inode.size, off + written)
-            self.store.maps.write(txn, inode, off, data)
-            if off + written > inode.size:
-                inode.size = off + written
-            inode.touch(self._clock(), mtime=True, ctime=True)
-            self._put(txn, inode)
+            if end > inode.size:
+                maps.zero_past_end(inode, inode.size, end)
+                maps.write(txn, inode, off, data)
+                inode.size = end
+            else:
+                maps.write(txn, inode, off, data)
+            inode.mtime_ns = inode.ctime_ns = self._clock()
+            self.store.put(txn, inode)
         return written
 
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
@@ -494,7 +513,7 @@ class Filesystem:
     def _punch_steps(self, inode: Inode, off: int, end: int) -> list[tuple[int, int]]:
         """The steps of [off, end) that hold pages (a hole punched over a sparse file
         of 2^63 bytes visits only where its pages are)."""
-        with self._reading():
+        with _READING:
             extents = self.store.maps.extents(inode)
         ids = sorted({i for p, _, n, _ in extents
                       for i in range(max(off, p * PAGE_SIZE) // FALLOCATE_STEP,
@@ -505,7 +524,7 @@ class Filesystem:
     def _check_allocation_room(self, inode: Inode, off: int, end: int) -> None:
         """ENOSPC, with nothing changed, if the pages [off, end) lacks cannot fit."""
         first, last = off // PAGE_SIZE, -(-end // PAGE_SIZE)
-        with self._reading():
+        with _READING:
             backed = sum(max(0, min(last, p + n) - max(first, p))
                          for p, _, n, _ in self.store.maps.extents(inode))
         needed = last - first - backed
@@ -573,12 +592,18 @@ class Filesystem:
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         """An extended attribute's value; ENODATA if it is not set."""
-        inode = self.get(ino)
-        xattr_namespace(name)
-        value = self._xattrs(inode).get(name)
+        value = self.find_xattr(ino, name)
         if value is None:
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
         return value
+
+    def find_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """An extended attribute's value, or None if it is not set (`getxattr` without
+        the exception: the kernel asks for security.capability before every write, and
+        the usual inode has no xattr at all, so the answer needs no read either)."""
+        inode = self.get(ino)
+        xattr_namespace(name)
+        return self._xattrs(inode).get(name) if inode.xattr else None
 
     def listxattr(self, ino: int) -> list[bytes]:
         """The names of the inode's extended attributes."""
@@ -641,7 +666,7 @@ class Filesystem:
         are on the orphan list (an inode that loses its last name while held goes
         there), so the work follows the orphans, not the inodes the kernel held."""
         self._refs.clear()
-        with self._reading():
+        with _READING:
             orphans = self.store.orphans()
         for ino, _value in orphans:
             self._settle(ino)
@@ -666,16 +691,16 @@ class Filesystem:
         transaction) runs once it committed."""
         return _Change(self, inodes)
 
-    @staticmethod
-    def _reading() -> _Reading:
-        """Metadata that fails its checks is an I/O error (EIO), named in the log:
-        ``with self._reading():``."""
-        return _READING
-
     def _put(self, txn: Txn, *inodes: Inode) -> None:
-        for i, inode in enumerate(inodes):
-            if not any(inode is earlier for earlier in inodes[:i]):   # od is nd
-                self.store.put(txn, inode)
+        put = self.store.put
+        if len(inodes) == 1:
+            put(txn, inodes[0])
+            return
+        done: list[Inode] = []
+        for inode in inodes:
+            if not any(inode is earlier for earlier in done):   # od is nd
+                put(txn, inode)
+                done.append(inode)
 
     # --- internals: lookups --------------------------------------------------
 
@@ -694,7 +719,7 @@ class Filesystem:
         return inode
 
     def _find(self, d: Inode, name: bytes) -> int | None:
-        with self._reading():
+        with _READING:
             found = self.store.dirs.lookup(d, name)
         return None if found is None else found[1]
 
@@ -717,7 +742,7 @@ class Filesystem:
             return current.tree if current is not None else 0
         entries = store.dirs.entries_after(root, d.ino, after)
         while True:
-            with self._reading():
+            with _READING:
                 item = next(entries, None)
             if item is None:
                 return
@@ -733,7 +758,7 @@ class Filesystem:
         return True
 
     def _xattrs(self, inode: Inode) -> dict[bytes, bytes]:
-        with self._reading():
+        with _READING:
             return self.store.xattrs(inode)
 
     # --- internals: creating and dropping ------------------------------------
@@ -833,7 +858,7 @@ class Filesystem:
 
     def _stored(self, ino: int) -> Inode | None:
         """Inode `ino` from the store, or None (EIO if its record cannot be trusted)."""
-        with self._reading():
+        with _READING:
             return self.store.get(ino)
 
     def _settle(self, ino: int) -> None:
@@ -1026,7 +1051,7 @@ def _io_error(e: CorruptPage | TxnTooLarge) -> FsError:
 
 
 class _Reading:
-    """`Filesystem._reading`: CorruptPage and TxnTooLarge become EIO. A class, not a
+    """``with _READING:``: CorruptPage and TxnTooLarge become EIO. A class, not a
     generator-based context manager: nearly every request enters one."""
 
     __slots__ = ()
@@ -1047,27 +1072,30 @@ class _Change:
     """`Filesystem._change`: one transaction of the store, failures as errno answers,
     then the work it queued."""
 
-    __slots__ = ("fs", "inodes", "queued", "scope")
+    __slots__ = ("fs", "inodes", "queued", "txn")
 
     def __init__(self, fs: Filesystem, inodes: tuple[Inode, ...]) -> None:
         self.fs = fs
         self.inodes = inodes
 
     def __enter__(self) -> Txn:
-        self.queued = len(self.fs._after)
-        self.scope = self.fs.store.transaction()
-        return self.scope.__enter__()
+        fs = self.fs
+        self.queued = len(fs._after)
+        self.txn = fs.store.begin()
+        return self.txn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> bool:
+        fs = self.fs
         try:
-            self.scope.__exit__(exc_type, exc, tb)      # commit, or roll back
+            fs.store.end(self.txn, failed=exc_type is not None)     # commit, or roll back
         except BaseException as e:                       # the commit failed
             failure: BaseException | None = e
         else:
             failure = exc
         if failure is None:
-            self._run_after()
+            if len(fs._after) > self.queued:
+                self._run_after()
             return False
         answer = self._rolled_back(failure)
         if answer is exc:
@@ -1109,8 +1137,24 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, f"bad name {name!r}")
 
 
+#: Names `xattr_namespace` accepted, with their prefix: the kernel asks for the same few
+#: (security.capability before every write, the ACLs) all the time. Bounded.
+_NAMESPACE_OF: dict[bytes, bytes] = {}
+_NAMESPACE_MEMO = 1024
+
+
 def xattr_namespace(name: bytes) -> bytes:
     """The namespace prefix of an xattr name, after checking the name."""
+    known = _NAMESPACE_OF.get(name) if type(name) is bytes else None
+    if known is not None:
+        return known
+    prefix = _namespace(name)
+    if type(name) is bytes and len(_NAMESPACE_OF) < _NAMESPACE_MEMO:
+        _NAMESPACE_OF[name] = prefix
+    return prefix
+
+
+def _namespace(name: bytes) -> bytes:
     if not name or len(name) > XATTR_NAME_MAX:
         raise FsError(errno.ERANGE, f"xattr name of {len(name)} bytes")
     for prefix in XATTR_NAMESPACES:

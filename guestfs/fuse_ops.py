@@ -359,11 +359,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         try:
-            inode = self.fs.lookup(parent_inode, name)
+            inode = self.fs.find(parent_inode, name)
         except FsError as e:
             if e.errno == errno.ENOENT:
                 return _negative_entry()
             raise
+        if inode is None:
+            return _negative_entry()
         return self._entry(inode)
 
     @_notification
@@ -529,7 +531,10 @@ class Operations(pyfuse3.Operations):
 
     @_handler()
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return bytes(self.fs.getxattr(inode, name))  # pyfuse3 insists on bytes
+        value = self.fs.find_xattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return bytes(value)  # pyfuse3 insists on bytes
 
     @_handler()
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:

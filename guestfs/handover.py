@@ -21,7 +21,7 @@ from guestfs.atime import AtimePolicy
 from guestfs.errors import FsError
 from guestfs.filesystem import Filesystem
 from guestfs.refs import KernelRefs
-from guestfs.store.journal import JournalError
+from guestfs.store.journal import JournalError, TxnTooLarge
 from guestfs.store.page import CorruptPage, Pages
 from guestfs.store.store import MetaStore
 from guestfs.store.superblock import Superblock
@@ -83,8 +83,10 @@ def read_subtree(blob: bytes) -> Subtree:
 
 class GuestfsHandover:
     """The KHO participant of one mounted filesystem. A handover has nothing to write
-    (the filesystem is in its pool all along); finalize only checks that no transaction
-    is open, since the quiesce gate should have let every request finish."""
+    (the filesystem is in its pool all along); finalize checks that no transaction is
+    open, since the quiesce gate should have let every request finish, and writes the
+    counters the store keeps in memory (one small transaction: the next kernel then
+    need not recount the inodes)."""
 
     name = NAME
 
@@ -96,6 +98,10 @@ class GuestfsHandover:
         if self.fs.store.journal.busy:
             raise KhoError("guestfs has a metadata transaction open; the handover would "
                            "leave it to the next kernel's recovery")
+        try:
+            self.fs.store.flush_counters()
+        except (CorruptPage, TxnTooLarge) as e:     # rolled back: the flag stays set
+            log.warning("guestfs counters left for the next mount to recount: %s", e)
 
     def kho_abort(self, kho: KHO) -> None:
         """Nothing to undo."""

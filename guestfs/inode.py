@@ -12,6 +12,7 @@ import stat
 from dataclasses import dataclass
 
 ROOT_INO = 1
+_S_IFMT = 0o170000          # the type bits of st_mode (stat.S_IFMT masks with it)
 SECTORS_PER_PAGE = 8       # st_blocks counts 512-byte sectors; a page holds 8
 
 
@@ -91,20 +92,22 @@ class Inode:
         """The inode's type."""
         return FileType.of(self.mode)
 
+    # The type tests are plain bit tests (not stat.S_IS*: a call each, and nearly every
+    # request makes a few).
     @property
     def is_dir(self) -> bool:
         """True for a directory."""
-        return stat.S_ISDIR(self.mode)
+        return self.mode & _S_IFMT == stat.S_IFDIR
 
     @property
     def is_reg(self) -> bool:
         """True for a regular file."""
-        return stat.S_ISREG(self.mode)
+        return self.mode & _S_IFMT == stat.S_IFREG
 
     @property
     def is_symlink(self) -> bool:
         """True for a symbolic link."""
-        return stat.S_ISLNK(self.mode)
+        return self.mode & _S_IFMT == stat.S_IFLNK
 
     @property
     def blocks(self) -> int:

@@ -3,8 +3,9 @@
 
 Directories keep their entries in one (keyed by the entry's cookie), the superblock
 its orphan list. Nodes change in place under a `Txn`. An insert that does not fit a
-node splits it (and its parents as needed); a delete that empties a leaf frees it, and
-a root left with one child is replaced by it. There is no merging of half-empty nodes:
+node splits it (and its parents as needed); a delete that empties a leaf frees it (but
+a root leaf its owner asks to keep, which stays as an empty leaf), and a root left with
+one child is replaced by it. There is no merging of half-empty nodes:
 keys of directories are hashes, spread evenly, so leaves stay reasonably full.
 
     every node: page header (magic GBT2, crc32, owner), then
@@ -161,11 +162,14 @@ class BTree:
         path[-1].values.insert(i, bytes(value))
         return self._store(txn, root, path)
 
-    def delete(self, txn: Txn, root: int, key: int) -> int:
-        """Remove `key` (KeyError if it is absent); returns the root (0: now empty)."""
+    def delete(self, txn: Txn, root: int, key: int, *, keep_root: bool = False) -> int:
+        """Remove `key` (KeyError if it is absent); returns the root (0: now empty).
+        With `keep_root`, a root leaf left empty stays (the root is unchanged): a tree
+        that empties and fills again all the time (the orphan list) then allocates and
+        frees no page, and its owner's pointer to it never changes."""
         leaf, i = self._slot(root, key)
         view = txn.write(leaf, Kind.BTREE)
-        if LENGTH.unpack_from(view, HEADER_SIZE + 2)[0] > 1:
+        if LENGTH.unpack_from(view, HEADER_SIZE + 2)[0] > 1 or (keep_root and leaf == root):
             _delete_in_place(view, i)
             return root
         path = self._path(root, key)
@@ -336,6 +340,8 @@ def _delete_in_place(view: memoryview, i: int) -> None:
     view[o0:OFFSETS_OFFSET + 2 * (nkeys - 1)] = view[o0 + 2:OFFSETS_OFFSET + 2 * nkeys]
     view[KEYS_OFFSET + 8 * (nkeys - 1):KEYS_OFFSET + 8 * nkeys] = bytes(8)
     view[OFFSETS_OFFSET + 2 * (nkeys - 1):OFFSETS_OFFSET + 2 * nkeys] = bytes(2)
+    if nkeys == 1:          # an empty leaf (a kept root): its whole heap is free again
+        heap = PAGE_SIZE
     NODE.pack_into(view, HEADER_SIZE, 0, 0, nkeys - 1, heap, 0)
 
 

@@ -49,6 +49,10 @@ GEOMETRY_OFFSET = 24
 PFNS_OFFSET = 32
 ENTRY = struct.Struct("<QQ")
 ENTRIES_PER_PAGE = PAGE_SIZE // ENTRY.size
+ENTRY_SHIFT = 4                             # an entry is 16 bytes
+ENTRY_PAGE_SHIFT = 8                        # 256 to a page
+ENTRY_SLOT_MASK = ENTRIES_PER_PAGE - 1
+assert ENTRY.size == 1 << ENTRY_SHIFT and ENTRIES_PER_PAGE == 1 << ENTRY_PAGE_SHIFT
 U64 = struct.Struct("<Q")
 ORDER_SHIFT = 56
 #: Pages a transaction may change (each needs an undo slot), and its entry pages.
@@ -238,11 +242,14 @@ class Journal:
         block ends, rolled back if it raises (then `on_rollback` runs)."""
         return Scope(self, on_rollback)
 
-    def begin(self) -> Txn:
-        """Open a transaction (`Scope` ends it with `end`)."""
+    def begin(self, on_rollback: Callable[[], None] | None = None) -> Txn:
+        """Open a transaction (`Scope` ends it with `end`); `on_rollback` runs if it is
+        rolled back."""
         if self._txn is not None:
             raise RuntimeError("a transaction is already open")
         txn = self._txn = Txn(self, self._seq + 1)
+        if on_rollback is not None:
+            txn.on_rollback.append(on_rollback)
         return txn
 
     def end(self, txn: Txn, *, failed: bool) -> None:
@@ -275,11 +282,11 @@ class Journal:
         U64.pack_into(self._header, STATE_OFFSET, seq << 2 | phase)
 
     def _write_entry(self, index: int, seq: int, kind: EntryKind, arg: int) -> None:
-        page, slot = divmod(index, ENTRIES_PER_PAGE)
-        view = self._entry_views[page]
-        at = slot * ENTRY.size
-        U64.pack_into(view, at, arg)                 # the argument first, the tag last:
-        U64.pack_into(view, at + 8, seq << 8 | kind)  # a tagged entry is a whole one
+        view = self._entry_views[index >> ENTRY_PAGE_SHIFT]
+        at = (index & ENTRY_SLOT_MASK) << ENTRY_SHIFT
+        pack = U64.pack_into
+        pack(view, at, arg)                 # the argument first, the tag last:
+        pack(view, at + 8, seq << 8 | kind)  # a tagged entry is a whole one
 
     def _entries(self, seq: int) -> Iterator[tuple[EntryKind, int]]:
         for index in range(self.capacity):
@@ -305,9 +312,7 @@ class Scope:
         self.on_rollback = on_rollback
 
     def __enter__(self) -> Txn:
-        self.txn = self.journal.begin()
-        if self.on_rollback is not None:
-            self.txn.on_rollback.append(self.on_rollback)
+        self.txn = self.journal.begin(self.on_rollback)
         return self.txn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -316,7 +321,12 @@ class Scope:
 
 
 class Txn:
-    """One transaction (see `Journal.transaction`)."""
+    """One transaction (see `Journal.transaction`). Every metadata change of the
+    filesystem goes through one, so its bookkeeping is kept to a few set and dict
+    operations per page (slotted; the journal's own pages and geometry looked up once)."""
+
+    __slots__ = ("journal", "pages", "seq", "activated", "_undo", "_touched", "_dirty",
+                 "_allocated", "_frees", "_entries", "_done", "on_rollback")
 
     def __init__(self, journal: Journal, seq: int) -> None:
         self.journal = journal
@@ -324,7 +334,8 @@ class Txn:
         self.seq = seq
         self.activated = False
         self._undo: dict[int, int] = {}         # journaled page -> its slot
-        self._fresh: set[int] = set()           # metadata pages allocated in this txn
+        #: Pages journaled or allocated in this txn: changing them again needs no undo.
+        self._touched: set[int] = set()
         self._dirty: set[int] = set()           # pages to seal at commit
         self._allocated: list[tuple[int, int]] = []
         self._frees: list[tuple[int, int]] = []
@@ -338,7 +349,7 @@ class Txn:
     def write(self, pfn: int, kind: Kind) -> memoryview:
         """The page, checked, for changing: its old contents are journaled first."""
         view = self.pages.read(pfn, kind)
-        if pfn not in self._fresh and pfn not in self._undo:
+        if pfn not in self._touched:
             self._journal_page(pfn, view)
         self._dirty.add(pfn)
         return view
@@ -346,7 +357,7 @@ class Txn:
     def new_page(self, kind: Kind, owner: int) -> int:
         """A new zeroed metadata page of `kind` (released again if the txn rolls back)."""
         pfn = self.alloc(0)
-        self._fresh.add(pfn)
+        self._touched.add(pfn)
         self.pages.init(pfn, kind, owner)
         self._dirty.add(pfn)
         return pfn
@@ -386,8 +397,9 @@ class Txn:
         self._end()
         if not self.activated:
             return
+        seal = self.pages.seal
         for pfn in self._dirty:
-            self.pages.seal(pfn)
+            seal(pfn)
         journal = self.journal
         if not self._frees:
             journal._set_state(self.seq, Phase.IDLE)
@@ -425,14 +437,17 @@ class Txn:
             self.activated = True
 
     def _journal_page(self, pfn: int, view: memoryview) -> None:
+        journal = self.journal
         slot = len(self._undo)
-        if slot >= len(self.journal.slots):
+        if slot >= len(journal.slots):
             raise TxnTooLarge(f"a transaction changes more than {slot} metadata pages")
         self._reserve_entries(1)
         self._activate()
-        self.journal._slot_views[slot][:] = view
-        self._add_entry(EntryKind.UNDO, pfn)
+        journal._slot_views[slot][:] = view
+        journal._write_entry(self._entries, self.seq, EntryKind.UNDO, pfn)
+        self._entries += 1
         self._undo[pfn] = slot
+        self._touched.add(pfn)
 
     def _reserve_entries(self, n: int) -> None:
         if self._entries + n > self.journal.capacity:

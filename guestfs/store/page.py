@@ -15,14 +15,14 @@ import enum
 import struct
 import zlib
 
-import numpy as np
-
 from kho_backend.arena import Arena
 from kho_backend.checksum import crc32_at, stored_crc32
 from kho_backend.units import PAGE_SHIFT
 
 HEADER = struct.Struct("<IIQ")
 HEADER_SIZE = HEADER.size
+_MAGIC = struct.Struct("<I")
+_ZERO_PAGE = bytes(1 << PAGE_SHIFT)
 CRC_OFFSET = 4
 CRC = struct.Struct("<I")
 
@@ -65,7 +65,9 @@ class Pages:
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
-        self._verified = np.zeros(arena.npages, dtype=bool)
+        # One byte per page (a bytearray: indexing one costs a fraction of a numpy
+        # scalar's, and every metadata read and seal does it).
+        self._verified = bytearray(arena.npages)
         self._all = arena.view(0, arena.npages)     # sliced per read: no call per page
         self._npages = arena.npages
 
@@ -76,9 +78,9 @@ class Pages:
         view = self._all[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT]
         if not self._verified[pfn]:
             self._check(pfn, view, kind)
-            self._verified[pfn] = True
-        elif HEADER.unpack_from(view)[0] != kind:
-            raise CorruptPage(pfn, f"it holds a {describe(HEADER.unpack_from(view)[0])}, "
+            self._verified[pfn] = 1
+        elif _MAGIC.unpack_from(view)[0] != kind:
+            raise CorruptPage(pfn, f"it holds a {describe(_MAGIC.unpack_from(view)[0])}, "
                                    f"not a {describe(kind)}")
         return view
 
@@ -89,9 +91,9 @@ class Pages:
     def init(self, pfn: int, kind: Kind, owner: int) -> memoryview:
         """A new page of `kind`: zeroed, with its header (the checksum comes at seal)."""
         view = self.arena.view(pfn)
-        view[:] = bytes(len(view))
+        view[:] = _ZERO_PAGE
         HEADER.pack_into(view, 0, kind, 0, owner)
-        self._verified[pfn] = True
+        self._verified[pfn] = 1
         return view
 
     def seal(self, pfn: int) -> None:
@@ -99,18 +101,18 @@ class Pages:
         page with the field zero, as `seal_crc32` computes it, in one pass over the page
         (the field is zeroed first; until the commit point the journal undoes the page
         whatever it holds)."""
-        view = self.arena.view(pfn)
+        view = self._all[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT]   # a page read before
         CRC.pack_into(view, CRC_OFFSET, 0)
         CRC.pack_into(view, CRC_OFFSET, zlib.crc32(view))
-        self._verified[pfn] = True
+        self._verified[pfn] = 1
 
     def forget(self, pfn: int) -> None:
         """The page may change outside a transaction (freed, restored by recovery)."""
-        self._verified[pfn] = False
+        self._verified[pfn] = 0
 
     def forget_all(self) -> None:
         """Check every page again at its next read (a full check trusts nothing)."""
-        self._verified[:] = False
+        self._verified[:] = bytes(self._npages)
 
     @staticmethod
     def _check(pfn: int, view: memoryview, kind: Kind) -> None:

@@ -26,6 +26,7 @@ are cleared when the file grows over them again (`zero_past_end`).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -37,12 +38,14 @@ from guestfs.store.page import HEADER_SIZE, CorruptPage, Kind, Pages
 from guestfs.store.radix import Radix, RadixRoot
 from guestfs.store.records import INLINE_PFNS
 from kho_backend.errors import OutOfMemory
-from kho_backend.units import PAGE_SIZE
+from kho_backend.units import PAGE_SHIFT, PAGE_SIZE
 
 FOLIO_ORDER = 9
 REGION_PAGES = 1 << FOLIO_ORDER
 REGION_SIZE = REGION_PAGES * PAGE_SIZE
 Extent = tuple[int, int, int, int]   # (file_pgoff, pfn, npages, order)
+PAGE_MASK = PAGE_SIZE - 1
+_U32 = struct.Struct("<I")
 
 # A read-only source of zeros for holes and for clearing pages (no region span is larger).
 _ZEROS = memoryview(bytes(REGION_SIZE))
@@ -89,6 +92,10 @@ class PageMaps:
         arena, without a copy."""
         if size <= 0:
             return b""
+        in_page = off & PAGE_MASK
+        if in_page + size <= PAGE_SIZE:     # within one page: the usual small read
+            pfn = self._pfn(inode, off >> PAGE_SHIFT)
+            return self._view(pfn, in_page, size) if pfn else _ZEROS[:size]
         parts = [_ZEROS[:length] if pfn == 0 else self._view(pfn, at, length)
                  for length, pfn, at in self._segments(inode, off, off + size)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -146,6 +153,13 @@ class PageMaps:
         """Store `src` at `off` if it lies in one folio or one page that the file holds
         already (the common small overwrite: nothing to allocate, the map read once);
         False, with nothing stored, otherwise."""
+        in_page = off & PAGE_MASK
+        if in_page + len(src) <= PAGE_SIZE:     # within one page: the usual small write
+            pfn = self._pfn(inode, off >> PAGE_SHIFT)
+            if not pfn:
+                return False
+            self._view(pfn, in_page, len(src))[:] = src
+            return True
         r, at = divmod(off, REGION_SIZE)
         if at + len(src) > REGION_SIZE:
             return False
@@ -234,6 +248,14 @@ class PageMaps:
     def release(self, txn: Txn, inode: Inode, keep: Keep) -> bool:
         """Free every page of the file (as `truncate`; True when done), then the map's
         own pages."""
+        inline = inode.inline
+        if inline and txn.affords(keep.pages, keep.entries + len(inline)):
+            for pfn in inline:          # a small file: its pages are in its record
+                if pfn:
+                    txn.free(pfn)
+            inode.npages -= sum(1 for pfn in inline if pfn)
+            inode.inline = ()
+            return True
         if not self.truncate(txn, inode, 0, keep):
             return False
         if not inode.inline:
@@ -253,6 +275,23 @@ class PageMaps:
         if inode.inline:
             return inode.inline if r == 0 else 0
         return self._decode(self._radix(inode).get(_table(inode), r))
+
+    def _pfn(self, inode: Inode, p: int) -> int:
+        """The page that holds file page `p`, 0 for a hole (without the numpy view of a
+        page array that `_entry` makes: a small read or write needs one slot)."""
+        inline = inode.inline
+        if inline:
+            return inline[p] if p < len(inline) else 0
+        if not inode.map_root:
+            return 0
+        r, i = divmod(p, REGION_PAGES)
+        raw = self._radix(inode).get(_table(inode), r)
+        if not raw:
+            return 0
+        if raw & 1:
+            return (raw >> 1) + i
+        view = self.pages.read(raw >> 1, Kind.PAGE_ARRAY)
+        return _U32.unpack_from(view, HEADER_SIZE + 4 * i)[0]
 
     def _decode(self, raw: int) -> int | np.ndarray:
         if not raw:

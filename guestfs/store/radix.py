@@ -53,14 +53,16 @@ class Radix:
 
     def get(self, table: RadixRoot, key: int) -> int:
         """The value of `key` (0 when there is none)."""
-        if key >= capacity(table.height):
+        height = table.height
+        if key >= capacity(height):
             return 0
         node = table.root
-        for level in range(table.height, 0, -1):
+        read, unpack = self.pages.read, SLOT.unpack_from
+        for level in range(height, 0, -1):       # every file read and write walks this
             if not node:
                 return 0
-            view = self._read(node)
-            node = SLOT.unpack_from(view, _slot_offset(key, level))[0]
+            node = unpack(read(node, Kind.RADIX),
+                          HEADER_SIZE + (key // _CAPACITY[level - 1]) % FANOUT * 8)[0]
         return node
 
     def set(self, txn: Txn, table: RadixRoot, key: int, value: int) -> None:

@@ -34,6 +34,9 @@ from guestfs.store.radix import Radix, RadixRoot
 
 RECORD = struct.Struct("<QIIIIQqqqIIIBBHQQ40s")
 RECORD_SIZE = RECORD.size
+#: The record without its 40-byte tail, and where the tail starts.
+RECORD_HEAD = struct.Struct("<QIIIIQqqqIIIBBHQQ")
+TAIL_OFFSET = RECORD_HEAD.size
 PER_PAGE = 31
 REGULAR = struct.Struct("<QQ6I")
 DIRECTORY = struct.Struct("<QQ24x")
@@ -42,30 +45,48 @@ INLINE_PFNS = 6
 INLINE_TARGET = 40
 NS = 10**9
 assert RECORD_SIZE == 128 and HEADER_SIZE + PER_PAGE * RECORD_SIZE <= 4096
+assert TAIL_OFFSET + REGULAR.size == RECORD_SIZE
+_NO_PFNS = (0,) * INLINE_PFNS
+#: The inode numbers of a record page's records (for counting them).
+_INOS = struct.Struct("<" + f"Q{RECORD_SIZE - 8}x" * PER_PAGE)
+_S_IFMT, _S_IFREG, _S_IFDIR, _S_IFLNK = 0o170000, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
 _FREE = bytes(RECORD_SIZE)
 
 
 def encode(inode: Inode) -> bytes:
     """The 128-byte record of `inode`."""
+    raw = bytearray(RECORD_SIZE)
+    encode_into(raw, 0, inode)
+    return bytes(raw)
+
+
+def encode_into(view: memoryview | bytearray, at: int, inode: Inode) -> None:
+    """Write `inode`'s 128-byte record at offset `at` of `view` (every write of a record
+    comes here: packed in place, with no intermediate bytes)."""
     a_s, a_ns = divmod(inode.atime_ns, NS)
     m_s, m_ns = divmod(inode.mtime_ns, NS)
     c_s, c_ns = divmod(inode.ctime_ns, NS)
-    height = ninline = 0
-    if inode.is_reg:
-        height, ninline = inode.map_height, len(inode.inline)
-        pfns = list(inode.inline) + [0] * (INLINE_PFNS - ninline)
-        tail = REGULAR.pack(inode.map_root, inode.npages, *pfns)
-        extra = 0
-    elif inode.is_dir:
+    mode = inode.mode
+    kind = mode & _S_IFMT
+    if kind == _S_IFREG:
+        inline = inode.inline
+        ninline = len(inline)
+        RECORD_HEAD.pack_into(view, at, inode.ino, mode, inode.nlink, inode.uid, inode.gid,
+                              inode.size, a_s, m_s, c_s, a_ns, m_ns, c_ns,
+                              inode.map_height, ninline, 0, 0, inode.xattr)
+        REGULAR.pack_into(view, at + TAIL_OFFSET, inode.map_root, inode.npages,
+                          *inline, *_NO_PFNS[ninline:])
+        return
+    if kind == _S_IFDIR:
         tail, extra = DIRECTORY.pack(inode.tree, inode.entries), inode.parent
-    elif inode.is_symlink:
+    elif kind == _S_IFLNK:
         tail = inode.target if inode.target is not None else BLOB_REF.pack(inode.target_blob)
         extra = 0
     else:
         tail, extra = b"", inode.rdev
-    return RECORD.pack(inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid,
-                       inode.size, a_s, m_s, c_s, a_ns, m_ns, c_ns, height, ninline, 0,
-                       extra, inode.xattr, tail)
+    RECORD.pack_into(view, at, inode.ino, mode, inode.nlink, inode.uid, inode.gid,
+                     inode.size, a_s, m_s, c_s, a_ns, m_ns, c_ns, 0, 0, 0,
+                     extra, inode.xattr, tail)
 
 
 def decode(raw: bytes | memoryview, ino: int, generation: int) -> Inode | None:
@@ -162,8 +183,7 @@ class InodeTable:
         if not page:
             page = txn.new_page(Kind.RECORDS, key * PER_PAGE)
             self._radix.set(txn, self.table, key, page)
-        at = HEADER_SIZE + slot * RECORD_SIZE
-        txn.write(page, Kind.RECORDS)[at:at + RECORD_SIZE] = encode(inode)
+        encode_into(txn.write(page, Kind.RECORDS), HEADER_SIZE + slot * RECORD_SIZE, inode)
 
     def remove(self, txn: Txn, ino: int) -> None:
         """Free inode `ino`'s slot; the page goes too when it was its last record."""
@@ -174,11 +194,18 @@ class InodeTable:
         view = txn.write(page, Kind.RECORDS)
         at = HEADER_SIZE + slot * RECORD_SIZE
         view[at:at + RECORD_SIZE] = _FREE
-        if bytes(view[HEADER_SIZE:HEADER_SIZE + PER_PAGE * RECORD_SIZE]) == \
-                _FREE * PER_PAGE:
+        if _INOS.unpack_from(view, HEADER_SIZE).count(0) == PER_PAGE:     # all free
             txn.free(page)
             self._radix.set(txn, self.table, key, 0)
             self._pages.pop(key, None)
+
+    def count(self) -> int:
+        """How many inodes are in use (reads every record page, checked)."""
+        used = 0
+        for _key, page in self._radix.items(self.table):
+            inos = _INOS.unpack_from(self.pages.read(page, Kind.RECORDS), HEADER_SIZE)
+            used += PER_PAGE - inos.count(0)
+        return used
 
     def inos(self) -> Iterator[int]:
         """Every inode number in use, ascending (reads every record page)."""

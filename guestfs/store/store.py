@@ -6,6 +6,16 @@ reads inodes with `get` and writes them back with `put`. The store owns the page
 the page maps, the blobs and the orphan list; decoded inodes are kept in an LRU cache of
 `CACHE_INODES` entries, dropped whole when a transaction rolls back.
 
+Counters. The inode count and the next inode number change with every create and every
+free, and journaling the superblock for them would add a page to each of those
+transactions. They are kept in memory instead, as ext4 keeps its free-inode counts
+(recomputed at mount when the filesystem was not cleanly unmounted): the first change
+after the superblock was written exact sets its COUNTS_STALE flag (and reserves
+`INO_RESERVE` inode numbers ahead), later ones write it only when the reservation runs
+out, `flush_counters` (a clean handover) writes exact figures and clears the flag, and
+`open` recounts the inodes when it finds the flag set (a crash, or a kernel that ended
+without handing over).
+
 Room. Metadata may take every free page but the last `SLACK_PAGES` (kept for the KHO
 root FDT and kexec-metadata of the next handover); file data also leaves the headroom
 (1/256 of the arena, at least 16 pages) to metadata, so that a full arena still takes a
@@ -37,6 +47,9 @@ from kho_backend.errors import OutOfMemory
 log = logging.getLogger(__name__)
 
 CACHE_INODES = 1 << 15
+#: Inode numbers reserved at once (see `MetaStore.new_ino`): a crash skips at most this
+#: many, and the superblock is written once per this many creates.
+INO_RESERVE = 1024
 SLACK_PAGES = 16
 HEADROOM_SHARE = 256
 MIN_HEADROOM_PAGES = 16
@@ -101,7 +114,12 @@ class MetaStore:
         self.dirs = Directories(pages, sb.hash_key)
         self.maps = PageMaps(pages, self.data_room)
         self._orphans = BTree(pages, 0)
-        self._cache: OrderedDict[int, Inode] = OrderedDict()
+        #: Decoded inodes by number, least recently used first (read-only to callers:
+        #: the filesystem looks an inode up here first, without a call).
+        self.inodes: OrderedDict[int, Inode] = OrderedDict()
+        #: The live counters when the open transaction began (what a rollback restores:
+        #: the superblock read back holds what its page says, which may be stale).
+        self._counts = (sb.next_ino, sb.inode_count)
 
     # --- making and opening --------------------------------------------------------
 
@@ -137,7 +155,32 @@ class MetaStore:
         sb = Superblock.read(pages, sb_pfn)
         if sb.journal != journal_pfn:
             raise CorruptPage(sb_pfn, "the superblock names another journal")
-        return cls(arena, room, sb_pfn, sb, journal, pages), Opened(recovery)
+        store = cls(arena, room, sb_pfn, sb, journal, pages)
+        if sb.counts_stale:
+            store._recount()
+        return store, Opened(recovery)
+
+    def _recount(self) -> None:
+        """The inode count, from the inode table (the superblock's is stale: the last
+        kernel did not hand over). Its next inode number is the last reservation, above
+        every number given out, and stays. A record page that fails its checks leaves
+        the stale count (logged; the full check reports the page): the mount goes on,
+        and only the inodes of that page answer EIO, as without a recount."""
+        sb = self.sb
+        try:
+            counted = self.itable.count()
+        except CorruptPage as e:
+            log.error("the inode count stays at the superblock's %d, maybe stale: %s",
+                      sb.inode_count, e)
+            return
+        if not 0 < counted <= sb.max_inodes:
+            log.error("the inode table holds %d inodes, of at most %d; the count stays "
+                      "at the superblock's %d", counted, sb.max_inodes, sb.inode_count)
+            return
+        log.info("inode count recounted: %d (the superblock said %d)", counted,
+                 sb.inode_count)
+        sb.inode_count = counted
+        self._counts = (sb.next_ino, counted)
 
     # --- transactions --------------------------------------------------------------
 
@@ -145,15 +188,28 @@ class MetaStore:
         """A transaction over the metadata, as ``with store.transaction() as txn:``:
         committed when the block ends, rolled back (caches dropped, superblock re-read)
         if it raises."""
+        self._counts = (self.sb.next_ino, self.sb.inode_count)
         return self.journal.transaction(self._forget_all)
+
+    def begin(self) -> Txn:
+        """Open a transaction, to be ended by `end` (what `transaction` does, for a
+        caller that wraps it in its own context manager: one layer less per request)."""
+        sb = self.sb
+        self._counts = (sb.next_ino, sb.inode_count)
+        return self.journal.begin(self._forget_all)
+
+    def end(self, txn: Txn, *, failed: bool) -> None:
+        """Commit `txn`, or roll it back (and drop the caches) if its block `failed`."""
+        self.journal.end(txn, failed=failed)
 
     def _forget_all(self) -> None:
         # Every cache first: if reading the superblock back raises, none may keep what
         # the rolled-back transaction put there.
-        self._cache.clear()
+        self.inodes.clear()
         self.itable.forget_pages()
         self.dirs.forget_names()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
+        self.sb.next_ino, self.sb.inode_count = self._counts
         self.itable.table = self.sb.itable
         self.dirs.hash_key = self.sb.hash_key
 
@@ -166,9 +222,9 @@ class MetaStore:
     def get(self, ino: int) -> Inode | None:
         """Inode `ino`, or None if there is none (CorruptPage if its record cannot be
         trusted)."""
-        inode = self._cache.get(ino)
+        inode = self.inodes.get(ino)
         if inode is not None:
-            self._cache.move_to_end(ino)
+            self.inodes.move_to_end(ino)
             return inode
         if not 0 < ino < self.sb.next_ino:
             return None
@@ -179,9 +235,10 @@ class MetaStore:
 
     def put(self, txn: Txn, inode: Inode) -> None:
         """Write `inode`'s record (and keep it in the cache)."""
-        before = (self.sb.itable.root, self.sb.itable.height)
+        table = self.sb.itable
+        root, height = table.root, table.height
         self.itable.put(txn, inode)
-        if (self.sb.itable.root, self.sb.itable.height) != before:
+        if table.root != root or table.height != height:
             self.save_superblock(txn)
         self._remember(inode)
 
@@ -190,35 +247,62 @@ class MetaStore:
         transaction that changed it rolled back; it is cached again."""
         fresh = self.itable.get(inode.ino)
         if fresh is None:
-            self._cache.pop(inode.ino, None)
+            self.inodes.pop(inode.ino, None)
             return
         for name in Inode.__slots__:
             setattr(inode, name, getattr(fresh, name))
         self._remember(inode)
 
     def new_ino(self, txn: Txn) -> int:
-        """A new inode number, counted in use."""
-        ino = self.sb.allocate_ino()
-        self.sb.inode_count += 1
-        self.save_superblock(txn)
+        """A new inode number, counted in use (the superblock is written only when its
+        reservation of numbers runs out, or its counters were exact: see the module
+        docstring)."""
+        sb = self.sb
+        ino = sb.allocate_ino()
+        sb.inode_count += 1
+        if not sb.counts_stale or sb.next_ino > sb.ino_reserved:
+            sb.ino_reserved = sb.next_ino + INO_RESERVE
+            self._counters_changed(txn)
         return ino
 
     def remove(self, txn: Txn, ino: int) -> None:
         """Free inode `ino`'s record (the caller freed what it owned)."""
         self.itable.remove(txn, ino)
         self.sb.inode_count -= 1
+        if not self.sb.counts_stale:
+            self._counters_changed(txn)
+        self.inodes.pop(ino, None)
+
+    def _counters_changed(self, txn: Txn) -> None:
+        """Write the superblock, flagged: its counters may go stale from now on."""
+        sb = self.sb
+        if not sb.counts_stale:
+            sb.counts_stale = True
+            sb.ino_reserved = max(sb.ino_reserved, sb.next_ino)
         self.save_superblock(txn)
-        self._cache.pop(ino, None)
+
+    def flush_counters(self) -> None:
+        """Write the exact counters and clear the flag (a clean handover: the next mount
+        then need not recount). Nothing to do when they are exact already."""
+        if self.sb.counts_stale:
+            with self.transaction() as txn:
+                self.sb.counts_stale = False
+                self.save_superblock(txn)
 
     def cached(self) -> int:
         """Inodes in the cache."""
-        return len(self._cache)
+        return len(self.inodes)
 
     def _remember(self, inode: Inode) -> None:
-        self._cache[inode.ino] = inode
-        self._cache.move_to_end(inode.ino)
-        while len(self._cache) > CACHE_INODES:
-            self._cache.popitem(last=False)
+        cache = self.inodes
+        ino = inode.ino
+        if cache.get(ino) is inode:
+            cache.move_to_end(ino)
+            return
+        cache[ino] = inode
+        cache.move_to_end(ino)
+        while len(cache) > CACHE_INODES:
+            cache.popitem(last=False)
 
     # --- xattrs and symlink targets ---------------------------------------------------
 
@@ -283,9 +367,11 @@ class MetaStore:
         self._set_orphans_root(txn, root)
 
     def remove_orphan(self, txn: Txn, ino: int) -> None:
-        """The work noted for `ino` is done."""
+        """The work noted for `ino` is done. The list's last leaf stays when it empties:
+        every unlink of a file still looked up adds an orphan that its forget removes,
+        and the superblock then need not change for either."""
         try:        # a delete refuses an absent key before it changes anything
-            root = self._orphans.delete(txn, self.sb.orphans, ino)
+            root = self._orphans.delete(txn, self.sb.orphans, ino, keep_root=True)
         except KeyError:
             return
         self._set_orphans_root(txn, root)

@@ -6,7 +6,7 @@ filesystem, bounds it, and where every other structure starts.
       24  16 bytes uuid          40  16 bytes directory hash key
       56  i64 created (ns)       64  u64 max inodes
       72  u64 next inode number  80  u64 inodes in use
-      88  u32 inode generation, u32 zero
+      88  u32 inode generation, u32 flags (version 3; zero in version 2)
       96  u64 generation (handovers the filesystem has been through)
       104 u64 inode table root, u8 its height, 7 zero bytes
       120 u64 orphan list (B+tree root)
@@ -27,7 +27,14 @@ from guestfs.store.page import HEADER_SIZE, CorruptPage, Kind, Pages
 from guestfs.store.radix import MAX_HEIGHT, RadixRoot
 from kho_backend.units import PAGE_SIZE
 
-VERSION = 2
+VERSION = 3
+#: Versions this code reads: 2 (release 0.3.0) has no flags.
+READABLE = (2, 3)
+#: Flag: the counters are kept in memory while the filesystem runs, so the inode count
+#: here may be stale and the next inode number is a reservation (every number below it
+#: may have been given out). A mount that finds it recounts the inodes; a clean handover
+#: writes exact figures and clears it.
+COUNTS_STALE = 1
 FIELDS = struct.Struct("<II16s16sqQQQIIQQB7xQQH")
 OPTIONS_OFFSET = HEADER_SIZE + FIELDS.size
 JOURNAL_OFFSET = HEADER_SIZE + struct.calcsize("<II16s16sqQQQIIQQB7xQ")
@@ -44,7 +51,12 @@ class Superblock:
     """Filesystem-wide state. `next_ino` is never lowered, so an inode number is never
     reused, and every inode carries `ino_generation` (random per filesystem) as its
     generation number. `options` are the mount options the filesystem was made with;
-    ``mode`` (octal), ``uid`` and ``gid`` set the root directory's at format."""
+    ``mode`` (octal), ``uid`` and ``gid`` set the root directory's at format.
+
+    `next_ino` and `inode_count` are the live figures; while `counts_stale` is set, the
+    page holds `ino_reserved` as the next inode number (the store reserves numbers in
+    batches) and whatever count was exact when it was last written (see
+    `COUNTS_STALE`)."""
 
     uuid: str
     max_inodes: int
@@ -58,8 +70,10 @@ class Superblock:
     itable: RadixRoot = field(default_factory=RadixRoot)
     orphans: int = 0
     options: dict[str, str] = field(default_factory=dict)
-    #: The packed uuid and options, kept: the superblock is written by every create and
-    #: unlink, and they never change after format.
+    counts_stale: bool = False
+    ino_reserved: int = 0
+    #: The packed uuid and options, kept: the superblock is written often, and they
+    #: never change after format.
     _packed: tuple[tuple[str, tuple[tuple[str, str], ...]], bytes, bytes, int] | None = \
         field(default=None, init=False, repr=False, compare=False)
 
@@ -83,9 +97,12 @@ class Superblock:
     def pack_into(self, view: memoryview) -> None:
         """Write the fields into a superblock page (the caller seals it)."""
         uuid, options, length = self._static()
+        stale = self.counts_stale
+        next_ino = max(self.ino_reserved, self.next_ino) if stale else self.next_ino
         FIELDS.pack_into(view, HEADER_SIZE, VERSION, PAGE_SIZE, uuid,
-                         self.hash_key, self.created_ns, self.max_inodes, self.next_ino,
-                         self.inode_count, self.ino_generation, 0, self.generation,
+                         self.hash_key, self.created_ns, self.max_inodes, next_ino,
+                         self.inode_count, self.ino_generation,
+                         COUNTS_STALE if stale else 0, self.generation,
                          self.itable.root, self.itable.height, self.orphans, self.journal,
                          length)
         view[OPTIONS_OFFSET:OPTIONS_OFFSET + OPTIONS_MAX] = options
@@ -106,11 +123,14 @@ class Superblock:
     def read(cls, pages: Pages, pfn: int) -> Superblock:
         """The superblock at `pfn`, checked; CorruptPage names what is wrong."""
         view = pages.read(pfn, Kind.SUPERBLOCK)
-        (version, page_size, uuid, key, created, max_inodes, next_ino, count, ino_gen, _,
+        (version, page_size, uuid, key, created, max_inodes, next_ino, count, ino_gen, flags,
          generation, it_root, it_height, orphans, journal, opt_len) = \
             FIELDS.unpack_from(view, HEADER_SIZE)
+        known_flags = COUNTS_STALE if version >= 3 else 0
         problems = [what for what, bad in (
-            (f"version {version}, not {VERSION}", version != VERSION),
+            (f"version {version}; this guestfs reads versions "
+             f"{', '.join(map(str, READABLE))}", version not in READABLE),
+            (f"unknown flags {flags:#x}", flags & ~known_flags),
             (f"{page_size}-byte pages", page_size != PAGE_SIZE),
             (f"next inode number {next_ino}", not ROOT_INO < next_ino < 1 << 63),
             (f"{count} inodes in use of {max_inodes}", not 0 < count <= max_inodes),
@@ -124,7 +144,8 @@ class Superblock:
         return cls(uuid=str(_uuid.UUID(bytes=uuid)), max_inodes=max_inodes, journal=journal,
                    hash_key=key, created_ns=created, next_ino=next_ino, inode_count=count,
                    ino_generation=ino_gen, generation=generation,
-                   itable=RadixRoot(it_root, it_height), orphans=orphans, options=options)
+                   itable=RadixRoot(it_root, it_height), orphans=orphans, options=options,
+                   counts_stale=bool(flags & COUNTS_STALE), ino_reserved=next_ino)
 
 
 def journal_of(view: memoryview) -> int:

@@ -50,9 +50,9 @@ class FakeFs:
         if name in self.fail:
             raise self.fail[name]
 
-    def lookup(self, parent: int, name: bytes) -> FakeInode:
-        self._call("lookup", parent, name)
-        return FakeInode(ino=42)
+    def find(self, parent: int, name: bytes) -> FakeInode | None:
+        self._call("find", parent, name)
+        return None if name == b"absent" else FakeInode(ino=42)
 
     def get(self, ino: int) -> FakeInode:
         self._call("get", ino)
@@ -167,7 +167,9 @@ def test_lookup_counts_and_negative_entries() -> None:
     assert attr.st_ino == 42 and fs.refs == {42: 1}
     call(ops, "forget", [(42, 1)])
     assert fs.refs == {42: 0}
-    fs.fail["lookup"] = FsError(errno.ENOENT)
+    negative = call(ops, "lookup", ROOT_INO, b"absent", FakeCtx())
+    assert negative.st_ino == 0 and fs.refs == {42: 0}
+    fs.fail["find"] = FsError(errno.ENOENT)           # e.g. a parent that is gone
     negative = call(ops, "lookup", ROOT_INO, b"missing", FakeCtx())
     assert negative.st_ino == 0 and fs.refs == {42: 0}
 

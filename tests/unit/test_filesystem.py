@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import tracemalloc
 from collections.abc import Callable, Iterator
 
@@ -25,8 +26,9 @@ from guestfs.filesystem import (
 )
 from guestfs.inode import ROOT_INO, Inode
 from guestfs.store.pagemap import REGION_SIZE
-from guestfs.store.store import MetaStore
-from guestfs.store.superblock import MAX_FILE_SIZE
+from guestfs.store.page import HEADER_SIZE, CorruptPage, Pages
+from guestfs.store.store import INO_RESERVE, MetaStore
+from guestfs.store.superblock import MAX_FILE_SIZE, Superblock
 from kho_backend.boot import Kernel
 from kho_backend.units import PAGE_SIZE
 
@@ -246,7 +248,9 @@ def test_unlinked_open_file_keeps_its_data_until_release_and_forget(fs: Filesyst
     fs.release(f.ino)
     assert fs.get(f.ino) is f             # the kernel still holds a lookup
     fs.forget(f.ino, 1)
-    assert gone(fs, f.ino) and fs.store.free_pages() == free
+    # Every page of the file is free again; the orphan list keeps its (now empty) leaf.
+    assert fs.store.orphans() == [] and len(list(fs.store.orphan_pages())) == 1
+    assert gone(fs, f.ino) and fs.store.free_pages() == free - 1
     fs.forget(f.ino, 1)                   # a late forget is harmless
     fs.release(f.ino)
 
@@ -761,7 +765,9 @@ def test_freeing_a_sparse_file_takes_as_many_transactions_as_it_needs(fs: Filesy
     fs.unlink(ROOT_INO, b"sparse", ROOT)
     fs.unlink(ROOT_INO, b"wide", ROOT)
     assert gone(fs, f.ino) and gone(fs, g.ino) and fs.check() == []
-    assert fs.store.free_pages() == free
+    # Freed in steps through the orphan list, which keeps its one (now empty) leaf.
+    assert fs.store.orphans() == [] and len(list(fs.store.orphan_pages())) == 1
+    assert fs.store.free_pages() == free - 1
 
 
 def test_a_split_truncate_leaves_no_stale_bytes(fs: Filesystem) -> None:
@@ -781,6 +787,76 @@ def test_an_open_unlinked_file_survives_a_split_truncate(fs: Filesystem) -> None
     assert bytes(fs.read(f.ino, 0, 10)) == b"still here"
     fs.release(f.ino)
     assert gone(fs, f.ino) and fs.check() == []
+
+
+def _on_disk(fs: Filesystem) -> Superblock:
+    """The superblock as its page says (not the live figures the store keeps)."""
+    return Superblock.read(Pages(fs.store.arena), fs.store.sb_pfn)
+
+
+def test_creates_and_frees_leave_the_superblock_alone_until_a_reopen_recounts(
+        kernel: Kernel) -> None:
+    """The counters live in memory: the first change flags the superblock and reserves
+    inode numbers, later creates and frees write no superblock; a reopen (the last
+    kernel died) recounts, and gives out no number that was given out before."""
+    fs = new_fs(kernel)             # not the fixture: its store is stale after the reopen
+    first = fs.create(ROOT_INO, b"first", REG, ROOT)
+    flagged = _on_disk(fs)
+    assert flagged.counts_stale and flagged.next_ino == first.ino + 1 + INO_RESERVE
+    # Past the first record page, whose successor grows the inode table's root (which
+    # the superblock holds): from here on nothing but the counters would change it.
+    made = [fs.create(ROOT_INO, b"f%d" % i, REG, ROOT).ino for i in range(40)]
+    page = bytes(fs.store.arena.view(fs.store.sb_pfn))
+    made += [fs.create(ROOT_INO, b"f%d" % i, REG, ROOT).ino for i in range(40, 80)]
+    for i in range(0, 80, 2):
+        fs.unlink(ROOT_INO, b"f%d" % i, ROOT)
+    assert bytes(fs.store.arena.view(fs.store.sb_pfn)) == page       # never written
+    assert fs.sb.inode_count == 42 and fs.statfs().f_ffree == fs.sb.max_inodes - 42
+    assert _on_disk(fs).inode_count != 42
+    store = fs.store
+    back = Filesystem(MetaStore.open(store.arena, store.pool, store.sb_pfn)[0])
+    assert back.sb.inode_count == 42 and back.check() == []
+    assert back.create(ROOT_INO, b"after", REG, ROOT).ino > max(made)
+
+
+def test_a_clean_handover_writes_exact_counters(kernel: Kernel) -> None:
+    fs = new_fs(kernel)
+    made = [fs.create(ROOT_INO, b"f%d" % i, REG, ROOT).ino for i in range(5)]
+    fs.unlink(ROOT_INO, b"f0", ROOT)
+    fs.store.flush_counters()
+    exact = _on_disk(fs)
+    assert not exact.counts_stale and (exact.inode_count, exact.next_ino) == \
+        (5, max(made) + 1)
+    store = fs.store
+    back = Filesystem(MetaStore.open(store.arena, store.pool, store.sb_pfn)[0])
+    assert back.check() == [] and back.create(ROOT_INO, b"g", REG, ROOT).ino == max(made) + 1
+
+
+def test_a_rolled_back_create_gives_its_number_and_count_back(fs: Filesystem) -> None:
+    fs.create(ROOT_INO, b"a", REG, ROOT)
+    before = (fs.sb.next_ino, fs.sb.inode_count)
+    with pytest.raises(RuntimeError), fs.store.transaction() as txn:
+        fs.store.new_ino(txn)
+        raise RuntimeError("cut short")
+    assert (fs.sb.next_ino, fs.sb.inode_count) == before
+    assert fs.create(ROOT_INO, b"b", REG, ROOT).ino == before[0]
+
+
+def test_a_version_2_superblock_is_read_with_exact_counters(kernel: Kernel) -> None:
+    """Release 0.3.0 wrote version 2, whose flags word is zero."""
+    fs = new_fs(kernel)
+    fs.create(ROOT_INO, b"a", REG, ROOT)
+    fs.store.flush_counters()
+    view = fs.store.arena.view(fs.store.sb_pfn)
+    struct.pack_into("<I", view, HEADER_SIZE, 2)
+    fs.store.pages.seal(fs.store.sb_pfn)
+    store = fs.store
+    back = Filesystem(MetaStore.open(store.arena, store.pool, store.sb_pfn)[0])
+    assert (back.sb.inode_count, back.sb.next_ino) == (2, 3) and back.check() == []
+    struct.pack_into("<I", view, HEADER_SIZE + 76, 1)              # flags, in version 2
+    store.pages.seal(store.sb_pfn)
+    with pytest.raises(CorruptPage, match="flags"):
+        MetaStore.open(store.arena, store.pool, store.sb_pfn)
 
 
 def test_an_orphan_too_large_for_one_transaction_is_freed_at_the_next_open(
