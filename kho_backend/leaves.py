@@ -106,7 +106,7 @@ class Leaves:
     def count(self) -> int:
         """Blocks held (counted once, then kept: the bitmaps are not changed)."""
         if self._count is None:
-            self._count = int(np.bitwise_count(self.bitmaps).sum())
+            self._count = int(np.bitwise_count(self.bitmaps.view(np.uint64)).sum())
         return self._count
 
     def pages(self) -> int:
