@@ -48,8 +48,9 @@ from .units import MAX_ORDER, PAGE_SIZE
 
 #: Pages of the largest block: no block crosses a multiple of it.
 CHUNK = 1 << MAX_ORDER
-#: Chunks settled in one pass: their temporaries (a byte per page) stay small.
-_SETTLE = 256
+#: Chunks settled (or claimed) in one pass: their temporaries (a byte per page) stay
+#: small enough to be reused from the heap, not mapped and faulted in anew.
+_SETTLE = 128
 
 if TYPE_CHECKING:
     from .arena import Arena
@@ -371,29 +372,50 @@ class Memmap:
     def claim_leaves(self, leaves: Leaves) -> None:
         """PRESERVED -> ALLOCATED for every block of ``leaves`` (a pool restored whole):
         where boot deferred these very leaves, by changing their state only; in ready
-        chunks, head bytes. HandoverError unless each is exactly the head of a preserved
-        block of that order; nothing changes then."""
+        chunks, head bytes, whole rows at a time. HandoverError unless each is exactly
+        the head of a preserved block of that order; nothing changes then."""
         order = leaves.order
-        deferred = next((d for d in self._deferred if d.leaves is leaves), None)
-        if deferred is None:
+        if order > _BYTE_ORDER:
             self.claim_preserved(leaves.heads(), order)
             return
-        chunks = deferred.chunks
-        ready = chunks[self._ready[chunks]]
+        deferred = next((d for d in self._deferred if d.leaves is leaves), None)
+        if deferred is None:            # marked byte by byte (or settled since)
+            chunks = _chunk_pages(leaves)[0]
+            self.settle_pfns(chunks << MAX_ORDER)
+        else:
+            chunks = deferred.chunks
+        ready = chunks if self._ready is None else chunks[self._ready[chunks]]
         before, after = encode(PageState.PRESERVED, order), encode(PageState.ALLOCATED, order)
-        heads = self._heads_in(leaves, ready)
-        wrong = self.map[heads] != before
-        if wrong.any():
-            self._refuse_unpreserved(int(heads[np.argmax(wrong)]), order)
-        if deferred.claimed is not None and deferred.claimed.any():      # some one by one
-            claimed = Leaves(order, leaves.index, deferred.claimed)
-            self._refuse_unpreserved(int(claimed.heads()[0]), order)
-        if deferred.state is not PageState.PRESERVED and ready.size < chunks.size:
-            waiting = chunks[~self._ready[chunks]][:1]
-            self._refuse_unpreserved(int(self._heads_in(leaves, waiting)[0]), order)
-        self.map[heads] = after
-        deferred.state = PageState.ALLOCATED
+        bad = None if deferred is None else \
+            self._unclaimable(deferred, chunks[~self._ready[chunks]])
+        parts = [ready[lo:lo + _SETTLE] for lo in range(0, len(ready), _SETTLE)]
+        for done, part in enumerate(parts):     # all or nothing: a refusal undoes
+            rows, heads = self._head_rows(leaves, part)
+            wrong = rows != before
+            wrong &= heads
+            if wrong.any() or (bad is not None and done == len(parts) - 1):
+                for undo in parts[:done]:
+                    rows_, heads_ = self._head_rows(leaves, undo)
+                    self._put_rows(undo, np.where(heads_, before, rows_))
+                found = [self._pfn_at(part, int(np.argmax(wrong)))] if wrong.any() else []
+                self._refuse_unpreserved(min(found + ([] if bad is None else [bad])), order)
+            self._put_rows(part, np.where(heads, after, rows))
+        if bad is not None:             # no ready chunk to check
+            self._refuse_unpreserved(bad, order)
+        if deferred is not None:
+            deferred.state = PageState.ALLOCATED
         self._count(leaves, sign=-1)
+
+    def _unclaimable(self, deferred: _Deferred, waiting: np.ndarray) -> int | None:
+        """The first block of ``deferred`` in the chunks ``waiting`` (not ready) that is
+        no longer PRESERVED (claimed whole, or one by one), or None."""
+        leaves = deferred.leaves
+        found = []
+        if deferred.claimed is not None and deferred.claimed.any():
+            found.append(int(Leaves(leaves.order, leaves.index, deferred.claimed).heads()[0]))
+        if deferred.state is not PageState.PRESERVED and waiting.size:
+            found.append(int(self._heads_in(leaves, waiting[:1])[0]))
+        return min(found, default=None)
 
     def _refuse_unpreserved(self, pfn: int, order: int) -> None:
         raise HandoverError(
@@ -506,36 +528,46 @@ class Memmap:
         assert self._ready is not None
         for lo in range(0, len(chunks), _SETTLE):
             part = chunks[lo:lo + _SETTLE]
-            rows = np.full((len(part), CHUNK), FREE_PAGE, np.uint8)
+            rows = None         # free pages, until a deferred map has blocks there
             for deferred in self._deferred:
                 mine = part[_member(part, deferred)]
                 if mine.size:
-                    self._fill(rows, np.searchsorted(part, mine), deferred, mine)
-            nfull = self.arena.npages // CHUNK          # the last chunk may be partial
-            whole = part < nfull
-            self.map[:nfull * CHUNK].reshape(nfull, CHUNK)[part[whole]] = rows[whole]
-            if not whole.all():
-                self.map[nfull * CHUNK:] = rows[-1, :self.arena.npages - nfull * CHUNK]
+                    rows = self._fill(rows, part, np.searchsorted(part, mine), deferred, mine)
+            if rows is None:
+                rows = np.full((len(part), CHUNK), FREE_PAGE, np.uint8)
+            self._prefault(part)
+            self._put_rows(part, rows)
             self._ready[part] = True
         if self._ready.all():
             self._ready = self._pending = None
             self._deferred.clear()
 
-    def _fill(self, rows: np.ndarray, at: np.ndarray, deferred: _Deferred,
-              chunks: np.ndarray) -> None:
-        """Write the deferred blocks in ``chunks`` into ``rows[at]`` (a row per chunk):
-        in their state, or ALLOCATED where claimed one by one."""
+    def _fill(self, rows: np.ndarray | None, part: np.ndarray, at: np.ndarray,
+              deferred: _Deferred, chunks: np.ndarray) -> np.ndarray:
+        """The rows of ``part`` (``rows``, or free pages if None) with the deferred
+        blocks in ``chunks`` (``part[at]``) written: in their state, or ALLOCATED where
+        claimed one by one."""
         order = deferred.leaves.order
         tail = np.arange(CHUNK) & ((1 << order) - 1) != 0
-        mine = rows[at]
+        if rows is None and len(at) == len(part):
+            mine = np.uint8(FREE_PAGE)      # every row: written by the first np.where
+        else:
+            if rows is None:
+                rows = np.full((len(part), CHUNK), FREE_PAGE, np.uint8)
+            mine = rows[at]
         for bitmaps, state in ((deferred.leaves.bitmaps, deferred.state),
                                (deferred.claimed, PageState.ALLOCATED)):
             if bitmaps is None:
                 continue
-            pages = np.repeat(_chunk_bits(deferred.leaves, chunks, bitmaps), 1 << order, axis=1)
+            pages = _chunk_bits(deferred.leaves, chunks, bitmaps)
+            if order:
+                pages = np.repeat(pages, 1 << order, axis=1)
             value = np.where(tail, TAIL, encode(state, order)).astype(np.uint8)
-            mine = np.where(pages, value, mine)
+            mine = np.where(pages, value, mine)       # np.copyto(where=) is slower
+        if rows is None:
+            return mine
         rows[at] = mine
+        return rows
 
     def _overlaps(self, leaves: Leaves, chunks: np.ndarray) -> np.ndarray:
         """Per chunk of ``chunks`` (not ready ones): do blocks of ``leaves`` share a
@@ -567,6 +599,62 @@ class Memmap:
             self._refuse_busy(int(pages[np.argmax(busy)]), order)
         self.map[pages] = TAIL
         self.map[heads] = encode(state, order)
+
+    def _head_rows(self, leaves: Leaves, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The bytes of ``chunks`` (ready), a row each (the memmap itself when the
+        chunks are consecutive, else a copy), and where the heads of the blocks of
+        ``leaves`` are in them (whole-row passes, for many chunks)."""
+        order = leaves.order
+        if order:
+            heads = np.zeros((len(chunks), CHUNK), bool)
+            heads[:, ::1 << order] = _chunk_bits(leaves, chunks)
+        else:
+            heads = _chunk_bits(leaves, chunks)
+        view = self._rows_view(chunks)
+        if view is not None:
+            return view, heads
+        nfull = self.arena.npages // CHUNK
+        if not len(chunks) or chunks[-1] < nfull:
+            return self.map[:nfull * CHUNK].reshape(nfull, CHUNK)[chunks], heads
+        pfns = (chunks[:, None] << MAX_ORDER) + np.arange(CHUNK, dtype=np.int64)
+        inside = pfns < self.arena.npages        # the arena's last chunk is partial
+        rows = np.full((len(chunks), CHUNK), FREE_PAGE, np.uint8)
+        rows[inside] = self.map[pfns[inside]]
+        return rows, heads & inside
+
+    def _rows_view(self, chunks: np.ndarray) -> np.ndarray | None:
+        """The memmap of ``chunks`` as rows, a view (no copy), if they are consecutive
+        whole chunks; else None."""
+        if not len(chunks) or int(chunks[-1]) - int(chunks[0]) != len(chunks) - 1 \
+                or int(chunks[-1]) >= self.arena.npages // CHUNK:
+            return None
+        first = int(chunks[0]) << MAX_ORDER
+        return self.map[first:first + len(chunks) * CHUNK].reshape(len(chunks), CHUNK)
+
+    def _prefault(self, chunks: np.ndarray) -> None:
+        """Map the memmap pages of ``chunks`` (ascending) for writing in one call, when
+        there are many (a page fault each costs twice as much)."""
+        if len(chunks) >= _SETTLE // 2:
+            first = self.first_pfn + (int(chunks[0]) << MAX_ORDER) // PAGE_SIZE
+            last = self.first_pfn + ((int(chunks[-1]) + 1) << MAX_ORDER) // PAGE_SIZE
+            self.arena.prefault(first, min(last, self.first_pfn + self.npages) - first)
+
+    def _put_rows(self, chunks: np.ndarray, rows: np.ndarray) -> None:
+        """Write ``rows`` (from :meth:`_head_rows`) back to ``chunks``."""
+        view = self._rows_view(chunks)
+        if view is not None:
+            view[:] = rows
+            return
+        nfull = self.arena.npages // CHUNK
+        whole = chunks < nfull
+        self.map[:nfull * CHUNK].reshape(nfull, CHUNK)[chunks[whole]] = rows[whole]
+        if not whole.all():
+            self.map[nfull * CHUNK:] = rows[-1, :self.arena.npages - nfull * CHUNK]
+
+    @staticmethod
+    def _pfn_at(chunks: np.ndarray, flat: int) -> int:
+        """The pfn of position ``flat`` of rows of ``chunks``."""
+        return (int(chunks[flat // CHUNK]) << MAX_ORDER) + flat % CHUNK
 
     def _heads_in(self, leaves: Leaves, chunks: np.ndarray) -> np.ndarray:
         """Head pfns of the blocks of ``leaves`` in ``chunks`` (ascending)."""
