@@ -286,7 +286,11 @@ class Memmap:
         if order > _BYTE_ORDER or self._ready is None:
             self._set_preserved_heads(leaves.heads(), order)
             return
-        chunks, pages = _chunk_pages(leaves)
+        if leaves.sparse:               # a few blocks: their chunks from their heads
+            chunks, count = np.unique(leaves.heads() >> MAX_ORDER, return_counts=True)
+            pages = count.astype(np.int64) << order
+        else:
+            chunks, pages = _chunk_pages(leaves)
         eager = self._ready[chunks]
         if not disjoint:
             eager |= self._overlaps(leaves, chunks)
@@ -592,7 +596,11 @@ class Memmap:
         is not, with nothing changed."""
         self.settle_pfns(chunks << MAX_ORDER)
         order = leaves.order
-        heads = self._heads_in(leaves, chunks)
+        if leaves.sparse:       # a few blocks: picked from their heads
+            heads = leaves.heads()
+            heads = heads[np.isin(heads >> MAX_ORDER, chunks)]
+        else:
+            heads = self._heads_in(leaves, chunks)
         pages = block_pages(heads, order)
         busy = self.map[pages] != check
         if busy.any():
