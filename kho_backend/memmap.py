@@ -283,7 +283,7 @@ class Memmap:
         blocks deferred before need not be compared with these.
         """
         order = leaves.order
-        if order > _BYTE_ORDER or self._ready is None:
+        if self._ready is None:
             self._set_preserved_heads(leaves.heads(), order)
             return
         if leaves.sparse:               # a few blocks: their chunks from their heads
@@ -379,9 +379,6 @@ class Memmap:
         chunks, head bytes, whole rows at a time. HandoverError unless each is exactly
         the head of a preserved block of that order; nothing changes then."""
         order = leaves.order
-        if order > _BYTE_ORDER:
-            self.claim_preserved(leaves.heads(), order)
-            return
         deferred = next((d for d in self._deferred if d.leaves is leaves), None)
         if deferred is None:            # marked byte by byte (or settled since)
             chunks = _chunk_pages(leaves)[0]
@@ -679,42 +676,47 @@ class Memmap:
         return counts
 
 
-#: Deferred up to this order: a chunk's blocks are then whole bytes of a leaf.
+#: Up to this order, a chunk's blocks are whole bytes of a leaf.
 _BYTE_ORDER = MAX_ORDER - 3
 
 
 def _chunk_pages(leaves: Leaves) -> tuple[np.ndarray, np.ndarray]:
-    """(chunks, pages): the chunks holding blocks of ``leaves`` (order up to
-    _BYTE_ORDER), ascending, and how many of their pages those blocks take; a pass over
-    the leaves' bitmaps, one bit per block."""
-    per_leaf = LEAF_BITS >> (MAX_ORDER - leaves.order)        # chunks a leaf spans
+    """(chunks, pages): the chunks holding blocks of ``leaves``, ascending, and how many
+    of their pages those blocks take; a pass over the leaves' bitmaps, one bit per
+    block."""
+    order = leaves.order
+    per_leaf = LEAF_BITS >> (MAX_ORDER - order)        # chunks a leaf spans
     if not len(leaves.index):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    counts = np.bitwise_count(_as_words(leaves.bitmaps, per_leaf))
+    if order <= _BYTE_ORDER:        # a chunk's blocks are whole bytes of the leaf
+        counts = np.bitwise_count(_as_words(leaves.bitmaps, per_leaf))
+    else:                           # fewer than eight: bit by bit (few leaves then)
+        counts = np.unpackbits(leaves.bitmaps, axis=1, bitorder="little")
     counts = counts.reshape(len(leaves.index), per_leaf, -1).sum(axis=2, dtype=np.int64).ravel()
     chunks = ((leaves.index[:, None] * per_leaf) + np.arange(per_leaf)).ravel()
     used = np.flatnonzero(counts)
-    return chunks[used].astype(np.int64), counts[used] << leaves.order
+    return chunks[used].astype(np.int64), counts[used] << order
 
 
 def _chunk_bits(leaves: Leaves, chunks: np.ndarray,
                 bitmaps: np.ndarray | None = None) -> np.ndarray:
-    """Bool (chunk, block slot in it): which blocks of ``leaves`` (order up to
-    _BYTE_ORDER) the chunks hold, from the leaves' bytes (or from ``bitmaps``, bits
-    laid out as theirs)."""
+    """Bool (chunk, block slot in it): which blocks of ``leaves`` the chunks hold, from
+    the leaves' bits (or from ``bitmaps``, bits laid out as theirs)."""
     bitmaps = leaves.bitmaps if bitmaps is None else bitmaps
     order = leaves.order
-    nbytes = (CHUNK >> order) >> 3
+    per = CHUNK >> order                                      # blocks in a chunk
+    if not len(leaves.index):
+        return np.zeros((len(chunks), per), bool)
     first = (chunks << MAX_ORDER) >> order                    # first block number
     leaf = first >> LEAF_SHIFT
-    if not len(leaves.index):
-        return np.zeros((len(chunks), CHUNK >> order), bool)
     row = np.minimum(np.searchsorted(leaves.index, leaf), len(leaves.index) - 1)
-    have = leaves.index[row] == leaf
-    cols = ((first & (LEAF_BITS - 1)) >> 3)[:, None] + np.arange(nbytes)
-    packed = bitmaps[row[:, None], cols]
-    packed[~have] = 0
-    return np.unpackbits(packed, axis=1, bitorder="little").view(bool)
+    have = (leaves.index[row] == leaf)[:, None]
+    if order <= _BYTE_ORDER:
+        cols = ((first & (LEAF_BITS - 1)) >> 3)[:, None] + np.arange(per >> 3)
+        packed = bitmaps[row[:, None], cols] * have
+        return np.unpackbits(packed, axis=1, bitorder="little").view(bool)
+    bit = (first & (LEAF_BITS - 1))[:, None] + np.arange(per)
+    return ((bitmaps[row[:, None], bit >> 3] >> (bit & 7)) & 1).astype(bool) & have
 
 
 def _member(chunks: np.ndarray, deferred: _Deferred) -> np.ndarray:

@@ -448,3 +448,30 @@ def test_deferred_blocks_claimed_one_by_one_and_overlaps() -> None:
     finally:
         arena.close()
         shutil.rmtree(folder)
+
+
+def test_deferred_folios_are_written_head_and_tails() -> None:
+    """2 MiB folios (order 9, under a byte of leaf per chunk) are deferred too: claimed
+    whole by state, then written as a head and its tails when their chunks settle."""
+    folder = Path(tempfile.mkdtemp(prefix="gfs-alloc-", dir=SHM))
+    arena = Arena.create(folder / "a.mem", 64 * 1024 * PAGE_SIZE)
+    try:
+        heads = np.arange(8192, 64 * 1024, 1024)          # one folio per second 2 MiB
+        folios = Leaves.from_heads(heads, 9)
+        memmap = Memmap(arena, 1, reset=True)
+        memmap.mark_reserved(0, 17)
+        memmap.set_preserved(folios, disjoint=True)
+        assert not memmap.settled
+        pages = PageAllocator(arena, memmap)
+        memmap.claim_leaves(folios)
+        assert pages.stats().preserved_pages == 0
+        pages.free(int(heads[3]), 9)
+        pages.check()
+        assert memmap.settled
+        states = memmap.block_states()
+        assert (states[heads[4]:heads[4] + 512] == PageState.ALLOCATED).all()
+        assert memmap.head(int(heads[4]) + 1)[0] is PageState.TAIL
+        assert memmap.head(int(heads[3]))[0] is PageState.FREE
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
