@@ -563,7 +563,9 @@ class Memmap:
             pages = _chunk_bits(deferred.leaves, chunks, bitmaps)
             if order:
                 pages = np.repeat(pages, 1 << order, axis=1)
-            value = np.where(tail, TAIL, encode(state, order)).astype(np.uint8)
+                value = np.where(tail, TAIL, encode(state, order)).astype(np.uint8)
+            else:
+                value = np.uint8(encode(state, 0))
             mine = np.where(pages, value, mine)       # np.copyto(where=) is slower
         if rows is None:
             return mine
@@ -712,8 +714,15 @@ def _chunk_bits(leaves: Leaves, chunks: np.ndarray,
     row = np.minimum(np.searchsorted(leaves.index, leaf), len(leaves.index) - 1)
     have = (leaves.index[row] == leaf)[:, None]
     if order <= _BYTE_ORDER:
-        cols = ((first & (LEAF_BITS - 1)) >> 3)[:, None] + np.arange(per >> 3)
-        packed = bitmaps[row[:, None], cols] * have
+        if have.all() and int(chunks[-1]) - int(chunks[0]) == len(chunks) - 1 and \
+                int(leaves.index[row[-1]] - leaves.index[row[0]]) == int(row[-1] - row[0]):
+            # Consecutive chunks in consecutive leaves: one slice of the bitmaps.
+            start = int(row[0]) * bitmaps.shape[1] + (int(first[0] & (LEAF_BITS - 1)) >> 3)
+            packed = bitmaps.reshape(-1)[start:start + len(chunks) * (per >> 3)]
+            packed = packed.reshape(len(chunks), -1)
+        else:
+            cols = ((first & (LEAF_BITS - 1)) >> 3)[:, None] + np.arange(per >> 3)
+            packed = bitmaps[row[:, None], cols] * have
         return np.unpackbits(packed, axis=1, bitorder="little").view(bool)
     bit = (first & (LEAF_BITS - 1))[:, None] + np.arange(per)
     return ((bitmaps[row[:, None], bit >> 3] >> (bit & 7)) & 1).astype(bool) & have
