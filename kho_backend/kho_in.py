@@ -430,7 +430,8 @@ def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, in
     tables = [] if base is None else [(placed[base][1].index, placed[base][1].bitmaps)]
     rows, bits = _rows_of([leaves for leaves in rest if not leaves.sparse], npages)
     starts = np.flatnonzero(np.diff(rows, prepend=-1))
-    merged = np.bitwise_or.reduceat(bits, starts, axis=0) if len(rows) else bits
+    # Each row once (the usual case): as it is; np.bitwise_or.reduceat is slow on rows.
+    merged = bits if len(starts) == len(rows) else np.bitwise_or.reduceat(bits, starts, axis=0)
     unique = rows[starts]
     if len(unique) < len(rows):         # rows of several maps: do their bits add up?
         clash = np.flatnonzero(_popcount(merged) != np.add.reduceat(_popcount(bits), starts))
@@ -479,10 +480,15 @@ def _rows_of(maps: list[Leaves], npages: int) -> tuple[np.ndarray, np.ndarray]:
     for leaves in maps:
         for run in leaves.runs(npages):    # a run starts on a row (a multiple of 32768)
             page_bits = _page_bits(run)
-            row = np.zeros((-(-len(page_bits) // _ROW_BYTES), _ROW_BYTES), np.uint8)
-            row.reshape(-1)[:len(page_bits)] = page_bits
+            if len(page_bits) % _ROW_BYTES:
+                row = np.zeros((-(-len(page_bits) // _ROW_BYTES), _ROW_BYTES), np.uint8)
+                row.reshape(-1)[:len(page_bits)] = page_bits
+            else:
+                row = page_bits.reshape(-1, _ROW_BYTES)
             rows.append((run.first >> LEAF_SHIFT) + np.arange(len(row), dtype=np.int64))
             bits.append(row)
+    if len(rows) == 2:                  # one run: no copy
+        return rows[1], bits[1]
     rows_all, bits_all = np.concatenate(rows), np.concatenate(bits)
     order = np.argsort(rows_all, kind="stable")
     return rows_all[order], bits_all[order]
