@@ -529,6 +529,12 @@ class Memmap:
         assert self._ready is not None
         for lo in range(0, len(chunks), _SETTLE):
             part = chunks[lo:lo + _SETTLE]
+            view = None if self._deferred else self._rows_view(part)
+            if view is not None:            # nothing deferred yet: free pages, in place
+                self._prefault(part)
+                view.fill(FREE_PAGE)
+                self._ready[part] = True
+                continue
             rows = None         # free pages, until a deferred map has blocks there
             for deferred in self._deferred:
                 mine = part[_member(part, deferred)]
