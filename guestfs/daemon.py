@@ -205,15 +205,16 @@ class Daemon:
         return AtimePolicy(AtimeMode.NOATIME) if options.read_only else options.atime
 
     def _mounted_after_kexec(self, metadata, started_wall: int) -> None:
-        """The new mount answers: if a kexec booted us, that ends its blackout."""
-        if metadata is None:
-            return
+        """The new mount answers: if a kexec booted us, that ends its blackout. Then
+        the boot's deferred memmap initialisation is finished, off the blackout."""
         session = self.session
-        blackout = Blackout.measure(metadata, started_wall,
-                                    session.kernel.boot_timings.get("total", 0),
-                                    session.restore_ns, elapsed_ns(self._mount_started))
-        self.last_blackout = blackout.as_dict()
-        log.info("kexec blackout %.1f ms:\n%s", blackout.total_ms, blackout.table())
+        if metadata is not None:
+            blackout = Blackout.measure(metadata, started_wall,
+                                        session.kernel.boot_timings.get("total", 0),
+                                        session.restore_ns, elapsed_ns(self._mount_started))
+            self.last_blackout = blackout.as_dict()
+            log.info("kexec blackout %.1f ms:\n%s", blackout.total_ms, blackout.table())
+        session.kernel.memmap.settle()
 
     def _mount(self, on_init: Callable[[], None] | None = None) -> None:
         """Mount the FUSE filesystem at the mount point, over the shield (which a

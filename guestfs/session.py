@@ -215,11 +215,12 @@ class Session:
     def leave(self) -> None:
         """End this kernel for a next one booted in this same process (the in-process
         counterpart of `exec`): stamp the exec time, so the next kernel knows a kexec
-        booted it, and close (the arena mapping and the machine lock go)."""
+        booted it, and close (the machine lock goes; the arena's mapping is left for
+        the next kernel, which would otherwise fault on every page it touches first)."""
         if self.state not in (State.HANDED_OVER, State.POISONED) or not self.for_exec:
             raise KexecError("The session is not handed over for an exec.", "exec")
         self.kernel.kexec.stamp_exec()
-        self.close()
+        self._close(keep_mapping=True)
 
     def record_phase(self, name: str, ns: int) -> None:
         """Add a phase timed after the handover (unmount, teardown) to kexec-metadata."""
@@ -228,8 +229,11 @@ class Session:
     def close(self) -> None:
         """Shut the kernel down: after a handover the arena keeps it for the next boot;
         without one, the next boot sees a kernel that did not hand over."""
+        self._close(keep_mapping=False)
+
+    def _close(self, *, keep_mapping: bool) -> None:
         if not self._closed:
-            self.kernel.shutdown()
+            self.kernel.shutdown(keep_mapping=keep_mapping)
             self._closed = True
 
     def _expect(self, state: State, what: str) -> None:

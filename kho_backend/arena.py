@@ -20,6 +20,7 @@ import fcntl
 import logging
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -70,6 +71,44 @@ def check_geometry(size: int, nodes: int) -> None:
         )
 
 
+@dataclass
+class _Kept:
+    """A mapping an arena left for the next kernel booted in this process."""
+
+    dev: int
+    ino: int
+    size: int
+    mm: mmap.mmap
+
+
+#: At most one, taken by the next Arena of the same file in this process; any other
+#: Arena unmaps it first, and destroy_machine drops it.
+_kept: _Kept | None = None
+
+
+def drop_kept_mapping() -> None:
+    """Unmap the mapping an arena kept for a next kernel, if any."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is not None:
+        try:
+            kept.mm.close()
+        except BufferError:     # views of it still referenced: unmapped when they go
+            pass
+
+
+def _mapping(fd: int, size: int) -> mmap.mmap:
+    """The kept mapping if it is of this very file and size, else a new one."""
+    global _kept
+    st = os.fstat(fd)
+    kept = _kept
+    if kept is not None and (kept.dev, kept.ino, kept.size) == (st.st_dev, st.st_ino, size):
+        _kept = None
+        return kept.mm
+    drop_kept_mapping()
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
 class Arena:
     """The mapped arena file. Build it with :meth:`create` or :meth:`open`."""
 
@@ -82,7 +121,7 @@ class Arena:
         self.npages = self.size >> PAGE_SHIFT
         self.nodes = nodes
         self._starts = node_starts(self.npages, nodes)
-        self._mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mm = _mapping(fd, self.size)
         self._mv = memoryview(self._mm)
         self._array = np.frombuffer(self._mm, dtype=np.uint8)
         self.closed = False
@@ -181,8 +220,14 @@ class Arena:
         if not self.closed:
             self._mm.flush()
 
-    def close(self) -> None:
+    def close(self, *, keep_mapping: bool = False) -> None:
         """Unmap and close; also drops any flock held on the file (the machine lock).
+
+        ``keep_mapping``: leave the mapping to the next Arena of this file in this
+        process (a kexec whose next kernel boots in the same process): its page tables
+        are the emulator's, not the machine's, like the direct map a real kernel sets up
+        with huge pages at boot, so the next kernel does not page-fault on every page it
+        touches first. Anything else mapped next unmaps it.
 
         The lock is dropped explicitly because the mapping may outlive this call: while
         numpy arrays or memoryviews made from the arena are still referenced, Python
@@ -195,6 +240,13 @@ class Arena:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         del self._array
         self._mv.release()
+        if keep_mapping:
+            global _kept
+            drop_kept_mapping()
+            st = os.fstat(self.fd)
+            _kept = _Kept(st.st_dev, st.st_ino, self.size, self._mm)
+            os.close(self.fd)
+            return
         try:
             self._mm.close()
         except BufferError:

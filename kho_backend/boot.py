@@ -97,11 +97,13 @@ class Kernel:
         """The scratch areas as ``(start_pfn, npages)``."""
         return [(a.start_pfn, a.npages) for a in self.header.scratch]
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, keep_mapping: bool = False) -> None:
         """Stop without handing over: flush, unmap, release the lock. The header still
-        says RUNNING with our pid, so the next boot knows this kernel did not hand over."""
+        says RUNNING with our pid, so the next boot knows this kernel did not hand over.
+        ``keep_mapping``: a next kernel boots in this process; it takes the mapping over
+        (see :meth:`Arena.close`)."""
         self.arena.flush()
-        self.arena.close()
+        self.arena.close(keep_mapping=keep_mapping)
 
     def __enter__(self) -> Kernel:
         return self
@@ -200,8 +202,8 @@ def _boot(name: str, arena: Arena, header: MachineHeader, cmdline: str, fmt: boo
         for start, end in memblock.reserved:
             memmap.mark_reserved(start, end - start)
         if kho_in is not None:
-            for leaves in kho_in.reserved_blocks():
-                memmap.set_preserved(leaves)
+            for leaves in kho_in.reserved_blocks():     # disjoint: checked by parse
+                memmap.set_preserved(leaves, disjoint=True)
     with _phase(timings, "page-alloc"):
         buddy = PageAllocator(arena, memmap)
     _start_running(arena, header, memmap, kho_in, cmdline)

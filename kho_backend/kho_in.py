@@ -415,45 +415,135 @@ def _placed(version: str, fdt_phys: int, fdt_size: int, pmap: PreservedMap,
 
 def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, int]]) -> None:
     """HandoverError unless the blocks ``placed`` (inside the arena) leave page 0 and
-    the ``scratch`` areas alone and no two share a page. One bit per arena page, set run
-    by run of leaves (each leaf bit widened to its block's pages): cost in proportion to
-    the arena's pages / 8 and the leaves, whatever the number of blocks."""
-    used = np.zeros(-(-npages // 8) + 1, np.uint8)
-    twice = np.zeros_like(used)
+    the ``scratch`` areas alone and no two share a page. The largest order-0 map of
+    whole leaves is its own page bits (its bitmaps, not copied); the few pages of the
+    sparse maps are looked up in it; other maps become rows of page bits (an order-0
+    leaf's pages each) only where they have blocks: cost in proportion to the
+    handover's leaves, whatever the arena's size or the number of blocks."""
+    base = _base(placed)
+    rest = [leaves for i, (_, leaves) in enumerate(placed) if i != base]
+    pages = np.sort(np.concatenate([np.zeros(0, np.int64)] + [
+        block_pages(leaves.heads(), leaves.order) for leaves in rest if leaves.sparse]))
+    twice = np.flatnonzero(pages[1:] == pages[:-1])
+    if len(twice):
+        _refuse_shared(placed, int(pages[twice[0]]))
+    tables = [] if base is None else [(placed[base][1].index, placed[base][1].bitmaps)]
+    rows, bits = _rows_of([leaves for leaves in rest if not leaves.sparse], npages)
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    # Each row once (the usual case): as it is; np.bitwise_or.reduceat is slow on rows.
+    merged = bits if len(starts) == len(rows) else np.bitwise_or.reduceat(bits, starts, axis=0)
+    unique = rows[starts]
+    if len(unique) < len(rows):         # rows of several maps: do their bits add up?
+        clash = np.flatnonzero(_popcount(merged) != np.add.reduceat(_popcount(bits), starts))
+        if len(clash):
+            _refuse_shared(placed, _first_shared(placed, npages, int(unique[clash[0]])))
+    for index, table in tables:
+        at = np.minimum(np.searchsorted(index, unique), max(len(index) - 1, 0))
+        both = np.flatnonzero(index[at] == unique) if len(index) else at[:0]
+        clash = (table[at[both]] & merged[both]).any(axis=1)
+        if clash.any():
+            _refuse_shared(placed, _first_shared(placed, npages, int(unique[both[np.argmax(clash)]])))
+    tables.append((unique, merged))
+    taken = np.zeros(len(pages), bool)
+    for index, table in tables:
+        taken |= _bits_at(index, table, pages)
+    if taken.any():
+        _refuse_shared(placed, int(pages[np.argmax(taken)]))
+    for lo, n in [(0, 1), *scratch]:
+        inside = pages[np.searchsorted(pages, lo):np.searchsorted(pages, lo + n)]
+        found = [int(inside[0])] if len(inside) else []
+        in_rows = _first_set(tables, lo, lo + n)
+        if in_rows is not None:
+            found.append(in_rows)
+        if not found:
+            continue
+        pfn = min(found)
+        holder = _holders(placed, pfn)[0].capitalize()
+        if lo == 0 and n == 1:
+            raise HandoverError(f"{holder} covers page 0, the machine header.")
+        raise HandoverError(f"{holder} lies in the scratch area at pfns [{lo}, {lo + n}).")
+
+
+def _base(placed: Placed) -> int | None:
+    """Which of ``placed`` is the order-0 map with the most blocks in whole leaves
+    (check_placement uses its bitmaps as page bits as they are), if any."""
+    best = [(leaves.count(), i) for i, (_, leaves) in enumerate(placed)
+            if leaves.order == 0 and len(leaves.index) and not leaves.sparse]
+    return max(best)[1] if best else None
+
+
+def _rows_of(maps: list[Leaves], npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """The page bits of the blocks of ``maps`` (whole leaves): row numbers (ascending;
+    a row once per map) and a row of LEAF_BITS bits each."""
+    rows: list[np.ndarray] = [np.zeros(0, np.int64)]
+    bits: list[np.ndarray] = [np.zeros((0, _ROW_BYTES), np.uint8)]
+    for leaves in maps:
+        for run in leaves.runs(npages):    # a run starts on a row (a multiple of 32768)
+            page_bits = _page_bits(run)
+            if len(page_bits) % _ROW_BYTES:
+                row = np.zeros((-(-len(page_bits) // _ROW_BYTES), _ROW_BYTES), np.uint8)
+                row.reshape(-1)[:len(page_bits)] = page_bits
+            else:
+                row = page_bits.reshape(-1, _ROW_BYTES)
+            rows.append((run.first >> LEAF_SHIFT) + np.arange(len(row), dtype=np.int64))
+            bits.append(row)
+    if len(rows) == 2:                  # one run: no copy
+        return rows[1], bits[1]
+    rows_all, bits_all = np.concatenate(rows), np.concatenate(bits)
+    order = np.argsort(rows_all, kind="stable")
+    return rows_all[order], bits_all[order]
+
+
+def _popcount(rows: np.ndarray) -> np.ndarray:
+    """Set bits per row."""
+    return np.bitwise_count(rows.view(np.uint64)).sum(axis=1, dtype=np.int64)
+
+
+def _bits_at(index: np.ndarray, table: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """Per page: is its bit set in the rows ``table`` (row numbers ``index``)?"""
+    if not len(index) or not len(pages):
+        return np.zeros(len(pages), bool)
+    row = pages >> LEAF_SHIFT
+    at = np.minimum(np.searchsorted(index, row), len(index) - 1)
+    bit = pages & (LEAF_BITS - 1)
+    return (index[at] == row) & ((table[at, bit >> 3] >> (bit & 7)) & 1 != 0)
+
+
+def _first_set(tables: list[tuple[np.ndarray, np.ndarray]], lo: int, hi: int) -> int | None:
+    """The first page of ``[lo, hi)`` set in the rows of ``tables``, or None (only the
+    rows of that range are read)."""
+    for row in range(lo >> LEAF_SHIFT, ((hi - 1) >> LEAF_SHIFT) + 1):
+        found = np.zeros(_ROW_BYTES, np.uint8)
+        for index, table in tables:
+            at = int(np.searchsorted(index, row))
+            if at < len(index) and index[at] == row:
+                found |= table[at]
+        first, last = max(lo, row << LEAF_SHIFT), min(hi, (row + 1) << LEAF_SHIFT)
+        hit = np.flatnonzero(np.unpackbits(found, bitorder="little")[
+            first - (row << LEAF_SHIFT):last - (row << LEAF_SHIFT)])
+        if len(hit):
+            return first + int(hit[0])
+    return None
+
+
+def _first_shared(placed: Placed, npages: int, row: int) -> int:
+    """The first page of ``row`` that blocks of two maps cover (there is one)."""
+    used = np.zeros(LEAF_BITS, np.int64)
     for _, leaves in placed:
         if leaves.sparse:
-            _place_pages(used, twice, block_pages(leaves.heads(), leaves.order))
+            pages = block_pages(leaves.heads(), leaves.order)
+            np.add.at(used, pages[pages >> LEAF_SHIFT == row] & (LEAF_BITS - 1), 1)
             continue
-        for run in leaves.runs(npages):
-            pages = _page_bits(run)
-            at = run.first >> 3                  # a run starts on a multiple of 32768
-            seg = used[at:at + len(pages)]
-            twice[at:at + len(pages)] |= seg & pages
-            seg |= pages
-    if used[0] & 1:
-        raise HandoverError(f"{_holders(placed, 0)[0].capitalize()} covers page 0, the "
-                            "machine header.")
-    shared = np.flatnonzero(twice)
-    if len(shared):
-        pfn = int(shared[0]) * 8 + (int(twice[shared[0]]) & -int(twice[shared[0]])).bit_length() - 1
-        first, second = (_holders(placed, pfn) + ["another block"])[:2]
-        raise HandoverError(f"The handover's memory overlaps itself at pfn {pfn}: "
-                            f"{first} and {second} share it.")
-    for start, n in scratch:
-        bits = np.unpackbits(used[start >> 3:(start + n + 7) >> 3], bitorder="little")
-        inside = np.flatnonzero(bits[start & 7:(start & 7) + n])
-        if len(inside):
-            holder = _holders(placed, start + int(inside[0]))[0]
-            raise HandoverError(f"{holder.capitalize()} lies in the scratch area at pfns "
-                                f"[{start}, {start + n}).")
+        rows, bits = _rows_of([leaves], npages)
+        for at in np.flatnonzero(rows == row):
+            used += np.unpackbits(bits[at], bitorder="little")
+    return (row << LEAF_SHIFT) + int(np.argmax(used > 1))
 
 
-def _place_pages(used: np.ndarray, twice: np.ndarray, pages: np.ndarray) -> None:
-    """check_placement's marking of a few pages (distinct), one by one."""
-    at, bit = pages >> 3, np.left_shift(1, pages & 7).astype(np.uint8)
-    hit = (used[at] & bit) != 0
-    np.bitwise_or.at(twice, at[hit], bit[hit])
-    np.bitwise_or.at(used, at, bit)
+def _refuse_shared(placed: Placed, pfn: int) -> None:
+    first, second = (_holders(placed, pfn) + ["another block"])[:2]
+    raise HandoverError(f"The handover's memory overlaps itself at pfn {pfn}: "
+                        f"{first} and {second} share it.")
 
 
 def _page_bits(run: Run) -> np.ndarray:
@@ -473,6 +563,8 @@ def _widen(order: int) -> np.ndarray:
 
 
 _WIDEN = {order: _widen(order) for order in (1, 2)}
+#: Bytes of a row of page bits: the pages of an order-0 leaf.
+_ROW_BYTES = LEAF_BITS >> 3
 
 
 def _holders(placed: Placed, pfn: int) -> list[str]:

@@ -460,7 +460,7 @@ def _read_leaves(pages: np.ndarray, leaves: np.ndarray, prefixes: np.ndarray, np
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         for start in range(0, len(mine), _LEAF_CHUNK):   # memory bounded by what counts
             bitmaps = pages[pfns[start:start + _LEAF_CHUNK]]
-            counts = np.bitwise_count(bitmaps).sum(axis=1, dtype=np.int64)
+            counts = np.bitwise_count(bitmaps.view(np.uint64)).sum(axis=1, dtype=np.int64)
             pages_seen += int(counts.sum()) << order
             if pages_seen > npages:
                 raise HandoverError(f"{what.capitalize()} records more pages than the "

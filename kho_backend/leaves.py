@@ -106,7 +106,7 @@ class Leaves:
     def count(self) -> int:
         """Blocks held (counted once, then kept: the bitmaps are not changed)."""
         if self._count is None:
-            self._count = int(np.bitwise_count(self.bitmaps).sum())
+            self._count = int(np.bitwise_count(self.bitmaps.view(np.uint64)).sum())
         return self._count
 
     def pages(self) -> int:
@@ -115,9 +115,12 @@ class Leaves:
     def heads(self) -> np.ndarray:
         """Head pfns of every block, ascending (unpacked once, then kept)."""
         if self._heads is None:
-            rows, cols = np.nonzero(self.bitmaps)        # only the non-zero bytes unpacked
-            which, bits = np.nonzero(np.unpackbits(self.bitmaps[rows, cols][:, None], axis=1,
-                                                   bitorder="little"))
+            # Only the non-zero bytes unpacked; flat positions, as 2-D np.nonzero is slow.
+            flat = np.flatnonzero(self.bitmaps)
+            rows, cols = flat // self.bitmaps.shape[1], flat % self.bitmaps.shape[1]
+            set_ = np.flatnonzero(np.unpackbits(self.bitmaps.reshape(-1)[flat][:, None], axis=1,
+                                                bitorder="little"))
+            which, bits = set_ >> 3, set_ & 7
             slots = (self.index[rows[which]] << LEAF_SHIFT) | (cols[which] << 3) | bits
             self._heads = slots.astype(np.int64) << self.order
         return self._heads

@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,9 @@ def destroy_machine(name: str, directory: Path | None = None) -> None:
         raise ArenaError(f"There is no machine named {name!r} (no file {path}).") from None
     try:
         _lock(fd, name, path)
+        arena = sys.modules.get(f"{__package__}.arena")   # not imported: nothing kept
+        if arena is not None:
+            arena.drop_kept_mapping()   # its memory must not outlive the file here
         path.unlink()
     finally:
         os.close(fd)

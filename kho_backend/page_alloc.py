@@ -210,6 +210,7 @@ class PageAllocator:
         bad = (pfns < 0) | (pfns >= self.arena.npages) | ((pfns & ((1 << order) - 1)) != 0)
         if bad.any():
             self._check_block(int(pfns[np.argmax(bad)]), order)  # raises, naming the block
+        self.memmap.settle_pfns(pfns)
         heads = self._map[pfns]
         state = (heads & STATE_MASK) >> STATE_SHIFT
         ok = ((state == PageState.ALLOCATED) | (state == PageState.PRESERVED)) & ((heads & ORDER_MASK) == order)
@@ -244,6 +245,7 @@ class PageAllocator:
     def check(self) -> None:
         """Verify the free lists and counters against the memmap; MachineError if they
         disagree (a debugging aid for tests; O(arena))."""
+        self.memmap.settle()
         m = self._map
         for n in range(self.arena.nodes):
             for kind in KINDS:
@@ -324,6 +326,7 @@ class PageAllocator:
         fresh = chunks[full & ~marks.touched]
         self._rows[fresh, 1:] = _TAIL
         self._rows[fresh, 0] = _FREE | MAX_ORDER
+        self.memmap.wrote(fresh)
         self._add(fresh << MAX_ORDER, np.full(len(fresh), MAX_ORDER, np.int64))
         filled = full & (marks.covered == CHUNK)
         self._rebuild(chunks[marks.touched & ~filled | ~full])
@@ -331,6 +334,7 @@ class PageAllocator:
     def _rebuild(self, chunks: np.ndarray) -> None:
         """Add the free blocks of ``chunks`` (ascending, none of them listed) to the
         free lists, merging their free pages into maximal aligned blocks in the memmap."""
+        self.memmap.settle_pfns(chunks << MAX_ORDER)
         full = chunks[chunks < self._nfull]
         free_head, whole = self._classify(full)
         first = self._rows[full, 0]
@@ -401,6 +405,7 @@ class PageAllocator:
     def _forget(self, chunks: np.ndarray) -> None:
         """Take the free blocks of ``chunks`` off the free lists (before a bulk free
         changes the memmap there; :meth:`_rebuild` lists them again)."""
+        self.memmap.settle_pfns(chunks << MAX_ORDER)
         full = chunks[chunks < self._nfull]
         pfns = (full[:, None] << MAX_ORDER) + np.arange(CHUNK, dtype=np.int64)
         pfns = [pfns.ravel()]

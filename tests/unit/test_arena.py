@@ -117,6 +117,27 @@ def test_views_do_not_copy(tmp_path: Path) -> None:
         view.release()
 
 
+def test_a_kept_mapping_goes_to_the_next_arena_of_that_file_only(tmp_path: Path) -> None:
+    """close(keep_mapping=True) (the in-process kexec) leaves the mapping to the next
+    Arena of the same file, which sees what was written; any other file's Arena, or a
+    file replaced meanwhile, gets a mapping of its own and the kept one is dropped."""
+    import kho_backend.arena as arena_module
+    first = Arena.create(tmp_path / "a.mem", 4 * MiB)
+    first.array()[:4] = 7
+    mapping = first._mm
+    first.close(keep_mapping=True)
+    again = Arena.open(tmp_path / "a.mem")
+    assert again._mm is mapping and list(again.array()[:4]) == [7] * 4
+    again.close(keep_mapping=True)
+    other = Arena.create(tmp_path / "b.mem", 4 * MiB)
+    assert other._mm is not mapping and arena_module._kept is None and mapping.closed
+    other.close(keep_mapping=True)
+    (tmp_path / "b.mem").unlink()
+    Arena.create(tmp_path / "b.mem", 4 * MiB).close()     # a new file of that name
+    assert arena_module._kept is None
+    arena_module.drop_kept_mapping()
+
+
 def test_views_are_bounds_checked(tmp_path: Path) -> None:
     with Arena.create(tmp_path / "a.mem", 4 * MiB) as arena:
         with pytest.raises(ArenaError, match="outside the arena"):

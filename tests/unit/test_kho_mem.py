@@ -188,6 +188,30 @@ def test_placement_checks() -> None:
             check_placement(NPAGES, placed, scratch)
 
 
+def test_placement_checks_against_a_dense_map() -> None:
+    """A map of whole leaves of order-0 pages (a pool's file pages) is compared with the
+    others by its bitmaps as they are: an overlap with it, page 0 and scratch in it are
+    still found and named."""
+    npages = 3 << 15
+    dense = ("data", Leaves.from_heads(np.arange(40000, 90000), 0))
+    ok = [dense, ("node", Leaves.from_heads(np.array([3, 39999, 90000]), 0)),
+          ("folio", Leaves.from_heads(np.array([1 << 9]), 9))]
+    check_placement(npages, ok, [(100, 150)])
+    cases = {
+        "overlaps itself at pfn 65536: data at pfn 65536 and node at pfn 65536":
+            (ok + [("node", Leaves.from_heads(np.array([65536]), 0))], []),
+        "overlaps itself at pfn 40960: data at pfn 40960 and folio at pfn 40960":
+            (ok + [("folio", Leaves.from_heads(np.array([80 << 9]), 9))], []),
+        "Data at pfn 69999 lies in the scratch area at pfns \\[69999, 70001\\)":
+            (ok, [(69999, 2)]),
+        "Data at pfn 0 covers page 0":
+            ([("data", Leaves.from_heads(np.arange(0, 50000), 0))], []),
+    }
+    for match, (placed, scratch) in cases.items():
+        with pytest.raises(HandoverError, match=match):
+            check_placement(npages, placed, scratch)
+
+
 # -- page chains ------------------------------------------------------------------------
 
 def store(mem: FakeMem, payload: bytes, magic: bytes = b"TEST", first: int = 3) -> int:

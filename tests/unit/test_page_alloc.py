@@ -380,8 +380,9 @@ def test_random_alloc_free_keeps_the_books(arena: Arena, preserve, ops) -> None:
 
 
 def test_whole_leaves_reserved_and_claimed() -> None:
-    """A run of leaves preserved whole (contiguous memory) takes the eight-bytes-at-a-time
-    path, and a page in it that is not free is still named."""
+    """Leaves preserved whole (contiguous memory) in chunks nothing else touched are
+    deferred: their bytes are written when a chunk is first needed, as PRESERVED before
+    the claim and ALLOCATED after it; a page in them that is not free is still named."""
     from kho_backend.leaves import LEAF_BITS
     folder = Path(tempfile.mkdtemp(prefix="gfs-alloc-", dir=SHM))
     arena = Arena.create(folder / "a.mem", 3 * LEAF_BITS * PAGE_SIZE)
@@ -390,20 +391,87 @@ def test_whole_leaves_reserved_and_claimed() -> None:
         memmap = Memmap(arena, 1, reset=True)
         memmap.mark_reserved(0, 2)
         memmap.set_preserved(whole)
-        assert (memmap.map[LEAF_BITS:] == encode(PageState.PRESERVED)).all()
+        assert not memmap.settled
         pages = PageAllocator(arena, memmap)
+        assert not memmap.settled          # the preserved chunks have no free page
         assert pages.stats().preserved_pages == 2 * LEAF_BITS
         assert pages.stats().free_pages == LEAF_BITS - 2
+        assert memmap.head(LEAF_BITS + 5) == (PageState.PRESERVED, 0)   # one chunk settled
         memmap.claim_leaves(whole)
-        assert (memmap.map[LEAF_BITS:] == encode(PageState.ALLOCATED)).all()
         assert pages.stats().preserved_pages == 0
-        pages.check()
+        assert memmap.head(2 * LEAF_BITS) == (PageState.ALLOCATED, 0)
         with pytest.raises(HandoverError, match=f"PFN {LEAF_BITS} was not preserved"):
             memmap.claim_leaves(whole)
+        pages.free(2 * LEAF_BITS + 4096, 0)           # a chunk not settled yet
+        assert pages.stats().free_pages == LEAF_BITS - 1
+        pages.check()                                  # settles the rest
+        assert memmap.settled
+        expected = np.full(2 * LEAF_BITS, encode(PageState.ALLOCATED), np.uint8)
+        expected[LEAF_BITS + 4096] = encode(PageState.FREE)
+        assert (memmap.map[LEAF_BITS:] == expected).all()
         again = Memmap(arena, 1, reset=True)
         again.mark_reserved(LEAF_BITS + 77, 1)
         with pytest.raises(HandoverError, match=f"covers PFN {LEAF_BITS + 77}, which is reserved"):
             again.set_preserved(whole)
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
+
+
+def test_deferred_blocks_claimed_one_by_one_and_overlaps() -> None:
+    """Blocks of deferred leaves claimed one by one (a chain's pages) stay deferred and
+    are written ALLOCATED when their chunk settles; a claim twice, a whole claim after
+    them and a second map over the same pages are refused, naming the page."""
+    from kho_backend.leaves import LEAF_BITS
+    folder = Path(tempfile.mkdtemp(prefix="gfs-alloc-", dir=SHM))
+    arena = Arena.create(folder / "a.mem", 2 * LEAF_BITS * PAGE_SIZE)
+    try:
+        data = Leaves.from_heads(np.arange(LEAF_BITS, LEAF_BITS + 5000, 2), 0)
+        memmap = Memmap(arena, 1, reset=True)
+        memmap.mark_reserved(0, 2)
+        memmap.set_preserved(data)
+        with pytest.raises(HandoverError, match=f"covers PFN {LEAF_BITS + 4}, which is the head of a preserved"):
+            memmap.set_preserved(Leaves.from_heads(np.array([LEAF_BITS + 4]), 2))
+        pages = PageAllocator(arena, memmap)
+        one = np.array([LEAF_BITS + 2048, LEAF_BITS + 4000])
+        memmap.claim_preserved(one, 0)
+        assert pages.stats().preserved_pages == 2500 - 2
+        with pytest.raises(HandoverError, match=f"PFN {LEAF_BITS + 2048} was not preserved"):
+            memmap.claim_preserved(one[:1], 0)
+        with pytest.raises(HandoverError, match=f"PFN {LEAF_BITS + 2048} was not preserved"):
+            memmap.claim_leaves(data)
+        pages.free_pfns(one, 0)
+        pages.check()
+        assert memmap.head(LEAF_BITS + 2) == (PageState.PRESERVED, 0)
+        assert memmap.head(LEAF_BITS + 2048)[0] is PageState.FREE
+        assert pages.stats().free_pages == 2 * LEAF_BITS - 2 - (2500 - 2)
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
+
+
+def test_deferred_folios_are_written_head_and_tails() -> None:
+    """2 MiB folios (order 9, under a byte of leaf per chunk) are deferred too: claimed
+    whole by state, then written as a head and its tails when their chunks settle."""
+    folder = Path(tempfile.mkdtemp(prefix="gfs-alloc-", dir=SHM))
+    arena = Arena.create(folder / "a.mem", 64 * 1024 * PAGE_SIZE)
+    try:
+        heads = np.arange(8192, 64 * 1024, 1024)          # one folio per second 2 MiB
+        folios = Leaves.from_heads(heads, 9)
+        memmap = Memmap(arena, 1, reset=True)
+        memmap.mark_reserved(0, 17)
+        memmap.set_preserved(folios, disjoint=True)
+        assert not memmap.settled
+        pages = PageAllocator(arena, memmap)
+        memmap.claim_leaves(folios)
+        assert pages.stats().preserved_pages == 0
+        pages.free(int(heads[3]), 9)
+        pages.check()
+        assert memmap.settled
+        states = memmap.block_states()
+        assert (states[heads[4]:heads[4] + 512] == PageState.ALLOCATED).all()
+        assert memmap.head(int(heads[4]) + 1)[0] is PageState.TAIL
+        assert memmap.head(int(heads[3]))[0] is PageState.FREE
     finally:
         arena.close()
         shutil.rmtree(folder)
