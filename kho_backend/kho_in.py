@@ -423,12 +423,12 @@ def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, in
     base = _base(placed)
     rest = [leaves for i, (_, leaves) in enumerate(placed) if i != base]
     pages = np.sort(np.concatenate([np.zeros(0, np.int64)] + [
-        block_pages(leaves.heads(), leaves.order) for leaves in rest if leaves.sparse]))
+        block_pages(leaves.heads(), leaves.order) for leaves in rest if _few_pages(leaves)]))
     twice = np.flatnonzero(pages[1:] == pages[:-1])
     if len(twice):
         _refuse_shared(placed, int(pages[twice[0]]))
     tables = [] if base is None else [(placed[base][1].index, placed[base][1].bitmaps)]
-    rows, bits = _rows_of([leaves for leaves in rest if not leaves.sparse], npages)
+    rows, bits = _rows_of([leaves for leaves in rest if not _few_pages(leaves)], npages)
     starts = np.flatnonzero(np.diff(rows, prepend=-1))
     # Each row once (the usual case): as it is; np.bitwise_or.reduceat is slow on rows.
     merged = bits if len(starts) == len(rows) else np.bitwise_or.reduceat(bits, starts, axis=0)
@@ -462,6 +462,13 @@ def check_placement(npages: int, placed: Placed, scratch: Sequence[tuple[int, in
         if lo == 0 and n == 1:
             raise HandoverError(f"{holder} covers page 0, the machine header.")
         raise HandoverError(f"{holder} lies in the scratch area at pfns [{lo}, {lo + n}).")
+
+
+def _few_pages(leaves: Leaves) -> bool:
+    """Whether ``leaves`` hold so few pages that checking them page by page is cheaper
+    than rows of page bits: `Leaves.sparse` counted in pages, not blocks (a few hundred
+    2 MiB folios are sparse blocks but a hundred thousand pages to sort)."""
+    return leaves.pages() * 64 < len(leaves.index) << LEAF_SHIFT
 
 
 def _base(placed: Placed) -> int | None:
