@@ -13,11 +13,10 @@ for every command and 3 × for the whole script. A command the machine lacks (rs
 not always installed) is reported missing, with the reason, and left out of the sum on
 every system.
 
-The pyfuse3 ceiling runs the steps that write and walk the tree, to show what the
-FUSE round trips alone cost for the same requests (guestfs within some factor of the
-ceiling is as near to tmpfs as a pyfuse3 filesystem with its cache settings gets). It
-keeps no data, so the steps that read contents (diff -r, git gc) and the whole script
-are not measured on it.
+The pyfuse3 ceiling runs the steps that write and walk the tree, to show the floor
+that the FUSE round trips alone set for the same requests (no pyfuse3 filesystem with
+guestfs's cache settings gets nearer to tmpfs). It keeps no data, so the steps that read
+contents (diff -r, git gc) and the whole script are not measured on it.
 """
 
 from __future__ import annotations
