@@ -214,7 +214,11 @@ class Daemon:
                                         session.restore_ns, elapsed_ns(self._mount_started))
             self.last_blackout = blackout.as_dict()
             log.info("kexec blackout %.1f ms:\n%s", blackout.total_ms, blackout.table())
-        session.kernel.memmap.settle()
+        try:    # from pyfuse3's init callback, which cannot pass an exception on
+            session.kernel.memmap.settle()
+        except Exception:   # only an optimisation: chunks settle when first touched
+            log.exception("the memmap's deferred initialisation failed; chunks are "
+                          "initialised when first touched")
 
     def _mount(self, on_init: Callable[[], None] | None = None) -> None:
         """Mount the FUSE filesystem at the mount point, over the shield (which a
@@ -524,11 +528,11 @@ class Daemon:
         fail_boot = old.take_fault(Fault.BOOT)     # a test's, once
         if poison:
             old.poison()
-        old.leave()           # stamps the exec time; the arena and its lock go
+        old.leave()           # stamps the exec time; the lock goes, the mapping stays
         self.session = None
-        # The old kernel's objects hold views of its arena mapping in reference cycles
-        # (KHO and its participants and pools, the store's hooks): free them now, or each
-        # kexec would leave a mapping and a descriptor behind until some later collection.
+        # The old kernel's objects sit in reference cycles (KHO and its participants and
+        # pools, the store's hooks) and hold views of the arena mapping: free them now, or
+        # each kexec would leave them behind until some later collection.
         # Part of the switch (phase exec): a few ms with a full inode cache.
         del old
         gc.collect()

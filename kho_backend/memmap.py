@@ -221,7 +221,7 @@ class Memmap:
         """Pages in blocks still PRESERVED."""
         return int(self.preserved_per_node.sum())
 
-    # -- boot-time set-up -----------------------------------------------------------------
+    # -- deferred initialisation ----------------------------------------------------------
 
     @property
     def settled(self) -> bool:

@@ -199,13 +199,19 @@ class InodeTable:
             self._radix.set(txn, self.table, key, 0)
             self._pages.pop(key, None)
 
-    def count(self) -> int:
-        """How many inodes are in use (reads every record page, checked)."""
-        used = 0
+    def count(self) -> tuple[int, bool]:
+        """How many inodes are in use, and whether that is exact: a record page that
+        fails its checks counts as full (an upper bound). CorruptPage if the table's
+        own nodes cannot be walked."""
+        used, exact = 0, True
         for _key, page in self._radix.items(self.table):
-            inos = _INOS.unpack_from(self.pages.read(page, Kind.RECORDS), HEADER_SIZE)
-            used += PER_PAGE - inos.count(0)
-        return used
+            try:
+                view = self.pages.read(page, Kind.RECORDS)
+            except CorruptPage:
+                used, exact = used + PER_PAGE, False
+                continue
+            used += PER_PAGE - _INOS.unpack_from(view, HEADER_SIZE).count(0)
+        return used, exact
 
     def inos(self) -> Iterator[int]:
         """Every inode number in use, ascending (reads every record page)."""

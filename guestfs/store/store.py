@@ -120,6 +120,9 @@ class MetaStore:
         #: The live counters when the open transaction began (what a rollback restores:
         #: the superblock read back holds what its page says, which may be stale).
         self._counts = (sb.next_ino, sb.inode_count)
+        #: False after a recount that could not read the whole inode table: the count
+        #: is then an estimate, and the superblock keeps its COUNTS_STALE flag.
+        self.count_exact = True
 
     # --- making and opening --------------------------------------------------------
 
@@ -163,24 +166,29 @@ class MetaStore:
     def _recount(self) -> None:
         """The inode count, from the inode table (the superblock's is stale: the last
         kernel did not hand over). Its next inode number is the last reservation, above
-        every number given out, and stays. A record page that fails its checks leaves
-        the stale count (logged; the full check reports the page): the mount goes on,
-        and only the inodes of that page answer EIO, as without a recount."""
+        every number given out, and stays. A record page that fails its checks counts
+        as full, and a table whose nodes cannot be walked leaves the superblock's
+        count (both logged; the full check reports the page): the mount goes on, only
+        the inodes of that page answer EIO, and the count stays flagged as inexact, so
+        that no handover writes it as exact and the next mount counts again."""
         sb = self.sb
         try:
-            counted = self.itable.count()
+            counted, exact = self.itable.count()
         except CorruptPage as e:
-            log.error("the inode count stays at the superblock's %d, maybe stale: %s",
-                      sb.inode_count, e)
-            return
-        if not 0 < counted <= sb.max_inodes:
-            log.error("the inode table holds %d inodes, of at most %d; the count stays "
-                      "at the superblock's %d", counted, sb.max_inodes, sb.inode_count)
-            return
-        log.info("inode count recounted: %d (the superblock said %d)", counted,
-                 sb.inode_count)
+            counted, exact = sb.inode_count, False
+            log.error("the inode table cannot be walked, so the inode count stays at the "
+                      "superblock's %d: %s", counted, e)
+        else:
+            if not exact:
+                log.error("a record page of the inode table fails its checks: counted as "
+                          "full, so the inode count %d is an upper bound", counted)
+        counted = min(max(counted, 1), sb.max_inodes)
+        if exact:
+            log.info("inode count recounted: %d (the superblock said %d)", counted,
+                     sb.inode_count)
         sb.inode_count = counted
         self._counts = (sb.next_ino, counted)
+        self.count_exact = exact
 
     # --- transactions --------------------------------------------------------------
 
@@ -268,7 +276,7 @@ class MetaStore:
     def remove(self, txn: Txn, ino: int) -> None:
         """Free inode `ino`'s record (the caller freed what it owned)."""
         self.itable.remove(txn, ino)
-        self.sb.inode_count -= 1
+        self.sb.inode_count = max(self.sb.inode_count - 1, 1)   # the root always is
         if not self.sb.counts_stale:
             self._counters_changed(txn)
         self.inodes.pop(ino, None)
@@ -283,8 +291,9 @@ class MetaStore:
 
     def flush_counters(self) -> None:
         """Write the exact counters and clear the flag (a clean handover: the next mount
-        then need not recount). Nothing to do when they are exact already."""
-        if self.sb.counts_stale:
+        then need not recount). Nothing to do when they are exact already, nor when the
+        count is an estimate (see `count_exact`): the flag stays for the next mount."""
+        if self.sb.counts_stale and self.count_exact:
             with self.transaction() as txn:
                 self.sb.counts_stale = False
                 self.save_superblock(txn)

@@ -97,11 +97,16 @@ class Superblock:
     def pack_into(self, view: memoryview) -> None:
         """Write the fields into a superblock page (the caller seals it)."""
         uuid, options, length = self._static()
-        stale = self.counts_stale
+        count = self.inode_count
+        # A count out of its range (kept after a recount that could not be exact) is
+        # written in range and flagged: the next mount counts again rather than refuse
+        # the superblock.
+        stale = self.counts_stale or not 0 < count <= self.max_inodes
+        count = min(max(count, 1), self.max_inodes)
         next_ino = max(self.ino_reserved, self.next_ino) if stale else self.next_ino
         FIELDS.pack_into(view, HEADER_SIZE, VERSION, PAGE_SIZE, uuid,
                          self.hash_key, self.created_ns, self.max_inodes, next_ino,
-                         self.inode_count, self.ino_generation,
+                         count, self.ino_generation,
                          COUNTS_STALE if stale else 0, self.generation,
                          self.itable.root, self.itable.height, self.orphans, self.journal,
                          length)

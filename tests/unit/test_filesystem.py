@@ -819,6 +819,34 @@ def test_creates_and_frees_leave_the_superblock_alone_until_a_reopen_recounts(
     assert back.create(ROOT_INO, b"after", REG, ROOT).ino > max(made)
 
 
+def test_a_recount_past_a_corrupt_record_page_stays_flagged_and_mountable(
+        kernel: Kernel) -> None:
+    """A record page that fails its checks counts as full at the recount: the count is
+    then an upper bound, frees never take it below one, no handover writes it as exact,
+    and the filesystem mounts again (the next mount counts again)."""
+    fs = new_fs(kernel)
+    for i in range(80):
+        fs.create(ROOT_INO, b"f%d" % i, REG, ROOT)
+    store = fs.store
+    *_, (_, last) = store.itable._radix.items(store.itable.table)
+    store.arena.view(last)[HEADER_SIZE + 200] ^= 0xFF          # its checksum fails now
+    back = Filesystem(MetaStore.open(store.arena, store.pool, store.sb_pfn)[0])
+    assert not back.store.count_exact and back.sb.inode_count >= 81
+    intact = []
+    for i in range(80):
+        try:
+            back.unlink(ROOT_INO, b"f%d" % i, ROOT)
+            intact.append(i)
+        except FsError as e:
+            assert e.errno == errno.EIO                # only the corrupt page's inodes
+    assert len(intact) > 40 and back.sb.inode_count >= 1
+    back.store.flush_counters()
+    assert _on_disk(back).counts_stale              # not written as exact
+    again = Filesystem(MetaStore.open(store.arena, store.pool, store.sb_pfn)[0])
+    assert 1 <= again.sb.inode_count <= again.sb.max_inodes
+    assert any("is corrupt" in p for p in again.check())     # the full check names it
+
+
 def test_a_clean_handover_writes_exact_counters(kernel: Kernel) -> None:
     fs = new_fs(kernel)
     made = [fs.create(ROOT_INO, b"f%d" % i, REG, ROOT).ino for i in range(5)]
