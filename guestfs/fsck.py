@@ -61,7 +61,7 @@ class _Check:
         try:
             self.own(list(store.itable.pages_used()), "the inode table")
             self.own(list(store.orphan_pages()), "the orphan list")
-            inos = list(store.itable.inos())
+            inos = list(store.itable.inos(lambda e: self.problem(str(e))))
         except CorruptPage as e:
             self.problem(str(e))
             return

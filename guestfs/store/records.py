@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from guestfs.inode import FileType, Inode, intern_int
 from guestfs.store.journal import Txn
@@ -213,10 +213,19 @@ class InodeTable:
             used += PER_PAGE - _INOS.unpack_from(view, HEADER_SIZE).count(0)
         return used, exact
 
-    def inos(self) -> Iterator[int]:
-        """Every inode number in use, ascending (reads every record page)."""
+    def inos(self, on_corrupt: Callable[[CorruptPage], None] | None = None
+             ) -> Iterator[int]:
+        """Every inode number in use, ascending (reads every record page). A record
+        page that fails its checks raises CorruptPage, or with `on_corrupt` is passed
+        to it and skipped (the full check goes on past it)."""
         for key, page in self._radix.items(self.table):
-            view = self.pages.read(page, Kind.RECORDS)
+            try:
+                view = self.pages.read(page, Kind.RECORDS)
+            except CorruptPage as e:
+                if on_corrupt is None:
+                    raise
+                on_corrupt(e)
+                continue
             for slot in range(PER_PAGE):
                 at = HEADER_SIZE + slot * RECORD_SIZE
                 if struct.unpack_from("<Q", view, at)[0]:
