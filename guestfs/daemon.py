@@ -114,6 +114,7 @@ class Daemon:
         self.poison = False          # and poison first
         # kexec, kexec-load/-unload and umount change what the daemon is: one at a time.
         self._exclusive = trio.Lock()
+        self._nursery: trio.Nursery | None = None
         self._mount_started = 0
         self._unmounted_at = 0
         self._unmount_ns = 0
@@ -205,20 +206,42 @@ class Daemon:
         return AtimePolicy(AtimeMode.NOATIME) if options.read_only else options.atime
 
     def _mounted_after_kexec(self, metadata, started_wall: int) -> None:
-        """The new mount answers: if a kexec booted us, that ends its blackout. Then
-        the boot's deferred memmap initialisation is finished, off the blackout."""
+        """The new mount answers: if a kexec booted us, that ends its blackout."""
+        if metadata is None:
+            return
         session = self.session
-        if metadata is not None:
-            blackout = Blackout.measure(metadata, started_wall,
-                                        session.kernel.boot_timings.get("total", 0),
-                                        session.restore_ns, elapsed_ns(self._mount_started))
-            self.last_blackout = blackout.as_dict()
-            log.info("kexec blackout %.1f ms:\n%s", blackout.total_ms, blackout.table())
-        try:    # from pyfuse3's init callback, which cannot pass an exception on
-            session.kernel.memmap.settle()
-        except Exception:   # only an optimisation: chunks settle when first touched
-            log.exception("the memmap's deferred initialisation failed; chunks are "
-                          "initialised when first touched")
+        blackout = Blackout.measure(metadata, started_wall,
+                                    session.kernel.boot_timings.get("total", 0),
+                                    session.restore_ns, elapsed_ns(self._mount_started))
+        self.last_blackout = blackout.as_dict()
+        log.info("kexec blackout %.1f ms:\n%s", blackout.total_ms, blackout.table())
+
+    def _settle_in_background(self) -> None:
+        """Finish the boot's deferred memmap initialisation (see kho_backend.memmap)
+        from a task of its own, a slice at a time between requests: the requests held
+        through a blackout go first, and the work is no part of any request's wait."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._settle_memmap, self._session())
+
+    async def _settle_memmap(self, session: Session) -> None:
+        memmap = session.kernel.memmap
+        t0, cpu_ns = time.perf_counter_ns(), 0
+        # Only while this kernel serves: a handed-over kernel's memmap is the next
+        # kernel's memory.
+        while self.session is session and session.state is State.RUNNING:
+            try:
+                step = time.perf_counter_ns()
+                done = memmap.settle_some()
+                cpu_ns += time.perf_counter_ns() - step
+                if done:
+                    log.info("memmap initialised: %.1f ms of work over %.1f ms",
+                             cpu_ns / 1e6, elapsed_ns(t0) / 1e6)
+                    return
+            except Exception:   # only an optimisation: chunks settle when first touched
+                log.exception("the memmap's deferred initialisation failed; chunks are "
+                              "initialised when first touched")
+                return
+            await trio.sleep(0)
 
     def _mount(self, on_init: Callable[[], None] | None = None) -> None:
         """Mount the FUSE filesystem at the mount point, over the shield (which a
@@ -244,8 +267,10 @@ class Daemon:
     async def _serve(self) -> None:
         server = control.ControlServer(control_path(self.config.machine), self.control_ops)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(server.serve)
             nursery.start_soon(self._watch_signals)
+            self._settle_in_background()
             self.readiness.ok()
             log.info("serving %s at %s (pid %d)", self.config.machine, self.mountpoint, os.getpid())
             # Returns when the session ends: unmounted from outside, or pyfuse3.terminate()
@@ -512,6 +537,7 @@ class Daemon:
             warnings.append(f"the next kernel could not boot in the daemon's process ({e}); "
                             "the next image was exec'd instead, and the mount dropped for it")
             return {"pid": os.getpid(), "in_process": False, "warnings": warnings}
+        self._settle_in_background()
         return {"pid": os.getpid(), "in_process": True, "warnings": warnings}
 
     def _connection_state(self, owner: ConnectionId) -> ConnectionState:

@@ -234,6 +234,14 @@ class Memmap:
         if self._ready is not None:
             self._settle(np.flatnonzero(~self._ready))
 
+    def settle_some(self) -> bool:
+        """Write the next few chunks not written yet (a slice of the deferred
+        initialisation, for a caller that interleaves it with other work); True once
+        every chunk is written."""
+        if self._ready is not None:
+            self._settle(np.flatnonzero(~self._ready)[:_SETTLE])
+        return self._ready is None
+
     def settle_pfns(self, pfns: np.ndarray) -> None:
         """Make the chunks of ``pfns`` (in the arena) ready before their bytes are read
         or changed."""

@@ -475,3 +475,26 @@ def test_deferred_folios_are_written_head_and_tails() -> None:
     finally:
         arena.close()
         shutil.rmtree(folder)
+
+
+def test_settle_some_writes_the_deferred_chunks_a_slice_at_a_time() -> None:
+    """What the daemon does after a boot, between requests: each call writes some of
+    the chunks still deferred, until none is left and every block reads as marked."""
+    folder = Path(tempfile.mkdtemp(prefix="gfs-alloc-", dir=SHM))
+    arena = Arena.create(folder / "a.mem", 256 * 1024 * PAGE_SIZE)     # 1 GiB, 256 chunks
+    try:
+        heads = np.arange(1024, 201 * 1024, 1024)             # 200 chunks preserved whole
+        folios = Leaves.from_heads(heads, 10)
+        memmap = Memmap(arena, 1, reset=True)
+        memmap.mark_reserved(0, 17)
+        memmap.set_preserved(folios, disjoint=True)
+        PageAllocator(arena, memmap)
+        steps = 1
+        while not memmap.settle_some():
+            steps += 1
+        assert steps >= 2 and memmap.settled
+        assert memmap.head(int(heads[150])) == (PageState.PRESERVED, 10)
+        assert (memmap.block_states()[heads[0]:heads[-1] + 1024] == PageState.PRESERVED).all()
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
