@@ -20,6 +20,7 @@ orphan list, so that a daemon that dies before the last close does not leak it.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -1137,23 +1138,14 @@ def _check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, f"bad name {name!r}")
 
 
-#: Names `xattr_namespace` accepted, with their prefix: the kernel asks for the same few
-#: (security.capability before every write, the ACLs) all the time. Bounded.
-_NAMESPACE_OF: dict[bytes, bytes] = {}
-_NAMESPACE_MEMO = 1024
-
-
 def xattr_namespace(name: bytes) -> bytes:
     """The namespace prefix of an xattr name, after checking the name."""
-    known = _NAMESPACE_OF.get(name) if type(name) is bytes else None
-    if known is not None:
-        return known
-    prefix = _namespace(name)
-    if type(name) is bytes and len(_NAMESPACE_OF) < _NAMESPACE_MEMO:
-        _NAMESPACE_OF[name] = prefix
-    return prefix
+    return _namespace(bytes(name))
 
 
+# The kernel asks for the same few names all the time (security.capability before every
+# write, the ACLs): their answers are remembered (refusals are not: they raise).
+@functools.lru_cache(maxsize=1024)
 def _namespace(name: bytes) -> bytes:
     if not name or len(name) > XATTR_NAME_MAX:
         raise FsError(errno.ERANGE, f"xattr name of {len(name)} bytes")
