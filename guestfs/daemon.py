@@ -59,6 +59,8 @@ from kho_backend.kexec import LoadedImage
 log = logging.getLogger(__name__)
 
 QUIESCE_TIMEOUT = 60.0  # seconds; a quiesce that takes longer aborts the kexec
+#: Seconds between two frees of the unlinked files that wait (`_reap_in_background`).
+REAP_INTERVAL = 0.05
 
 
 class MountState(enum.Enum):
@@ -243,6 +245,19 @@ class Daemon:
                 return
             await trio.sleep(0)
 
+    async def _reap_in_background(self) -> None:
+        """Free the unlinked files whose frees wait (`Filesystem.reap_pending`) every
+        `REAP_INTERVAL`, between requests: they wait at most about that long."""
+        while True:
+            await trio.sleep(REAP_INTERVAL)
+            session = self.session
+            if session is None or session.state is not State.RUNNING:
+                continue
+            try:
+                session.fs.reap_pending()
+            except Exception:   # they stay on the orphan list, which the next mount frees
+                log.exception("freeing unlinked files failed")
+
     def _mount(self, on_init: Callable[[], None] | None = None) -> None:
         """Mount the FUSE filesystem at the mount point, over the shield (which a
         previous kernel of this machine may have left there for us)."""
@@ -271,6 +286,7 @@ class Daemon:
             await nursery.start(server.serve)
             nursery.start_soon(self._watch_signals)
             self._settle_in_background()
+            nursery.start_soon(self._reap_in_background)
             self.readiness.ok()
             log.info("serving %s at %s (pid %d)", self.config.machine, self.mountpoint, os.getpid())
             # Returns when the session ends: unmounted from outside, or pyfuse3.terminate()
@@ -348,6 +364,7 @@ class Daemon:
         """What ``guestfs status`` shows of a running daemon."""
         session = self._session()
         kernel, fs = session.kernel, session.fs
+        waiting = fs.waiting_frees      # before statfs, which frees them
         st = fs.statfs()
         npages = kernel.arena.npages
         return {
@@ -365,7 +382,8 @@ class Daemon:
                 "used_pages": npages - kernel.buddy.free_pages(movable=True),
                 "free_pages": kernel.buddy.free_pages(),
             },
-            "inodes": {"used": st.f_files - st.f_ffree, "free": st.f_ffree},
+            "inodes": {"used": st.f_files - st.f_ffree, "free": st.f_ffree,
+                       "waiting_to_be_freed": waiting},
             "uptime_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "boot_timings_ns": dict(kernel.boot_timings),
             "restore_ns": session.restore_ns,
@@ -660,6 +678,7 @@ class Daemon:
     async def _quiesce_and_prepare(self, phases: dict[str, int], force: bool, for_exec: bool,
                                    what: str) -> list[str]:
         session = self._session()
+        session.fs.reap_pending()      # before the freeze: no part of the blackout
         t0 = time.perf_counter_ns()
         root_fd = await trio.to_thread.run_sync(_open_root, self.mountpoint)
         try:

@@ -74,6 +74,20 @@ FREE_KEEP = Keep(pages=12, entries=64)
 #: Bytes a fallocate or hole punch changes per transaction: two 2 MiB regions of 4 KiB
 #: pages are 1024 allocations or frees, half of what one transaction may record.
 FALLOCATE_STEP = 2 * REGION_SIZE
+#: Unlinked files whose last reference went wait to be freed, at most this many, and are
+#: then freed together (see `Filesystem.reap_pending`).
+REAP_BATCH = 256
+#: Only a small file waits (its data pages at most; a larger one is freed at once), so
+#: that the room waiting frees hold stays small next to what writes see.
+REAP_SMALL_PAGES = 16
+#: What one more inode may add to a batch's transaction: pages journaled (its record
+#: page, the inode table's and the orphan list's nodes) and entries (its data pages,
+#: its page array, blobs).
+REAP_TXN = (8, REAP_SMALL_PAGES + 8)
+#: Free pages above the data floor below which waiting frees are done before any
+#: change, so that they never make a write fail for want of room (16 MiB: more than a
+#: request writes at once; a fallocate checks its own room).
+REAP_LOW_ROOM = 4096
 
 
 class Ctx(NamedTuple):
@@ -116,6 +130,8 @@ class Filesystem:
         self._clock = clock or time.time_ns
         self._refs = KernelRefs()
         self._after: list[Callable[[], None]] = []
+        #: Orphans no reference holds any more, waiting to be freed (`reap_pending`).
+        self._unreaped: dict[int, None] = {}
 
     @classmethod
     def format(cls, arena: Arena, pool: Pool, *, options: dict[str, str] | None = None,
@@ -152,7 +168,7 @@ class Filesystem:
             inode = self.store.get(ino)
         except CorruptPage as e:
             raise _io_error(e) from None
-        if inode is None:
+        if inode is None or ino in self._unreaped:      # freed, or its free waits
             raise FsError(errno.ENOENT, f"no inode {ino}")
         return inode
 
@@ -427,7 +443,7 @@ class Filesystem:
         """Count a close; the last close of an unlinked, forgotten inode frees it."""
         if self._refs.opens(ino):
             self._refs.release(ino)
-            self._settle(ino)
+            self._let_go(ino)
 
     def read(self, ino: int, off: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes at `off` (fewer at the end of the file), zero-copy where the
@@ -529,6 +545,8 @@ class Filesystem:
             backed = sum(max(0, min(last, p + n) - max(first, p))
                          for p, _, n, _ in self.store.maps.extents(inode))
         needed = last - first - backed
+        if not self.store.data_room(needed) and self._unreaped:
+            self.reap_pending()
         if not self.store.data_room(needed):
             raise FsError(errno.ENOSPC, f"no room for {needed} more pages of file data")
 
@@ -632,7 +650,10 @@ class Filesystem:
     def statfs(self) -> StatFs:
         """Real figures: blocks are arena pages (held by the filesystem + free); the
         pages kept for metadata and for the next handover are free but not available,
-        as a filesystem's reserved blocks, so `f_bavail` is the room writes still have."""
+        as a filesystem's reserved blocks, so `f_bavail` is the room writes still have.
+        Waiting frees are done first, so that a file just removed counts as free."""
+        if self._unreaped:
+            self.reap_pending()
         free = self.store.free_pages()
         ffree = max(self.sb.max_inodes - self.sb.inode_count, 0)
         return StatFs(f_bsize=PAGE_SIZE, f_frsize=PAGE_SIZE,
@@ -667,10 +688,67 @@ class Filesystem:
         are on the orphan list (an inode that loses its last name while held goes
         there), so the work follows the orphans, not the inodes the kernel held."""
         self._refs.clear()
+        self._unreaped.clear()      # orphans all: settled below
         with _READING:
             orphans = self.store.orphans()
         for ino, _value in orphans:
             self._settle(ino)
+
+    @property
+    def waiting_frees(self) -> int:
+        """Unlinked files whose free waits (see `reap_pending`)."""
+        return len(self._unreaped)
+
+    def reap_pending(self) -> int:
+        """Free the unlinked files whose frees wait; returns how many were freed.
+
+        When the last reference to a small unlinked file goes, its free waits (as XFS
+        defers the inactivation of unlinked inodes to a background worker), so that one
+        transaction frees many: their record pages and the orphan list's leaf are
+        journaled once for the batch, not once per file, and the forget that let the file
+        go costs next to nothing. Every waiting file is on the orphan list, so a crash or
+        a handover loses nothing: the next mount frees it. They are freed when
+        `REAP_BATCH` wait, by the daemon between requests, before a change when room runs
+        low (`REAP_LOW_ROOM`), before statfs answers, and before a handover. A batch
+        that fails is retried a file at a time; a file that still fails stays an orphan
+        (logged), for the next mount."""
+        pending = [ino for ino in self._unreaped if not self._held(ino)]
+        self._unreaped.clear()
+        done = 0
+        while done < len(pending):
+            try:
+                done += self._reap_batch(pending[done:])
+            except FsError as e:
+                log.warning("freeing %d unlinked files together failed (%s); freeing them "
+                            "one at a time", len(pending) - done, e)
+                return done + self._reap_each(pending[done:])
+        return done
+
+    def _reap_batch(self, inos: list[int]) -> int:
+        """Free as many of `inos` (orphans nothing holds) as one transaction takes."""
+        freed = 0
+        with self._change() as txn:
+            for ino in inos:
+                if freed and not txn.affords(*REAP_TXN):
+                    break
+                inode = self._stored(ino)
+                if inode is None:
+                    self.store.remove_orphan(txn, ino)
+                elif not inode.nlink and ino != ROOT_INO:
+                    self._free(txn, inode)
+                freed += 1
+        return freed
+
+    def _reap_each(self, inos: list[int]) -> int:
+        freed = 0
+        for ino in inos:
+            try:
+                self._settle(ino)
+                freed += 1
+            except FsError as e:
+                log.error("could not free unlinked inode %d (it stays on the orphan list "
+                          "for the next mount): %s", ino, e)
+        return freed
 
     def forget(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references; may free an unlinked inode.
@@ -679,7 +757,7 @@ class Filesystem:
             return
         self._refs.drop_lookups(ino, n)
         try:
-            self._settle(ino)
+            self._let_go(ino)
         except FsError as e:
             log.error("could not free inode %d after its last reference: %s", ino, e)
 
@@ -765,6 +843,8 @@ class Filesystem:
     # --- internals: creating and dropping ------------------------------------
 
     def _check_inode_room(self) -> None:
+        if self.sb.inode_count >= self.sb.max_inodes and self._unreaped:
+            self.reap_pending()
         if self.sb.inode_count >= self.sb.max_inodes:
             raise FsError(errno.ENOSPC, f"all {self.sb.max_inodes} inodes are in use")
 
@@ -862,8 +942,25 @@ class Filesystem:
         with _READING:
             return self.store.get(ino)
 
+    def _let_go(self, ino: int) -> None:
+        """A reference to `ino` went: if it was its last and no name is left, free it, or
+        let a small file wait to be freed with others (`reap_pending`)."""
+        if self._held(ino):
+            return
+        inode = self._stored(ino)
+        if inode is None or inode.nlink or ino == ROOT_INO:
+            return
+        if inode.is_dir or inode.npages > REAP_SMALL_PAGES:
+            with self._change(inode) as txn:
+                self._free(txn, inode)
+            return
+        self._unreaped[ino] = None
+        self.store.forget_inode(ino)    # so that `get` finds it gone
+        if len(self._unreaped) >= REAP_BATCH:
+            self.reap_pending()
+
     def _settle(self, ino: int) -> None:
-        """A reference to `ino` went: free it if it was its last and no name is left."""
+        """Free `ino` now if nothing holds it and no name is left."""
         if self._held(ino):
             return
         inode = self._stored(ino)
@@ -1081,6 +1178,8 @@ class _Change:
 
     def __enter__(self) -> Txn:
         fs = self.fs
+        if fs._unreaped and not fs.store.data_room(REAP_LOW_ROOM):
+            fs.reap_pending()
         self.queued = len(fs._after)
         self.txn = fs.store.begin()
         return self.txn

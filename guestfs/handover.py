@@ -98,6 +98,7 @@ class GuestfsHandover:
         if self.fs.store.journal.busy:
             raise KhoError("guestfs has a metadata transaction open; the handover would "
                            "leave it to the next kernel's recovery")
+        self.fs.reap_pending()      # what waits to be freed need not wait for the next kernel
         try:
             self.fs.store.flush_counters()
         except (CorruptPage, TxnTooLarge) as e:     # rolled back: the flag stays set

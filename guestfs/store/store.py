@@ -298,6 +298,10 @@ class MetaStore:
                 self.sb.counts_stale = False
                 self.save_superblock(txn)
 
+    def forget_inode(self, ino: int) -> None:
+        """Drop `ino` from the cache (it is read from its record again when asked for)."""
+        self.inodes.pop(ino, None)
+
     def cached(self) -> int:
         """Inodes in the cache."""
         return len(self.inodes)

@@ -21,13 +21,16 @@ from guestfs.filesystem import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
+    REAP_BATCH,
+    REAP_SMALL_PAGES,
     Ctx,
     Filesystem,
 )
+from guestfs.handover import GuestfsHandover
 from guestfs.inode import ROOT_INO, Inode
 from guestfs.store.pagemap import REGION_SIZE
 from guestfs.store.page import HEADER_SIZE, CorruptPage, Pages
-from guestfs.store.store import INO_RESERVE, MetaStore
+from guestfs.store.store import INO_RESERVE, ORPHAN_FREE, MetaStore
 from guestfs.store.superblock import MAX_FILE_SIZE, Superblock
 from kho_backend.boot import Kernel
 from kho_backend.units import PAGE_SIZE
@@ -248,11 +251,100 @@ def test_unlinked_open_file_keeps_its_data_until_release_and_forget(fs: Filesyst
     fs.release(f.ino)
     assert fs.get(f.ino) is f             # the kernel still holds a lookup
     fs.forget(f.ino, 1)
+    # A small file's free waits for others (on the orphan list), but it is gone.
+    with pytest.raises(FsError) as e:
+        fs.get(f.ino)
+    assert e.value.errno == errno.ENOENT and fs.store.orphans() == [(f.ino, ORPHAN_FREE)]
+    assert fs.reap_pending() == 1
     # Every page of the file is free again; the orphan list keeps its (now empty) leaf.
     assert fs.store.orphans() == [] and len(list(fs.store.orphan_pages())) == 1
     assert gone(fs, f.ino) and fs.store.free_pages() == free - 1
     fs.forget(f.ino, 1)                   # a late forget is harmless
     fs.release(f.ino)
+
+
+def let_go(fs: Filesystem, names: list[bytes], data: bytes = b"x") -> list[int]:
+    """Files of `names` made, unlinked while the kernel holds them, then let go (their
+    last references dropped); returns their inode numbers."""
+    inos = [mkfile(fs, name, data).ino for name in names]
+    for ino, name in zip(inos, names):
+        fs.ref(ino)
+        fs.unlink(ROOT_INO, name, ROOT)
+    for ino in inos:
+        fs.forget(ino, 1)
+    return inos
+
+
+def test_small_unlinked_files_are_freed_together(fs: Filesystem) -> None:
+    inos = let_go(fs, [b"f%d" % i for i in range(REAP_BATCH - 1)])
+    # All wait (on the orphan list: a crash loses none), yet are gone for the kernel.
+    assert len(fs.store.orphans()) == REAP_BATCH - 1
+    err(errno.ENOENT, fs.get, inos[0])
+    err(errno.ENOENT, fs.ref, inos[-1])         # an NFS-style handle finds it gone
+    let_go(fs, [b"last"])                       # the batch is full: all freed at once
+    assert fs.store.orphans() == [] and all(gone(fs, ino) for ino in inos)
+    assert fs.check() == []                     # and no page of theirs is left behind
+    big = mkfile(fs, b"big", b"b" * (REAP_SMALL_PAGES + 1) * PAGE_SIZE)
+    fs.ref(big.ino)
+    fs.unlink(ROOT_INO, b"big", ROOT)
+    fs.forget(big.ino, 1)                       # a larger file is freed at once
+    assert gone(fs, big.ino) and fs.store.orphans() == []
+
+
+def test_statfs_and_a_handover_free_what_waits(fs: Filesystem, kernel: Kernel) -> None:
+    before = fs.statfs()
+    let_go(fs, [b"a", b"b"], b"x" * 3 * PAGE_SIZE)
+    assert len(fs.store.orphans()) == 2
+    after = fs.statfs()
+    assert fs.store.orphans() == [] and after.f_bfree == before.f_bfree - 1
+    assert after.f_ffree == before.f_ffree
+    let_go(fs, [b"c"])
+    GuestfsHandover(fs).kho_finalize(kernel.kho)
+    assert fs.store.orphans() == []
+
+
+def test_waiting_frees_never_make_a_write_fail(fs: Filesystem) -> None:
+    size = REAP_SMALL_PAGES * PAGE_SIZE
+    made = 0
+    while fs.store.data_room(REAP_SMALL_PAGES + 8):     # fill the arena with small files
+        mkfile(fs, b"fill-%d" % made, b"f" * size)
+        made += 1
+    names = [b"fill-%d" % i for i in range(made - REAP_BATCH // 2, made)]
+    inos = [fs.lookup(ROOT_INO, name).ino for name in names]
+    for ino, name in zip(inos, names):
+        fs.ref(ino)
+        fs.unlink(ROOT_INO, name, ROOT)
+    for ino in inos:
+        fs.forget(ino, 1)
+    assert len(fs.store.orphans()) == len(names)    # all wait; the arena looks full
+    f = mkfile(fs, b"new")                          # room is short: they are freed first
+    assert fs.store.orphans() == []
+    chunk = b"n" * (1 << 20)
+    written = 0
+    while written + len(chunk) <= (len(names) * REAP_SMALL_PAGES - 64) * PAGE_SIZE:
+        assert fs.write(f.ino, written, chunk) == len(chunk)
+        written += len(chunk)
+    assert written and fs.get(f.ino).size == written
+
+
+def test_the_inode_limit_counts_no_waiting_free(kernel: Kernel) -> None:
+    fs = new_fs(kernel, max_inodes=3)
+    let_go(fs, [b"a"])
+    mkfile(fs, b"b")
+    assert fs.store.orphans() != []
+    mkfile(fs, b"c")                    # the waiting free of "a" makes room for it
+    assert fs.store.orphans() == [] and fs.check() == []
+
+
+def test_a_crash_frees_what_waited_at_the_next_mount(kernel: Kernel) -> None:
+    fs = new_fs(kernel)                 # not the fixture's: it ends without its teardown
+    free = fs.store.free_pages()
+    inos = let_go(fs, [b"a", b"b", b"c"], b"x" * PAGE_SIZE)
+    store = fs.store
+    back = Filesystem(MetaStore.open(store.arena, store.pool, store.sb_pfn)[0])
+    assert back.finish_orphans() == 3
+    assert all(gone(back, ino) for ino in inos) and back.store.orphans() == []
+    assert back.store.free_pages() == free - 1 and back.check() == []
 
 
 # --- rename ---------------------------------------------------------------------------
@@ -786,6 +878,7 @@ def test_an_open_unlinked_file_survives_a_split_truncate(fs: Filesystem) -> None
     assert fs.write(f.ino, 0, b"still here") == 10
     assert bytes(fs.read(f.ino, 0, 10)) == b"still here"
     fs.release(f.ino)
+    assert fs.reap_pending() == 1       # a small file's free waits for others
     assert gone(fs, f.ino) and fs.check() == []
 
 
