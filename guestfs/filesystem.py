@@ -130,8 +130,9 @@ class Filesystem:
         self._clock = clock or time.time_ns
         self._refs = KernelRefs()
         self._after: list[Callable[[], None]] = []
-        #: Orphans no reference holds any more, waiting to be freed (`reap_pending`).
-        self._unreaped: dict[int, None] = {}
+        #: Orphans no reference holds any more, waiting to be freed (`reap_pending`),
+        #: out of the store's cache (so that `get` finds them gone) but kept here.
+        self._unreaped: dict[int, Inode] = {}
 
     @classmethod
     def format(cls, arena: Arena, pool: Pool, *, options: dict[str, str] | None = None,
@@ -712,7 +713,7 @@ class Filesystem:
         low (`REAP_LOW_ROOM`), before statfs answers, and before a handover. A batch
         that fails is retried a file at a time; a file that still fails stays an orphan
         (logged), for the next mount."""
-        pending = [ino for ino in self._unreaped if not self._held(ino)]
+        pending = [inode for ino, inode in self._unreaped.items() if not self._held(ino)]
         self._unreaped.clear()
         done = 0
         while done < len(pending):
@@ -724,30 +725,26 @@ class Filesystem:
                 return done + self._reap_each(pending[done:])
         return done
 
-    def _reap_batch(self, inos: list[int]) -> int:
-        """Free as many of `inos` (orphans nothing holds) as one transaction takes."""
+    def _reap_batch(self, inodes: list[Inode]) -> int:
+        """Free as many of `inodes` (orphans nothing holds) as one transaction takes."""
         freed = 0
         with self._change() as txn:
-            for ino in inos:
+            for inode in inodes:
                 if freed and not txn.affords(*REAP_TXN):
                     break
-                inode = self._stored(ino)
-                if inode is None:
-                    self.store.remove_orphan(txn, ino)
-                elif not inode.nlink and ino != ROOT_INO:
-                    self._free(txn, inode)
+                self._free(txn, inode)
                 freed += 1
         return freed
 
-    def _reap_each(self, inos: list[int]) -> int:
+    def _reap_each(self, inodes: list[Inode]) -> int:
         freed = 0
-        for ino in inos:
+        for inode in inodes:
             try:
-                self._settle(ino)
+                self._settle(inode.ino)
                 freed += 1
             except FsError as e:
                 log.error("could not free unlinked inode %d (it stays on the orphan list "
-                          "for the next mount): %s", ino, e)
+                          "for the next mount): %s", inode.ino, e)
         return freed
 
     def forget(self, ino: int, n: int) -> None:
@@ -954,7 +951,7 @@ class Filesystem:
             with self._change(inode) as txn:
                 self._free(txn, inode)
             return
-        self._unreaped[ino] = None
+        self._unreaped[ino] = inode
         self.store.forget_inode(ino)    # so that `get` finds it gone
         if len(self._unreaped) >= REAP_BATCH:
             self.reap_pending()
