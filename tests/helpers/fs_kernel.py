@@ -69,7 +69,14 @@ class Server:
         return self.fs.link(self.resolve(src), *self.parent(dst), ROOT).ino
 
     def op_unlink(self, path: str) -> None:
-        self.fs.unlink(*self.parent(path), ROOT)
+        """As through the kernel: the file is looked up (a reference held) before its
+        name goes, and forgotten after, so a small file's free waits (on the orphan
+        list) and a kill finds some waiting."""
+        parent, name = self.parent(path)
+        ino = self.fs.lookup(parent, name).ino
+        self.fs.ref(ino)
+        self.fs.unlink(parent, name, ROOT)
+        self.fs.forget(ino, 1)
 
     def op_rmdir(self, path: str) -> None:
         self.fs.rmdir(*self.parent(path), ROOT)
