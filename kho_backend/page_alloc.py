@@ -13,6 +13,17 @@ words (no free head: skipped; all free: one block) and else cut into maximal ali
 blocks page by page. A bulk free rebuilds only the chunks it touched, so releasing a few
 pages costs a few chunks, whatever the arena's size.
 
+Deferred listing (the kernel's deferred struct-page init, extended to the free lists):
+a chunk boot marked in part (handed-over blocks, reserved pages; not scratch) is not cut
+at start-up but left *unlisted*, its free pages counted from boot's marks
+(``CHUNK - covered``) without reading a byte, so a fragmented arena (a million single
+free pages) starts as fast as a whole one. An unlisted chunk is listed (its memmap
+settled, cut into blocks, added to the free lists) when an allocation finds no listed
+block of its node big enough, or by :meth:`PageAllocator.list_some`, which the daemon
+calls between requests until none is left. A block freed into an unlisted chunk is
+marked free in the memmap and counted, not merged: the listing merges it with its
+buddies. Free-page counts are exact throughout; ``free_blocks`` counts listed blocks.
+
 Accounting per node is exact: ``total = free + used + preserved + reserved``. Preserved
 pages (handed over, not yet restored) are counted by the memmap; freeing one releases it.
 """
@@ -46,6 +57,10 @@ NORMAL, SCRATCH = 0, 1
 _WORD = 0x0101010101010101
 #: Chunks scanned at once (256 KiB of memmap).
 _SCAN = 256
+#: Unlisted chunks listed by one call of ``list_some`` (about 2 ms of work on a
+#: fragmented arena), and first listed by an allocation that finds no block.
+_SLICE = 16
+_ON_DEMAND = 4
 KINDS = (NORMAL, SCRATCH)
 _FREE = PageState.FREE << STATE_SHIFT
 _ALLOCATED = PageState.ALLOCATED << STATE_SHIFT
@@ -66,6 +81,9 @@ class NodeStats:
     scratch_pages: int
     free_blocks: tuple[int, ...]
     free_scratch_blocks: tuple[int, ...]
+    #: Free pages (counted in ``free_pages``) in chunks not listed yet: in no free block
+    #: of ``free_blocks`` until their chunk is listed.
+    unlisted_pages: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,8 +124,13 @@ class AllocatorStats:
         """Pages in scratch areas (free, movable-used, or boot memory placed there)."""
         return self._sum("scratch_pages")
 
+    @property
+    def unlisted_pages(self) -> int:
+        """Free pages in chunks whose free blocks are not listed yet."""
+        return self._sum("unlisted_pages")
+
     def free_blocks(self, order: int) -> int:
-        """Free blocks of ``order`` over all nodes and kinds."""
+        """Free blocks of ``order`` (listed) over all nodes and kinds."""
         return sum(n.free_blocks[order] for n in self.nodes)
 
 
@@ -124,7 +147,13 @@ class PageAllocator:
         self._starts = [lo for lo, _ in arena.node_ranges()] + [arena.npages]
         nodes = arena.nodes
         self._free = [[[set() for _ in range(MAX_ORDER + 1)] for _ in KINDS] for _ in range(nodes)]
+        #: Free pages per node and kind, listed or not.
         self._nfree = [[0, 0] for _ in range(nodes)]
+        #: Per chunk: its free pages when it is unlisted (none of its free blocks on the
+        #: free lists, see the module docstring), else 0. Unlisted chunks hold no scratch.
+        self._hidden = np.zeros(-(-arena.npages // CHUNK), np.int64)
+        #: The first chunk of each node, and the end of the last.
+        self._node_chunks = [lo >> MAX_ORDER for lo in self._starts[:-1]] + [len(self._hidden)]
         #: The memmap of the whole chunks, one row each, as bytes and as u64 words.
         self._nfull = arena.npages >> MAX_ORDER
         self._rows = self._map[: self._nfull << MAX_ORDER].reshape(self._nfull, CHUNK)
@@ -164,8 +193,12 @@ class PageAllocator:
         node = bisect.bisect_right(self._starts, pfn) - 1
         kind = SCRATCH if flag else NORMAL
         self._nfree[node][kind] += 1 << order
-        lists = self._free[node][kind]
         m = self._map
+        if self._hidden[pfn >> MAX_ORDER]:     # unlisted: merged when the chunk is listed
+            self._hidden[pfn >> MAX_ORDER] += 1 << order
+            m[pfn] = flag | _FREE | order
+            return
+        lists = self._free[node][kind]
         # Node boundaries are multiples of the largest block, so a buddy is always on
         # the same node; the scratch flag in the expected byte keeps kinds apart.
         while order < MAX_ORDER:
@@ -196,13 +229,15 @@ class PageAllocator:
         if not checked:
             return
         chunks = np.unique(np.concatenate([pfns >> MAX_ORDER for pfns, _, _ in checked]))
-        self._forget(chunks)
+        listed = chunks[self._hidden[chunks] == 0]   # the others stay unlisted
+        self._forget(listed)
         for pfns, order, preserved in checked:
             if preserved.size:
                 self.memmap.claim_preserved(preserved, order)
             pages = block_pages(pfns, order)
             self._map[pages] = (self._map[pages] & SCRATCH_FLAG) | _FREE
-        self._rebuild(chunks)
+            self._hide(pfns[self._hidden[pfns >> MAX_ORDER] > 0], order)
+        self._rebuild(listed)
 
     def _check_blocks(self, pfns: np.ndarray, order: int) -> np.ndarray:
         """MachineError naming the first of ``pfns`` that is not an allocated or
@@ -224,8 +259,28 @@ class PageAllocator:
         """Free pages an allocation of that kind could get (movable ones may use scratch)."""
         return sum(n[NORMAL] + (n[SCRATCH] if movable else 0) for n in self._nfree)
 
+    @property
+    def listed(self) -> bool:
+        """Whether every chunk's free blocks are on the free lists (none unlisted)."""
+        return not self._hidden.any()
+
+    def list_some(self) -> bool:
+        """List the next few unlisted chunks (a slice of the deferred listing, for a
+        caller that interleaves it with other work, as the daemon does between
+        requests); True once none is left."""
+        chunks = np.flatnonzero(self._hidden)
+        if chunks.size:
+            self._list(chunks[:_SLICE])
+        return chunks.size <= _SLICE
+
+    def list_all(self) -> None:
+        """List every chunk still unlisted (the rest of the deferred listing)."""
+        while not self.list_some():
+            pass
+
     def stats(self) -> AllocatorStats:
-        """Per node and order: free blocks; per node: free, used, preserved, reserved."""
+        """Per node and order: free (listed) blocks; per node: free, used, preserved,
+        reserved pages, and the free pages not listed yet. Lists nothing."""
         preserved = self.memmap.preserved_per_node
         nodes = []
         for n, (lo, hi) in enumerate(zip(self._starts, self._starts[1:])):
@@ -239,29 +294,40 @@ class PageAllocator:
                 scratch_pages=self._scratch[n],
                 free_blocks=tuple(len(a) + len(b) for a, b in zip(normal, scratch)),
                 free_scratch_blocks=tuple(len(b) for b in scratch),
+                unlisted_pages=self._unlisted_pages(n),
             ))  # fmt: skip
         return AllocatorStats(tuple(nodes))
 
     def check(self) -> None:
         """Verify the free lists and counters against the memmap; MachineError if they
-        disagree (a debugging aid for tests; O(arena))."""
+        disagree (a debugging aid for tests; O(arena); lists nothing, settles the
+        memmap)."""
         self.memmap.settle()
         m = self._map
         for n in range(self.arena.nodes):
             for kind in KINDS:
                 flag = SCRATCH_FLAG if kind else 0
-                pages = 0
+                pages = 0 if kind else self._unlisted_pages(n)
                 for order, heads in enumerate(self._free[n][kind]):
                     arr = np.fromiter(heads, dtype=np.int64, count=len(heads))
-                    if (m[arr] != flag | _FREE | order).any() or (arr & ((1 << order) - 1)).any():
+                    if (m[arr] != flag | _FREE | order).any() or (arr & ((1 << order) - 1)).any() \
+                            or self._hidden[arr >> MAX_ORDER].any():
                         raise MachineError(f"The order-{order} free list of node {n} disagrees with the memmap.")
                     pages += len(heads) << order
                 if pages != self._nfree[n][kind]:
-                    raise MachineError(f"Node {n} counts {self._nfree[n][kind]} free pages but lists {pages}.")
+                    raise MachineError(f"Node {n} counts {self._nfree[n][kind]} free pages but lists "
+                                       f"{pages} (unlisted chunks included).")
+        free = self.memmap.block_states() == PageState.FREE
         listed = sum(map(sum, self._nfree))
-        marked = int(np.count_nonzero(self.memmap.block_states() == PageState.FREE))
+        marked = int(np.count_nonzero(free))
         if listed != marked:
             raise MachineError(f"The memmap marks {marked} pages free but the free lists hold {listed}.")
+        per_chunk = free[: self._nfull << MAX_ORDER].reshape(self._nfull, CHUNK).sum(axis=1)
+        unlisted = np.flatnonzero(self._hidden)
+        wrong = unlisted[per_chunk[unlisted] != self._hidden[unlisted]]
+        if wrong.size:
+            raise MachineError(f"Unlisted chunk {int(wrong[0])} counts {int(self._hidden[wrong[0]])} "
+                               f"free pages but the memmap marks {int(per_chunk[wrong[0]])}.")
 
     # -- internals --------------------------------------------------------------------------
 
@@ -275,11 +341,19 @@ class PageAllocator:
 
     def _take(self, node: int, kind: int, order: int) -> int | None:
         lists = self._free[node][kind]
-        for k in range(order, MAX_ORDER + 1):
-            if lists[k]:
-                break
-        else:
-            return None
+        batch = _ON_DEMAND
+        while True:
+            for k in range(order, MAX_ORDER + 1):
+                if lists[k]:
+                    break
+            else:
+                # No listed block fits: list the node's unlisted chunks (normal memory
+                # only), more each time, until one does or none is left.
+                if kind == NORMAL and self._list_node(node, batch):
+                    batch *= 2
+                    continue
+                return None
+            break
         pfn = lists[k].pop()
         flag = SCRATCH_FLAG if kind else 0
         while k > order:  # split: keep the lower half, free the upper one
@@ -319,8 +393,10 @@ class PageAllocator:
 
     def _start(self, marks: BootMarks) -> None:
         """The first free lists: a whole chunk boot never touched is one free block, a
-        chunk it filled has none (neither is read); the others are rebuilt from their
-        bytes."""
+        chunk it filled has none (neither is read); a chunk it marked in part stays
+        unlisted, its free pages counted from the marks (nothing read either), unless
+        it has scratch pages; those, and the arena's partial last chunk, are rebuilt
+        from their bytes."""
         chunks = np.arange(len(marks.touched), dtype=np.int64)
         full = chunks < self._nfull
         fresh = chunks[full & ~marks.touched]
@@ -328,8 +404,44 @@ class PageAllocator:
         self._rows[fresh, 0] = _FREE | MAX_ORDER
         self.memmap.wrote(fresh)
         self._add(fresh << MAX_ORDER, np.full(len(fresh), MAX_ORDER, np.int64))
-        filled = full & (marks.covered == CHUNK)
-        self._rebuild(chunks[marks.touched & ~filled | ~full])
+        marked = full & marks.touched & (marks.covered < CHUNK)
+        unlisted = marked & ~marks.scratched
+        self._hidden[unlisted] = CHUNK - marks.covered[unlisted]
+        self._count_normal(chunks[unlisted], self._hidden[unlisted])
+        self._rebuild(chunks[marked & marks.scratched | ~full])
+
+    def _count_normal(self, chunks: np.ndarray, pages: np.ndarray, sign: int = 1) -> None:
+        """Add ``sign`` times ``pages[i]`` free pages of normal memory in ``chunks[i]``
+        (ascending) to the counters of their nodes."""
+        for n, (lo, hi) in enumerate(zip(self._node_chunks, self._node_chunks[1:])):
+            a, b = np.searchsorted(chunks, (lo, hi))
+            self._nfree[n][NORMAL] += sign * int(pages[a:b].sum())
+
+    def _hide(self, pfns: np.ndarray, order: int) -> None:
+        """Count the blocks of ``order`` at ``pfns``, freed into unlisted chunks, as free
+        pages there: the chunk's listing merges them."""
+        if pfns.size:
+            np.add.at(self._hidden, pfns >> MAX_ORDER, 1 << order)
+            self._count_normal(np.sort(pfns >> MAX_ORDER), np.full(pfns.size, 1 << order, np.int64))
+
+    def _unlisted_pages(self, node: int) -> int:
+        return int(self._hidden[self._node_chunks[node]:self._node_chunks[node + 1]].sum())
+
+    def _list_node(self, node: int, count: int) -> bool:
+        """List up to ``count`` unlisted chunks of ``node``, the lowest first; False if
+        it has none."""
+        lo = self._node_chunks[node]
+        chunks = np.flatnonzero(self._hidden[lo:self._node_chunks[node + 1]])[:count] + lo
+        if chunks.size:
+            self._list(chunks)
+        return bool(chunks.size)
+
+    def _list(self, chunks: np.ndarray) -> None:
+        """List ``chunks`` (ascending, unlisted): their free pages become free blocks on
+        the free lists (no longer counted per chunk)."""
+        self._count_normal(chunks, self._hidden[chunks], sign=-1)
+        self._hidden[chunks] = 0
+        self._rebuild(chunks)
 
     def _rebuild(self, chunks: np.ndarray) -> None:
         """Add the free blocks of ``chunks`` (ascending, none of them listed) to the

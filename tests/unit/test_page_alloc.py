@@ -254,6 +254,10 @@ def test_preserved_blocks(arena: Arena) -> None:
     pages.free(512, 9)  # an unclaimed preserved block goes straight back
     pages.free_pfns(np.array([5, 7, 2100]), 0)
     pages.free(1024, 9)
+    # The chunk of 1024 (marked in part by boot) is still unlisted: its pages counted.
+    assert pages.stats().free_pages == empty.free_pages and pages.stats().unlisted_pages == 1024
+    pages.check()
+    pages.list_all()
     assert pages.stats() == empty
     pages.check()
 
@@ -308,6 +312,7 @@ OPS = st.lists(
         st.tuples(st.just("alloc"), st.integers(0, MAX_ORDER), st.booleans(), st.sampled_from([None, 0, 1])),
         st.tuples(st.just("free"), st.integers(0, 1 << 30)),
         st.tuples(st.just("claim"), st.integers(0, 1 << 30)),
+        st.tuples(st.just("list")),
     ),
     max_size=80,
 )
@@ -368,6 +373,8 @@ def test_random_alloc_free_keeps_the_books(arena: Arena, preserve, ops) -> None:
             order = preserved.pop(pfn)
             pages.memmap.claim_preserved(np.array([pfn]), order)
             live[pfn] = order
+        elif op[0] == "list":
+            pages.list_some()
         s = pages.stats()
         assert s.used_pages == sum(1 << o for o in live.values())
         assert s.preserved_pages == sum(1 << o for o in preserved.values())
@@ -375,6 +382,9 @@ def test_random_alloc_free_keeps_the_books(arena: Arena, preserve, ops) -> None:
     pages.check()
     for pfn, order in [*live.items(), *preserved.items()]:
         pages.free(pfn, order)
+    assert pages.stats().free_pages == empty.free_pages
+    pages.check()
+    pages.list_all()
     assert pages.stats() == empty  # everything merged back into the same blocks
     pages.check()
 
