@@ -4,7 +4,12 @@ Blocks of 2**order pages, order 0 (4 KiB) to ``MAX_ORDER`` (4 MiB), naturally al
 Free lists are kept per node, per kind and per order; the kinds are *normal* memory and
 *scratch* (the kernel's CMA): unmovable allocations never get scratch, movable ones take
 scratch first. The memmap is the truth (a block's state and order sit in its head's byte);
-the free lists are Python sets of head PFNs, an index over it that can always be rebuilt.
+the free lists are an index over it that can always be rebuilt: per list, a stack of head
+PFNs in an ``array.array`` of int64, and per page, the position of a listed head in its
+stack (an int32, meaningful only there), so that a block leaves its list in constant time
+(the last one takes its place). The lists hold no Python object per block: a million
+blocks are listed with a few numpy calls, are never scanned by the garbage collector, and
+are dropped (the old kernel's, at a kexec's switch) by freeing a few buffers.
 
 The free lists are built from the memmap per chunk of 4 MiB (the largest block, which no
 block crosses). At start-up, boot's marks say which chunks it never touched (each one
@@ -31,6 +36,7 @@ pages (handed over, not yet restored) are counted by the memmap; freeing one rel
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -146,12 +152,18 @@ class PageAllocator:
         self._bytes = arena.array()
         self._starts = [lo for lo, _ in arena.node_ranges()] + [arena.npages]
         nodes = arena.nodes
-        self._free = [[[set() for _ in range(MAX_ORDER + 1)] for _ in KINDS] for _ in range(nodes)]
+        self._free = [[[array("q") for _ in range(MAX_ORDER + 1)] for _ in KINDS] for _ in range(nodes)]
+        #: Per page: the position of a listed free block's head in its stack (else
+        #: undefined: never written before it is needed, nor read).
+        self._at = np.empty(arena.npages, np.int32)
+        self._where = memoryview(self._at)
         #: Free pages per node and kind, listed or not.
         self._nfree = [[0, 0] for _ in range(nodes)]
         #: Per chunk: its free pages when it is unlisted (none of its free blocks on the
         #: free lists, see the module docstring), else 0. Unlisted chunks hold no scratch.
         self._hidden = np.zeros(-(-arena.npages // CHUNK), np.int64)
+        #: Whether some chunk is unlisted (a test cheaper than reading ``_hidden``).
+        self._unlisted = False
         #: The first chunk of each node, and the end of the last.
         self._node_chunks = [lo >> MAX_ORDER for lo in self._starts[:-1]] + [len(self._hidden)]
         #: The memmap of the whole chunks, one row each, as bytes and as u64 words.
@@ -194,23 +206,29 @@ class PageAllocator:
         kind = SCRATCH if flag else NORMAL
         self._nfree[node][kind] += 1 << order
         m = self._map
-        if self._hidden[pfn >> MAX_ORDER]:     # unlisted: merged when the chunk is listed
+        if self._unlisted and self._hidden[pfn >> MAX_ORDER]:  # merged when it is listed
             self._hidden[pfn >> MAX_ORDER] += 1 << order
             m[pfn] = flag | _FREE | order
             return
         lists = self._free[node][kind]
+        where = self._where
         # Node boundaries are multiples of the largest block, so a buddy is always on
         # the same node; the scratch flag in the expected byte keeps kinds apart.
         while order < MAX_ORDER:
             buddy = pfn ^ (1 << order)
             if buddy >= self.arena.npages or m[buddy] != flag | _FREE | order:
                 break
-            lists[order].remove(buddy)
+            stack = lists[order]        # the buddy leaves it: the last head takes its place
+            last = stack.pop()
+            if last != buddy:
+                stack[where[buddy]] = last
+                where[last] = where[buddy]
             m[max(pfn, buddy)] = flag | _TAIL
             pfn = min(pfn, buddy)
             order += 1
         m[pfn] = flag | _FREE | order
-        lists[order].add(pfn)
+        where[pfn] = len(lists[order])
+        lists[order].append(pfn)
 
     def free_pfns(self, pfns: np.ndarray, order: int) -> None:
         """Free many blocks of ``order`` at once (vectorised; e.g. unclaimed handed-over
@@ -262,7 +280,7 @@ class PageAllocator:
     @property
     def listed(self) -> bool:
         """Whether every chunk's free blocks are on the free lists (none unlisted)."""
-        return not self._hidden.any()
+        return not self._unlisted
 
     def list_some(self) -> bool:
         """List the next few unlisted chunks (a slice of the deferred listing, for a
@@ -309,9 +327,10 @@ class PageAllocator:
                 flag = SCRATCH_FLAG if kind else 0
                 pages = 0 if kind else self._unlisted_pages(n)
                 for order, heads in enumerate(self._free[n][kind]):
-                    arr = np.fromiter(heads, dtype=np.int64, count=len(heads))
+                    arr = np.array(heads, dtype=np.int64)
                     if (m[arr] != flag | _FREE | order).any() or (arr & ((1 << order) - 1)).any() \
-                            or self._hidden[arr >> MAX_ORDER].any():
+                            or self._hidden[arr >> MAX_ORDER].any() \
+                            or (self._at[arr] != np.arange(len(arr))).any():
                         raise MachineError(f"The order-{order} free list of node {n} disagrees with the memmap.")
                     pages += len(heads) << order
                 if pages != self._nfree[n][kind]:
@@ -341,25 +360,21 @@ class PageAllocator:
 
     def _take(self, node: int, kind: int, order: int) -> int | None:
         lists = self._free[node][kind]
-        batch = _ON_DEMAND
-        while True:
-            for k in range(order, MAX_ORDER + 1):
-                if lists[k]:
-                    break
-            else:
-                # No listed block fits: list the node's unlisted chunks (normal memory
-                # only), more each time, until one does or none is left.
-                if kind == NORMAL and self._list_node(node, batch):
-                    batch *= 2
-                    continue
+        for k in range(order, MAX_ORDER + 1):
+            if lists[k]:
+                break
+        else:
+            k = self._list_until(node, kind, order)
+            if k is None:
                 return None
-            break
         pfn = lists[k].pop()
         flag = SCRATCH_FLAG if kind else 0
+        where = self._where if k > order else None
         while k > order:  # split: keep the lower half, free the upper one
             k -= 1
             buddy = pfn + (1 << k)
-            lists[k].add(buddy)
+            where[buddy] = len(lists[k])
+            lists[k].append(buddy)
             self._map[buddy] = flag | _FREE | k
         self._map[pfn] = flag | _ALLOCATED | order
         self._nfree[node][kind] -= 1 << order
@@ -407,6 +422,7 @@ class PageAllocator:
         marked = full & marks.touched & (marks.covered < CHUNK)
         unlisted = marked & ~marks.scratched
         self._hidden[unlisted] = CHUNK - marks.covered[unlisted]
+        self._unlisted = bool(unlisted.any())
         self._count_normal(chunks[unlisted], self._hidden[unlisted])
         self._rebuild(chunks[marked & marks.scratched | ~full])
 
@@ -427,6 +443,19 @@ class PageAllocator:
     def _unlisted_pages(self, node: int) -> int:
         return int(self._hidden[self._node_chunks[node]:self._node_chunks[node + 1]].sum())
 
+    def _list_until(self, node: int, kind: int, order: int) -> int | None:
+        """No listed block of ``node`` and ``kind`` has ``order`` or more: list the
+        node's unlisted chunks (normal memory only), more each time, until one has; its
+        order, or None once none is left."""
+        lists = self._free[node][kind]
+        batch = _ON_DEMAND
+        while kind == NORMAL and self._list_node(node, batch):
+            for k in range(order, MAX_ORDER + 1):
+                if lists[k]:
+                    return k
+            batch *= 2
+        return None
+
     def _list_node(self, node: int, count: int) -> bool:
         """List up to ``count`` unlisted chunks of ``node``, the lowest first; False if
         it has none."""
@@ -441,6 +470,7 @@ class PageAllocator:
         the free lists (no longer counted per chunk)."""
         self._count_normal(chunks, self._hidden[chunks], sign=-1)
         self._hidden[chunks] = 0
+        self._unlisted = bool(self._hidden.any())
         self._rebuild(chunks)
 
     def _rebuild(self, chunks: np.ndarray) -> None:
@@ -539,13 +569,29 @@ class PageAllocator:
         nodes = np.searchsorted(np.asarray(self._starts[1:-1]), heads, side="right")
         kinds = (self._map[heads] >= SCRATCH_FLAG).astype(np.int64)
         for (node, kind, order), group in _groups(heads, orders, nodes, kinds):
-            lists = self._free[node][kind][order]
+            stack = self._free[node][kind][order]
+            group = group.astype(np.int64, copy=False)
             if forget:
-                lists.difference_update(group)
+                self._unstack(stack, group)
                 self._nfree[node][kind] -= len(group) << order
-            else:
-                lists.update(group)
+            else:               # the lowest on top: taken first
+                self._at[group[::-1]] = np.arange(len(stack), len(stack) + len(group), dtype=np.int32)
+                stack.frombytes(group[::-1].tobytes())
                 self._nfree[node][kind] += len(group) << order
+
+    def _unstack(self, stack: array, heads: np.ndarray) -> None:
+        """Take ``heads`` (listed in ``stack``) off it: the heads above the new top move
+        into the places of those below it."""
+        top = len(stack) - len(heads)
+        at = self._at[heads].astype(np.int64)
+        holes = at[at < top]
+        movers = np.setdiff1d(np.arange(top, len(stack)), at[at >= top], assume_unique=True)
+        view = np.frombuffer(stack, np.int64)
+        moved = view[movers]
+        view[holes] = moved
+        self._at[moved] = holes
+        del view                # no export left: the array may shrink
+        del stack[top:]
 
     def _oom_message(self, order: int, movable: bool, node: int | None) -> str:
         kind = "movable" if movable else "unmovable"
@@ -589,11 +635,15 @@ def split_runs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.nda
 
     Greedy, as the kernel's ``__free_pages_memory()`` does: climb (take a 2**k block
     while the position has bit k set and it fits), then whole MAX_ORDER blocks, then
-    descend through the bits of what is left. Each step is one pass over all runs.
+    descend through the bits of what is left. Each step is one pass over the runs longer
+    than a page (single pages, all a fragmented arena has, are order-0 blocks as they are).
     """
-    pos = starts.copy()
-    heads: list[np.ndarray] = []
-    orders: list[np.ndarray] = []
+    single = ends - starts == 1
+    heads: list[np.ndarray] = [starts[single]]
+    orders: list[np.ndarray] = [np.zeros(len(heads[0]), np.int64)]
+    if single.all():
+        return heads[0], orders[0]
+    pos, ends = starts[~single], ends[~single]
 
     def take(mask: np.ndarray, order: int) -> None:
         heads.append(pos[mask])
@@ -616,12 +666,13 @@ def split_runs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _groups(heads: np.ndarray, orders: np.ndarray, nodes: np.ndarray,
-            kinds: np.ndarray) -> Iterator[tuple[tuple[int, int, int], list[int]]]:
-    """The head pfns grouped by (node, kind, order)."""
+            kinds: np.ndarray) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+    """The head pfns (int64) grouped by (node, kind, order), ascending in each group
+    when they are in ``heads``."""
     key = (nodes * 2 + kinds) * (MAX_ORDER + 1) + orders
     sort = np.argsort(key, kind="stable")
     key, heads = key[sort], heads[sort]
     cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
     for group_key, group in zip(key[np.concatenate(([0], cuts))].tolist(), np.split(heads, cuts)):
         node_kind, order = divmod(group_key, MAX_ORDER + 1)
-        yield (node_kind // 2, node_kind % 2, order), group.tolist()
+        yield (node_kind // 2, node_kind % 2, order), group
