@@ -68,6 +68,8 @@ _SCAN = 256
 #: (twice as many each time it still finds none).
 _SLICE = 16
 _ON_DEMAND = 4
+#: Blocks pushed on or taken off a free list one by one, not with numpy calls.
+_FEW = 32
 KINDS = (NORMAL, SCRATCH)
 _FREE = PageState.FREE << STATE_SHIFT
 _ALLOCATED = PageState.ALLOCATED << STATE_SHIFT
@@ -571,22 +573,43 @@ class PageAllocator:
         kinds = (self._map[heads] >= SCRATCH_FLAG).astype(np.int64)
         for (node, kind, order), group in _groups(heads, orders, nodes, kinds):
             stack = self._free[node][kind][order]
-            group = group.astype(np.int64, copy=False)
+            group = group.astype(np.int64, copy=False)[::-1]    # the lowest on top
             if forget:
                 self._unstack(stack, group)
                 self._nfree[node][kind] -= len(group) << order
-            else:               # the lowest on top: taken first
-                self._at[group[::-1]] = np.arange(len(stack), len(stack) + len(group), dtype=np.int32)
-                stack.frombytes(group[::-1].tobytes())
+            else:
+                self._stack(stack, group)
                 self._nfree[node][kind] += len(group) << order
 
+    def _stack(self, stack: array, heads: np.ndarray) -> None:
+        """Push ``heads`` on ``stack`` (one by one when they are few: cheaper than the
+        numpy calls)."""
+        if len(heads) <= _FEW:
+            where = self._where
+            for pfn in heads.tolist():
+                where[pfn] = len(stack)
+                stack.append(pfn)
+            return
+        self._at[heads] = np.arange(len(stack), len(stack) + len(heads), dtype=np.int32)
+        stack.frombytes(heads.tobytes())
+
     def _unstack(self, stack: array, heads: np.ndarray) -> None:
-        """Take ``heads`` (listed in ``stack``) off it: the heads above the new top move
-        into the places of those below it."""
+        """Take ``heads`` (listed in ``stack``) off it: each one's place goes to a head
+        from the top (one by one when they are few: cheaper than the numpy calls)."""
+        if len(heads) <= _FEW:
+            where = self._where
+            for pfn in heads.tolist():
+                last = stack.pop()
+                if last != pfn:
+                    stack[where[pfn]] = last
+                    where[last] = where[pfn]
+            return
         top = len(stack) - len(heads)
         at = self._at[heads].astype(np.int64)
+        leaving = np.zeros(len(heads), bool)        # of the places from the new top up
+        leaving[at[at >= top] - top] = True
+        movers = top + np.flatnonzero(~leaving)     # stay: into the places left below
         holes = at[at < top]
-        movers = np.setdiff1d(np.arange(top, len(stack)), at[at >= top], assume_unique=True)
         view = np.frombuffer(stack, np.int64)
         moved = view[movers]
         view[holes] = moved

@@ -218,6 +218,21 @@ def test_free_pfns_in_bulk(arena: Arena) -> None:
     pages.check()
 
 
+def test_free_pfns_takes_many_listed_blocks_off_their_lists(arena: Arena) -> None:
+    """A bulk free rebuilds the chunks it touches: their listed blocks (here a hundred
+    single pages, each between two allocated ones) leave the free lists first."""
+    pages = fresh(arena)
+    before = pages.stats()
+    pfns = np.array([pages.alloc(0) for _ in range(400)])
+    for pfn in pfns[::2].tolist():
+        pages.free(pfn, 0)
+    assert pages.stats().free_blocks(0) >= 150
+    pages.check()
+    pages.free_pfns(pfns[1::2], 0)
+    assert pages.stats() == before
+    pages.check()
+
+
 def test_free_pfns_is_all_or_nothing(arena: Arena) -> None:
     pages = fresh(arena)
     pfns = np.array([pages.alloc(0) for _ in range(10)])
