@@ -219,29 +219,31 @@ class Daemon:
         log.info("kexec blackout %.1f ms:\n%s", blackout.total_ms, blackout.table())
 
     def _settle_in_background(self) -> None:
-        """Finish the boot's deferred memmap initialisation (see kho_backend.memmap)
-        from a task of its own, a slice at a time between requests: the requests held
-        through a blackout go first, and the work is no part of any request's wait."""
+        """Finish the boot's deferred initialisation, the free lists' (see
+        kho_backend.page_alloc) then the memmap's (kho_backend.memmap), from a task of
+        its own, a slice at a time between requests: the requests held through a
+        blackout go first, and the work is no part of any request's wait."""
         assert self._nursery is not None
         self._nursery.start_soon(self._settle_memmap, self._session())
 
     async def _settle_memmap(self, session: Session) -> None:
-        memmap = session.kernel.memmap
+        kernel = session.kernel
         t0, cpu_ns = time.perf_counter_ns(), 0
         # Only while this kernel serves: a handed-over kernel's memmap is the next
         # kernel's memory.
         while self.session is session and session.state is State.RUNNING:
             try:
                 step = time.perf_counter_ns()
-                done = memmap.settle_some()
+                # Listing a chunk settles its memmap too: the lists first.
+                done = kernel.buddy.list_some() and kernel.memmap.settle_some()
                 cpu_ns += time.perf_counter_ns() - step
                 if done:
-                    log.info("memmap initialised: %.1f ms of work over %.1f ms",
+                    log.info("free lists and memmap initialised: %.1f ms of work over %.1f ms",
                              cpu_ns / 1e6, elapsed_ns(t0) / 1e6)
                     return
-            except Exception:   # only an optimisation: chunks settle when first touched
-                log.exception("the memmap's deferred initialisation failed; chunks are "
-                              "initialised when first touched")
+            except Exception:   # only an optimisation: chunks are done when first needed
+                log.exception("the deferred initialisation of the free lists or the memmap "
+                              "failed; chunks are initialised when first needed")
                 return
             await trio.sleep(0)
 

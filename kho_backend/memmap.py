@@ -140,13 +140,15 @@ def _check_heads(pfns: np.ndarray, order: int, npages: int, what: str) -> None:
 class BootMarks:
     """What boot's marks did to a reset memmap, counted as they are made, so that the
     page allocator starts without reading it all: per chunk of CHUNK pages (the largest
-    block), whether anything touched it and how many of its pages are no longer free
-    (RESERVED or PRESERVED); per node, the RESERVED and the scratch pages."""
+    block), whether anything touched it, how many of its pages are no longer free
+    (RESERVED or PRESERVED) and whether it has scratch pages; per node, the RESERVED and
+    the scratch pages."""
 
     def __init__(self, npages: int, node_starts: np.ndarray) -> None:
         nchunks = -(-npages // CHUNK)
         self.touched = np.zeros(nchunks, bool)
         self.covered = np.zeros(nchunks, np.int64)
+        self.scratched = np.zeros(nchunks, bool)
         self.reserved = np.zeros(len(node_starts) + 1, np.int64)
         self.scratch = np.zeros_like(self.reserved)
         self._node_starts = node_starts
@@ -267,6 +269,7 @@ class Memmap:
         self.settle_range(pfn, npages)
         pages = self.map[pfn : pfn + npages]
         self.boot.note(pfn, pages < SCRATCH_FLAG, self.boot.scratch)
+        self.boot.scratched[pfn // CHUNK:-(-(pfn + npages) // CHUNK)] = True
         pages |= SCRATCH_FLAG
 
     def mark_reserved(self, pfn: int, npages: int) -> None:

@@ -4,14 +4,30 @@ Blocks of 2**order pages, order 0 (4 KiB) to ``MAX_ORDER`` (4 MiB), naturally al
 Free lists are kept per node, per kind and per order; the kinds are *normal* memory and
 *scratch* (the kernel's CMA): unmovable allocations never get scratch, movable ones take
 scratch first. The memmap is the truth (a block's state and order sit in its head's byte);
-the free lists are Python sets of head PFNs, an index over it that can always be rebuilt.
+the free lists are an index over it that can always be rebuilt: per list, a stack of head
+PFNs in an ``array.array`` of int64, and per page, the position of a listed head in its
+stack (an int32, meaningful only there), so that a block leaves its list in constant time
+(the last one takes its place). The lists hold no Python object per block: a million
+blocks are listed with a few numpy calls, are never scanned by the garbage collector, and
+are dropped (the old kernel's, at a kexec's switch) by freeing a few buffers.
 
 The free lists are built from the memmap per chunk of 4 MiB (the largest block, which no
 block crosses). At start-up, boot's marks say which chunks it never touched (each one
 free block) and which it filled (none): neither is read. Any other chunk is read as u64
 words (no free head: skipped; all free: one block) and else cut into maximal aligned
-blocks page by page. A bulk free rebuilds only the chunks it touched, so releasing a few
-pages costs a few chunks, whatever the arena's size.
+blocks page by page. A bulk free rebuilds only the (listed) chunks it touched, so
+releasing a few pages costs a few chunks, whatever the arena's size.
+
+Deferred listing (the kernel's deferred struct-page init, extended to the free lists):
+a chunk boot marked in part (handed-over blocks, reserved pages; not scratch) is not cut
+at start-up but left *unlisted*, its free pages counted from boot's marks
+(``CHUNK - covered``) without reading a byte, so a fragmented arena (a million single
+free pages) starts as fast as a whole one. An unlisted chunk is listed (its memmap
+settled, cut into blocks, added to the free lists) when an allocation finds no listed
+block of its node big enough, or by :meth:`PageAllocator.list_some`, which the daemon
+calls between requests until none is left. A block freed into an unlisted chunk is
+marked free in the memmap and counted, not merged: the listing merges it with its
+buddies. Free-page counts are exact throughout; ``free_blocks`` counts listed blocks.
 
 Accounting per node is exact: ``total = free + used + preserved + reserved``. Preserved
 pages (handed over, not yet restored) are counted by the memmap; freeing one releases it.
@@ -20,6 +36,7 @@ pages (handed over, not yet restored) are counted by the memmap; freeing one rel
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -46,6 +63,13 @@ NORMAL, SCRATCH = 0, 1
 _WORD = 0x0101010101010101
 #: Chunks scanned at once (256 KiB of memmap).
 _SCAN = 256
+#: Unlisted chunks listed by one call of ``list_some`` (about 1 ms of CPU when each
+#: holds 512 single free pages), and first listed by an allocation that finds no block
+#: (twice as many each time it still finds none).
+_SLICE = 16
+_ON_DEMAND = 4
+#: Blocks pushed on or taken off a free list one by one, not with numpy calls.
+_FEW = 32
 KINDS = (NORMAL, SCRATCH)
 _FREE = PageState.FREE << STATE_SHIFT
 _ALLOCATED = PageState.ALLOCATED << STATE_SHIFT
@@ -66,6 +90,9 @@ class NodeStats:
     scratch_pages: int
     free_blocks: tuple[int, ...]
     free_scratch_blocks: tuple[int, ...]
+    #: Free pages (counted in ``free_pages``) in chunks not listed yet: in no free block
+    #: of ``free_blocks`` until their chunk is listed.
+    unlisted_pages: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,8 +133,13 @@ class AllocatorStats:
         """Pages in scratch areas (free, movable-used, or boot memory placed there)."""
         return self._sum("scratch_pages")
 
+    @property
+    def unlisted_pages(self) -> int:
+        """Free pages in chunks whose free blocks are not listed yet."""
+        return self._sum("unlisted_pages")
+
     def free_blocks(self, order: int) -> int:
-        """Free blocks of ``order`` over all nodes and kinds."""
+        """Free blocks of ``order`` (listed) over all nodes and kinds."""
         return sum(n.free_blocks[order] for n in self.nodes)
 
 
@@ -123,8 +155,20 @@ class PageAllocator:
         self._bytes = arena.array()
         self._starts = [lo for lo, _ in arena.node_ranges()] + [arena.npages]
         nodes = arena.nodes
-        self._free = [[[set() for _ in range(MAX_ORDER + 1)] for _ in KINDS] for _ in range(nodes)]
+        self._free = [[[array("q") for _ in range(MAX_ORDER + 1)] for _ in KINDS] for _ in range(nodes)]
+        #: Per page: the position of a listed free block's head in its stack (else
+        #: undefined: never written before it is needed, nor read).
+        self._at = np.empty(arena.npages, np.int32)
+        self._where = memoryview(self._at)
+        #: Free pages per node and kind, listed or not.
         self._nfree = [[0, 0] for _ in range(nodes)]
+        #: Per chunk: its free pages when it is unlisted (none of its free blocks on the
+        #: free lists, see the module docstring), else 0. Unlisted chunks hold no scratch.
+        self._hidden = np.zeros(-(-arena.npages // CHUNK), np.int64)
+        #: Whether some chunk is unlisted (a test cheaper than reading ``_hidden``).
+        self._unlisted = False
+        #: The first chunk of each node, and the end of the last.
+        self._node_chunks = [lo >> MAX_ORDER for lo in self._starts[:-1]] + [len(self._hidden)]
         #: The memmap of the whole chunks, one row each, as bytes and as u64 words.
         self._nfull = arena.npages >> MAX_ORDER
         self._rows = self._map[: self._nfull << MAX_ORDER].reshape(self._nfull, CHUNK)
@@ -164,20 +208,30 @@ class PageAllocator:
         node = bisect.bisect_right(self._starts, pfn) - 1
         kind = SCRATCH if flag else NORMAL
         self._nfree[node][kind] += 1 << order
-        lists = self._free[node][kind]
         m = self._map
+        if self._unlisted and self._hidden[pfn >> MAX_ORDER]:  # merged when it is listed
+            self._hidden[pfn >> MAX_ORDER] += 1 << order
+            m[pfn] = flag | _FREE | order
+            return
+        lists = self._free[node][kind]
+        where = self._where
         # Node boundaries are multiples of the largest block, so a buddy is always on
         # the same node; the scratch flag in the expected byte keeps kinds apart.
         while order < MAX_ORDER:
             buddy = pfn ^ (1 << order)
             if buddy >= self.arena.npages or m[buddy] != flag | _FREE | order:
                 break
-            lists[order].remove(buddy)
+            stack = lists[order]        # the buddy leaves it: the last head takes its place
+            last = stack.pop()
+            if last != buddy:
+                stack[where[buddy]] = last
+                where[last] = where[buddy]
             m[max(pfn, buddy)] = flag | _TAIL
             pfn = min(pfn, buddy)
             order += 1
         m[pfn] = flag | _FREE | order
-        lists[order].add(pfn)
+        where[pfn] = len(lists[order])
+        lists[order].append(pfn)
 
     def free_pfns(self, pfns: np.ndarray, order: int) -> None:
         """Free many blocks of ``order`` at once (vectorised; e.g. unclaimed handed-over
@@ -196,13 +250,15 @@ class PageAllocator:
         if not checked:
             return
         chunks = np.unique(np.concatenate([pfns >> MAX_ORDER for pfns, _, _ in checked]))
-        self._forget(chunks)
+        listed = chunks[self._hidden[chunks] == 0]   # the others stay unlisted
+        self._forget(listed)
         for pfns, order, preserved in checked:
             if preserved.size:
                 self.memmap.claim_preserved(preserved, order)
             pages = block_pages(pfns, order)
             self._map[pages] = (self._map[pages] & SCRATCH_FLAG) | _FREE
-        self._rebuild(chunks)
+            self._hide(pfns[self._hidden[pfns >> MAX_ORDER] > 0], order)
+        self._rebuild(listed)
 
     def _check_blocks(self, pfns: np.ndarray, order: int) -> np.ndarray:
         """MachineError naming the first of ``pfns`` that is not an allocated or
@@ -224,8 +280,28 @@ class PageAllocator:
         """Free pages an allocation of that kind could get (movable ones may use scratch)."""
         return sum(n[NORMAL] + (n[SCRATCH] if movable else 0) for n in self._nfree)
 
+    @property
+    def listed(self) -> bool:
+        """Whether every chunk's free blocks are on the free lists (none unlisted)."""
+        return not self._unlisted
+
+    def list_some(self) -> bool:
+        """List the next few unlisted chunks (a slice of the deferred listing, for a
+        caller that interleaves it with other work, as the daemon does between
+        requests); True once none is left."""
+        chunks = np.flatnonzero(self._hidden)
+        if chunks.size:
+            self._list(chunks[:_SLICE])
+        return chunks.size <= _SLICE
+
+    def list_all(self) -> None:
+        """List every chunk still unlisted (the rest of the deferred listing)."""
+        while not self.list_some():
+            pass
+
     def stats(self) -> AllocatorStats:
-        """Per node and order: free blocks; per node: free, used, preserved, reserved."""
+        """Per node and order: free (listed) blocks; per node: free, used, preserved,
+        reserved pages, and the free pages not listed yet. Lists nothing."""
         preserved = self.memmap.preserved_per_node
         nodes = []
         for n, (lo, hi) in enumerate(zip(self._starts, self._starts[1:])):
@@ -239,29 +315,41 @@ class PageAllocator:
                 scratch_pages=self._scratch[n],
                 free_blocks=tuple(len(a) + len(b) for a, b in zip(normal, scratch)),
                 free_scratch_blocks=tuple(len(b) for b in scratch),
+                unlisted_pages=self._unlisted_pages(n),
             ))  # fmt: skip
         return AllocatorStats(tuple(nodes))
 
     def check(self) -> None:
         """Verify the free lists and counters against the memmap; MachineError if they
-        disagree (a debugging aid for tests; O(arena))."""
+        disagree (a debugging aid for tests; O(arena); lists nothing, settles the
+        memmap)."""
         self.memmap.settle()
         m = self._map
         for n in range(self.arena.nodes):
             for kind in KINDS:
                 flag = SCRATCH_FLAG if kind else 0
-                pages = 0
+                pages = 0 if kind else self._unlisted_pages(n)
                 for order, heads in enumerate(self._free[n][kind]):
-                    arr = np.fromiter(heads, dtype=np.int64, count=len(heads))
-                    if (m[arr] != flag | _FREE | order).any() or (arr & ((1 << order) - 1)).any():
+                    arr = np.array(heads, dtype=np.int64)
+                    if (m[arr] != flag | _FREE | order).any() or (arr & ((1 << order) - 1)).any() \
+                            or self._hidden[arr >> MAX_ORDER].any() \
+                            or (self._at[arr] != np.arange(len(arr))).any():
                         raise MachineError(f"The order-{order} free list of node {n} disagrees with the memmap.")
                     pages += len(heads) << order
                 if pages != self._nfree[n][kind]:
-                    raise MachineError(f"Node {n} counts {self._nfree[n][kind]} free pages but lists {pages}.")
+                    raise MachineError(f"Node {n} counts {self._nfree[n][kind]} free pages but lists "
+                                       f"{pages} (unlisted chunks included).")
+        free = self.memmap.block_states() == PageState.FREE
         listed = sum(map(sum, self._nfree))
-        marked = int(np.count_nonzero(self.memmap.block_states() == PageState.FREE))
+        marked = int(np.count_nonzero(free))
         if listed != marked:
             raise MachineError(f"The memmap marks {marked} pages free but the free lists hold {listed}.")
+        per_chunk = free[: self._nfull << MAX_ORDER].reshape(self._nfull, CHUNK).sum(axis=1)
+        unlisted = np.flatnonzero(self._hidden)
+        wrong = unlisted[per_chunk[unlisted] != self._hidden[unlisted]]
+        if wrong.size:
+            raise MachineError(f"Unlisted chunk {int(wrong[0])} counts {int(self._hidden[wrong[0]])} "
+                               f"free pages but the memmap marks {int(per_chunk[wrong[0]])}.")
 
     # -- internals --------------------------------------------------------------------------
 
@@ -279,13 +367,17 @@ class PageAllocator:
             if lists[k]:
                 break
         else:
-            return None
+            k = self._list_until(node, kind, order)
+            if k is None:
+                return None
         pfn = lists[k].pop()
         flag = SCRATCH_FLAG if kind else 0
+        where = self._where
         while k > order:  # split: keep the lower half, free the upper one
             k -= 1
             buddy = pfn + (1 << k)
-            lists[k].add(buddy)
+            where[buddy] = len(lists[k])
+            lists[k].append(buddy)
             self._map[buddy] = flag | _FREE | k
         self._map[pfn] = flag | _ALLOCATED | order
         self._nfree[node][kind] -= 1 << order
@@ -319,8 +411,10 @@ class PageAllocator:
 
     def _start(self, marks: BootMarks) -> None:
         """The first free lists: a whole chunk boot never touched is one free block, a
-        chunk it filled has none (neither is read); the others are rebuilt from their
-        bytes."""
+        chunk it filled has none (neither is read); a chunk it marked in part stays
+        unlisted, its free pages counted from the marks (nothing read either), unless
+        it has scratch pages; those, and the arena's partial last chunk, are rebuilt
+        from their bytes."""
         chunks = np.arange(len(marks.touched), dtype=np.int64)
         full = chunks < self._nfull
         fresh = chunks[full & ~marks.touched]
@@ -328,8 +422,59 @@ class PageAllocator:
         self._rows[fresh, 0] = _FREE | MAX_ORDER
         self.memmap.wrote(fresh)
         self._add(fresh << MAX_ORDER, np.full(len(fresh), MAX_ORDER, np.int64))
-        filled = full & (marks.covered == CHUNK)
-        self._rebuild(chunks[marks.touched & ~filled | ~full])
+        marked = full & marks.touched & (marks.covered < CHUNK)
+        unlisted = marked & ~marks.scratched
+        self._hidden[unlisted] = CHUNK - marks.covered[unlisted]
+        self._unlisted = bool(unlisted.any())
+        self._count_normal(chunks[unlisted], self._hidden[unlisted])
+        self._rebuild(chunks[marked & marks.scratched | ~full])
+
+    def _count_normal(self, chunks: np.ndarray, pages: np.ndarray, sign: int = 1) -> None:
+        """Add ``sign`` times ``pages[i]`` free pages of normal memory in ``chunks[i]``
+        (ascending) to the counters of their nodes."""
+        for n, (lo, hi) in enumerate(zip(self._node_chunks, self._node_chunks[1:])):
+            a, b = np.searchsorted(chunks, (lo, hi))
+            self._nfree[n][NORMAL] += sign * int(pages[a:b].sum())
+
+    def _hide(self, pfns: np.ndarray, order: int) -> None:
+        """Count the blocks of ``order`` at ``pfns``, freed into unlisted chunks, as free
+        pages there: the chunk's listing merges them."""
+        if pfns.size:
+            np.add.at(self._hidden, pfns >> MAX_ORDER, 1 << order)
+            self._count_normal(np.sort(pfns >> MAX_ORDER), np.full(pfns.size, 1 << order, np.int64))
+
+    def _unlisted_pages(self, node: int) -> int:
+        return int(self._hidden[self._node_chunks[node]:self._node_chunks[node + 1]].sum())
+
+    def _list_until(self, node: int, kind: int, order: int) -> int | None:
+        """No listed block of ``node`` and ``kind`` has ``order`` or more: list the
+        node's unlisted chunks (normal memory only), more each time, until one has; its
+        order, or None once none is left."""
+        lists = self._free[node][kind]
+        batch = _ON_DEMAND
+        while kind == NORMAL and self._list_node(node, batch):
+            for k in range(order, MAX_ORDER + 1):
+                if lists[k]:
+                    return k
+            batch *= 2
+        return None
+
+    def _list_node(self, node: int, count: int) -> bool:
+        """List up to ``count`` unlisted chunks of ``node``, the lowest first; False if
+        it has none."""
+        lo = self._node_chunks[node]
+        chunks = np.flatnonzero(self._hidden[lo:self._node_chunks[node + 1]])[:count] + lo
+        if chunks.size:
+            self._list(chunks)
+        return bool(chunks.size)
+
+    def _list(self, chunks: np.ndarray) -> None:
+        """List ``chunks`` (ascending, unlisted): their free pages become free blocks on
+        the free lists (no longer counted per chunk)."""
+        self._count_normal(chunks, self._hidden[chunks], sign=-1)
+        self._hidden[chunks] = 0
+        self._unlisted = bool(self._hidden.any())
+        self._rebuild(chunks)
 
     def _rebuild(self, chunks: np.ndarray) -> None:
         """Add the free blocks of ``chunks`` (ascending, none of them listed) to the
@@ -427,13 +572,50 @@ class PageAllocator:
         nodes = np.searchsorted(np.asarray(self._starts[1:-1]), heads, side="right")
         kinds = (self._map[heads] >= SCRATCH_FLAG).astype(np.int64)
         for (node, kind, order), group in _groups(heads, orders, nodes, kinds):
-            lists = self._free[node][kind][order]
+            stack = self._free[node][kind][order]
+            group = group.astype(np.int64, copy=False)[::-1]    # the lowest on top
             if forget:
-                lists.difference_update(group)
+                self._unstack(stack, group)
                 self._nfree[node][kind] -= len(group) << order
             else:
-                lists.update(group)
+                self._stack(stack, group)
                 self._nfree[node][kind] += len(group) << order
+
+    def _stack(self, stack: array, heads: np.ndarray) -> None:
+        """Push ``heads`` on ``stack`` (one by one when they are few: cheaper than the
+        numpy calls)."""
+        if len(heads) <= _FEW:
+            where = self._where
+            for pfn in heads.tolist():
+                where[pfn] = len(stack)
+                stack.append(pfn)
+            return
+        self._at[heads] = np.arange(len(stack), len(stack) + len(heads), dtype=np.int32)
+        stack.frombytes(heads.tobytes())
+
+    def _unstack(self, stack: array, heads: np.ndarray) -> None:
+        """Take ``heads`` (listed in ``stack``) off it: each one's place goes to a head
+        from the top (one by one when they are few: cheaper than the numpy calls)."""
+        if len(heads) <= _FEW:
+            where = self._where
+            for pfn in heads.tolist():
+                last = stack.pop()
+                if last != pfn:
+                    stack[where[pfn]] = last
+                    where[last] = where[pfn]
+            return
+        top = len(stack) - len(heads)
+        at = self._at[heads].astype(np.int64)
+        leaving = np.zeros(len(heads), bool)        # of the places from the new top up
+        leaving[at[at >= top] - top] = True
+        movers = top + np.flatnonzero(~leaving)     # stay: into the places left below
+        holes = at[at < top]
+        view = np.frombuffer(stack, np.int64)
+        moved = view[movers]
+        view[holes] = moved
+        self._at[moved] = holes
+        del view                # no export left: the array may shrink
+        del stack[top:]
 
     def _oom_message(self, order: int, movable: bool, node: int | None) -> str:
         kind = "movable" if movable else "unmovable"
@@ -477,11 +659,15 @@ def split_runs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.nda
 
     Greedy, as the kernel's ``__free_pages_memory()`` does: climb (take a 2**k block
     while the position has bit k set and it fits), then whole MAX_ORDER blocks, then
-    descend through the bits of what is left. Each step is one pass over all runs.
+    descend through the bits of what is left. Each step is one pass over the runs longer
+    than a page (single pages, all a fragmented arena has, are order-0 blocks as they are).
     """
-    pos = starts.copy()
-    heads: list[np.ndarray] = []
-    orders: list[np.ndarray] = []
+    single = ends - starts == 1
+    heads: list[np.ndarray] = [starts[single]]
+    orders: list[np.ndarray] = [np.zeros(len(heads[0]), np.int64)]
+    if single.all():
+        return heads[0], orders[0]
+    pos, ends = starts[~single], ends[~single]
 
     def take(mask: np.ndarray, order: int) -> None:
         heads.append(pos[mask])
@@ -504,12 +690,13 @@ def split_runs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _groups(heads: np.ndarray, orders: np.ndarray, nodes: np.ndarray,
-            kinds: np.ndarray) -> Iterator[tuple[tuple[int, int, int], list[int]]]:
-    """The head pfns grouped by (node, kind, order)."""
+            kinds: np.ndarray) -> Iterator[tuple[tuple[int, int, int], np.ndarray]]:
+    """The head pfns (int64) grouped by (node, kind, order), ascending in each group
+    when they are in ``heads``."""
     key = (nodes * 2 + kinds) * (MAX_ORDER + 1) + orders
     sort = np.argsort(key, kind="stable")
     key, heads = key[sort], heads[sort]
     cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
     for group_key, group in zip(key[np.concatenate(([0], cuts))].tolist(), np.split(heads, cuts)):
         node_kind, order = divmod(group_key, MAX_ORDER + 1)
-        yield (node_kind // 2, node_kind % 2, order), group.tolist()
+        yield (node_kind // 2, node_kind % 2, order), group

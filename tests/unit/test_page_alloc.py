@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest_machine import SHM
+from conftest_machine import SHM, machine_env, unique_name  # noqa: F401
 from kho_backend.arena import Arena
 from kho_backend.errors import HandoverError, MachineError, OutOfMemory
 from kho_backend.leaves import Leaves
@@ -217,6 +218,21 @@ def test_free_pfns_in_bulk(arena: Arena) -> None:
     pages.check()
 
 
+def test_free_pfns_takes_many_listed_blocks_off_their_lists(arena: Arena) -> None:
+    """A bulk free rebuilds the chunks it touches: their listed blocks (here a hundred
+    single pages, each between two allocated ones) leave the free lists first."""
+    pages = fresh(arena)
+    before = pages.stats()
+    pfns = np.array([pages.alloc(0) for _ in range(400)])
+    for pfn in pfns[::2].tolist():
+        pages.free(pfn, 0)
+    assert pages.stats().free_blocks(0) >= 150
+    pages.check()
+    pages.free_pfns(pfns[1::2], 0)
+    assert pages.stats() == before
+    pages.check()
+
+
 def test_free_pfns_is_all_or_nothing(arena: Arena) -> None:
     pages = fresh(arena)
     pfns = np.array([pages.alloc(0) for _ in range(10)])
@@ -254,6 +270,10 @@ def test_preserved_blocks(arena: Arena) -> None:
     pages.free(512, 9)  # an unclaimed preserved block goes straight back
     pages.free_pfns(np.array([5, 7, 2100]), 0)
     pages.free(1024, 9)
+    # The chunk of 1024 (marked in part by boot) is still unlisted: its pages counted.
+    assert pages.stats().free_pages == empty.free_pages and pages.stats().unlisted_pages == 1024
+    pages.check()
+    pages.list_all()
     assert pages.stats() == empty
     pages.check()
 
@@ -308,6 +328,7 @@ OPS = st.lists(
         st.tuples(st.just("alloc"), st.integers(0, MAX_ORDER), st.booleans(), st.sampled_from([None, 0, 1])),
         st.tuples(st.just("free"), st.integers(0, 1 << 30)),
         st.tuples(st.just("claim"), st.integers(0, 1 << 30)),
+        st.tuples(st.just("list")),
     ),
     max_size=80,
 )
@@ -368,6 +389,8 @@ def test_random_alloc_free_keeps_the_books(arena: Arena, preserve, ops) -> None:
             order = preserved.pop(pfn)
             pages.memmap.claim_preserved(np.array([pfn]), order)
             live[pfn] = order
+        elif op[0] == "list":
+            pages.list_some()
         s = pages.stats()
         assert s.used_pages == sum(1 << o for o in live.values())
         assert s.preserved_pages == sum(1 << o for o in preserved.values())
@@ -375,6 +398,9 @@ def test_random_alloc_free_keeps_the_books(arena: Arena, preserve, ops) -> None:
     pages.check()
     for pfn, order in [*live.items(), *preserved.items()]:
         pages.free(pfn, order)
+    assert pages.stats().free_pages == empty.free_pages
+    pages.check()
+    pages.list_all()
     assert pages.stats() == empty  # everything merged back into the same blocks
     pages.check()
 
@@ -498,3 +524,140 @@ def test_settle_some_writes_the_deferred_chunks_a_slice_at_a_time() -> None:
     finally:
         arena.close()
         shutil.rmtree(folder)
+
+
+# -- deferred listing ---------------------------------------------------------------------------
+
+
+def half_preserved(npages: int, chunks: range) -> tuple[Arena, Path, Memmap, np.ndarray]:
+    """A one-node arena as a boot leaves it after a fragmented handover: pages 0-1
+    reserved, every even page of ``chunks`` preserved (deferred, as boot marks them)."""
+    folder = Path(tempfile.mkdtemp(prefix="gfs-alloc-", dir=SHM))
+    arena = Arena.create(folder / "a.mem", npages * PAGE_SIZE)
+    memmap = Memmap(arena, 1, reset=True)
+    memmap.mark_reserved(0, 2)
+    kept = np.arange(chunks.start << MAX_ORDER, chunks.stop << MAX_ORDER, 2)
+    memmap.set_preserved(Leaves.from_heads(kept, 0), disjoint=True)
+    return arena, folder, memmap, kept
+
+
+def test_partly_marked_chunks_start_unlisted_with_exact_counts() -> None:
+    """Chunks boot marked in part are not cut at start-up (nor their memmap written):
+    their free pages are counted from boot's marks, exact before any listing. An
+    allocation that finds no listed block lists some; one that fits nowhere lists them
+    all before it fails."""
+    arena, folder, memmap, kept = half_preserved(16 << MAX_ORDER, range(1, 9))
+    try:
+        pages = PageAllocator(arena, memmap)
+        s = pages.stats()
+        # chunk 0 (two reserved pages) and chunks 1-8 (half preserved) are unlisted
+        assert s.free_pages == (16 << MAX_ORDER) - 2 - len(kept)
+        assert s.unlisted_pages == (1 << MAX_ORDER) - 2 + len(kept)
+        assert s.free_blocks(MAX_ORDER) == 7 and sum(map(s.free_blocks, range(MAX_ORDER))) == 0
+        assert not pages.listed and not memmap.settled
+        fresh_blocks = [pages.alloc(MAX_ORDER) for _ in range(7)]
+        assert min(fresh_blocks) == 9 << MAX_ORDER
+        pfn = pages.alloc(0)                          # needs an unlisted chunk: a few listed
+        assert pfn < 9 << MAX_ORDER and 0 < pages.stats().unlisted_pages < s.unlisted_pages
+        assert pages.stats().free_pages == s.free_pages - (7 << MAX_ORDER) - 1
+        with pytest.raises(OutOfMemory, match="largest free block is of order 9"):
+            pages.alloc(MAX_ORDER)                    # lists every chunk first
+        assert pages.listed and pages.stats().unlisted_pages == 0
+        s = pages.stats()       # single pages, never merged (one allocated), and chunk 0
+        assert s.free_blocks(0) == len(kept) - 1 == s.free_pages - 1022
+        assert [s.free_blocks(k) for k in range(1, MAX_ORDER + 1)] == [1] * 9 + [0]
+        pages.check()
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
+
+
+def test_frees_into_an_unlisted_chunk_merge_when_it_is_listed() -> None:
+    """A block freed into an unlisted chunk (one by one or in bulk) is counted at once
+    and merged with its free buddies when the chunk is listed."""
+    arena, folder, memmap, kept = half_preserved(4 << MAX_ORDER, range(1, 2))
+    try:
+        pages = PageAllocator(arena, memmap)
+        base = 1 << MAX_ORDER
+        memmap.claim_preserved(np.array([base, base + 2]), 0)
+        before = pages.stats()
+        pages.free(base, 0)
+        pages.free_pfns(np.array([base + 2]), 0)
+        pages.free(base + 4, 0)                       # preserved, unclaimed: released
+        s = pages.stats()
+        assert s.free_pages == before.free_pages + 3 and s.preserved_pages == len(kept) - 3
+        assert s.unlisted_pages == before.unlisted_pages + 3 and s.free_blocks(2) == 0
+        pages.free(base + 6, 0)                       # still preserved: freed as well
+        pages.check()
+        assert memmap.head(base) == (PageState.FREE, 0)     # marked, not merged yet
+        pages.list_all()
+        assert memmap.head(base) == (PageState.FREE, 3)     # [base, base + 8) whole
+        assert pages.stats().free_blocks(0) == len(kept) - 4      # the others: single pages
+        assert pages.stats().free_pages == before.free_pages + 4
+        pages.check()
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
+
+
+def test_list_some_lists_every_chunk_a_slice_at_a_time() -> None:
+    """What the daemon does after a boot, between requests: each call lists some of the
+    unlisted chunks, until none is left; the lists then hold what an eager start-up
+    would have built."""
+    arena, folder, memmap, kept = half_preserved(64 << MAX_ORDER, range(1, 41))
+    try:
+        pages = PageAllocator(arena, memmap)
+        free = pages.stats().free_pages
+        steps = 1
+        while not pages.list_some():
+            steps += 1
+            assert pages.stats().free_pages == free
+        assert steps >= 2 and pages.listed and memmap.settled
+        s = pages.stats()
+        assert s.unlisted_pages == 0 and s.free_pages == free
+        assert s.free_blocks(0) == len(kept) and s.free_blocks(MAX_ORDER) == 23
+        assert s.free_blocks(1) == 1 and s.free_blocks(9) == 1     # chunk 0 after pages 0-1
+        pages.check()
+    finally:
+        arena.close()
+        shutil.rmtree(folder)
+
+
+def test_a_kexec_with_chunks_still_unlisted(machine_env: Path) -> None:
+    """A kernel hands over (for an exec) before its free lists are all built: the next
+    kernel finds the same free pages and the pool whole."""
+    from guestfs.session import Options, Session
+    from kho_backend.arena import drop_kept_mapping
+    options = Options(unique_name("frag"), memory=64 << 20, format=True)
+    session = Session.open(options)
+    pool = session.kernel.kho.pools["guestfs"]
+    taken = np.array([pool.alloc(0) for _ in range(4096)], np.int64)
+    pool.free_bulk(taken[taken & 1 == 1], 0)
+    pool_pages = pool.nr_pages
+    session.hand_over({}, for_exec=False)
+    session.close()
+    options = dataclasses.replace(options, format=False)
+    try:
+        free = []
+        for _ in range(2):
+            session = Session.open(options)
+            buddy = session.kernel.buddy
+            assert not buddy.listed and buddy.stats().unlisted_pages > 1024
+            free.append(buddy.stats().free_pages)
+            assert session.kernel.kho.pools["guestfs"].nr_pages == pool_pages
+            session.hand_over({}, for_exec=True)
+            session.leave()
+            session.close()
+        session = Session.open(options)
+        try:
+            buddy = session.kernel.buddy
+            assert buddy.stats().free_pages == free[0] == free[1]
+            buddy.check()
+            buddy.list_all()
+            buddy.check()
+            assert buddy.stats().free_pages == free[0]
+        finally:
+            session.hand_over({}, for_exec=False)
+            session.close()
+    finally:
+        drop_kept_mapping()
