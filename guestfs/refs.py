@@ -1,13 +1,18 @@
-"""The kernel's references to the inodes of one mount: lookup counts and open counts.
+"""The kernel's references to the inodes of one mount: lookup and open counts, and
+which inodes may have pages in the kernel's page cache.
 
 The kernel holds a lookup reference on every inode in its inode cache, so after a walk
 of the tree it holds one on every inode: a Python object per inode would make the
-daemon's memory grow with the tree. Lookup counts therefore live in blocks of
-`BLOCK_INOS` consecutive inode numbers, one unsigned 64-bit count each (the kernel's own
-counter is 64-bit). Inode numbers are handed out in order and never reused, so inodes
-made together share blocks: a tree the kernel holds whole costs about 13 bytes per
-inode. A block goes as soon as none of its inodes is held, so the numbers of inodes long
-deleted cost nothing; the dearest case, one held inode per block, is about 400 bytes.
+daemon's memory grow with the tree, and so would the work of handing the table to the
+next kernel when the mount is kept across a kexec (`guestfs.connection`). Lookup counts
+therefore live in blocks of `BLOCK_INOS` consecutive inode numbers, one unsigned 64-bit
+count each (the kernel's own counter is 64-bit), and the blocks lie side by side in one
+flat array, with the block key of each row in another: the table goes to the next
+kernel as two array copies, not a Python object per inode or per block. Inode numbers
+are handed out in order and never reused, so inodes made together share blocks: a tree
+the kernel holds whole costs about 12 bytes per inode. A block goes as soon as none of
+its inodes is held (the last row takes its place), so the numbers of inodes long deleted
+cost nothing; the dearest case, one held inode per block, is about 400 bytes.
 
 Open counts are a plain dict: few files are open at once, next to the inodes the kernel
 merely caches.
@@ -15,33 +20,75 @@ merely caches.
 The table belongs to the kernel's mount, not to the filesystem in the arena: a
 `Filesystem` that replaces another in the same process over the same mount (an
 in-process re-boot) adopts its table (`Filesystem.adopt_kernel_refs`).
+
+`InodeSet`, a set of inode numbers as 64-bit masks per block of 64, is the adapter's
+record of the inodes whose pages the kernel may cache: also one per inode of a tree
+read whole, and handed over with the references.
 """
 
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
 
 #: Inode numbers per block of lookup counts.
 BLOCK_INOS = 32
 #: The last slot of a block counts its non-zero slots, so that an empty block is freed
 #: without a scan.
 _LIVE = BLOCK_INOS
-_ZERO_BLOCK = array("Q", bytes(8 * (BLOCK_INOS + 1)))
+#: Slots per block (row) in the flat array.
+STEP = BLOCK_INOS + 1
+_ZERO_BLOCK = array("Q", bytes(8 * STEP))
+_ZERO_SLOT = array("Q", [0])
+
+
+# `PackedLookups.bits` holds a block's inodes in a u32.
+assert BLOCK_INOS == 32
+
+
+@dataclass(frozen=True)
+class PackedLookups:
+    """A table of lookup counts as a handover carries it: most held inodes have one
+    lookup, so a block is its key and a mask of its held inodes (bit i: inode
+    key × `BLOCK_INOS` + i), and only the counts other than 1 are listed, by inode.
+    Sound when no key is listed twice, no mask is 0, and every inode of `inos` is
+    listed once, with a count above 1, and held by its block's mask."""
+
+    keys: np.ndarray        # u64 block keys
+    bits: np.ndarray        # u32 masks of held inodes, one per key
+    inos: np.ndarray        # u64 held inodes whose count is not 1
+    counts: np.ndarray      # u64 their counts
+
+    def rows_of(self, inos: np.ndarray) -> np.ndarray:
+        """The index in `keys` of the block of each of `inos`, or len(keys) for a block
+        not listed (the keys listed once each)."""
+        blocks = inos // np.uint64(BLOCK_INOS)
+        if not len(self.keys):
+            return np.zeros(len(inos), np.intp)
+        order = np.argsort(self.keys, kind="stable")
+        at = np.minimum(np.searchsorted(self.keys, blocks, sorter=order), len(order) - 1)
+        rows = order[at]
+        return np.where(self.keys[rows] == blocks, rows, len(self.keys))
 
 
 class KernelRefs:
     """Lookup and open counts per inode of one kernel mount (see the module docstring)."""
 
-    __slots__ = ("_blocks", "_opens")
+    __slots__ = ("_keys", "_opens", "_rows", "_slots")
 
     def __init__(self) -> None:
-        self._blocks: dict[int, array | memoryview] = {}
+        self._slots = array("Q")            # the blocks, `STEP` slots a row
+        self._keys = array("Q")             # the block key of each row
+        self._rows: dict[int, int] = {}     # block key -> row
         self._opens: dict[int, int] = {}
 
     def lookups(self, ino: int) -> int:
         """The kernel's lookup count of `ino`."""
-        block = self._blocks.get(ino // BLOCK_INOS)
-        return 0 if block is None else block[ino % BLOCK_INOS]
+        row = self._rows.get(ino // BLOCK_INOS)
+        return 0 if row is None else self._slots[row * STEP + ino % BLOCK_INOS]
 
     def opens(self, ino: int) -> int:
         """How many opens of `ino` are not released yet."""
@@ -54,24 +101,48 @@ class KernelRefs:
     def add_lookups(self, ino: int, n: int) -> None:
         """The kernel took `n` more lookup references to `ino`."""
         key, slot = divmod(ino, BLOCK_INOS)
-        block = self._blocks.get(key)
-        if block is None:
-            block = self._blocks[key] = array("Q", _ZERO_BLOCK)
-        if not block[slot]:
-            block[_LIVE] += 1
-        block[slot] += n
+        row = self._rows.get(key)
+        slots = self._slots
+        if row is None:
+            row = self._rows[key] = len(self._keys)
+            self._keys.append(key)
+            slots.extend(_ZERO_BLOCK)
+        i = row * STEP + slot
+        if not slots[i]:
+            slots[i - slot + _LIVE] += 1
+        slots[i] += n
 
     def drop_lookups(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references to `ino` (never below zero)."""
         key, slot = divmod(ino, BLOCK_INOS)
-        block = self._blocks.get(key)
-        if block is None or not block[slot]:
+        row = self._rows.get(key)
+        if row is None:
             return
-        block[slot] = max(block[slot] - n, 0)
-        if not block[slot]:
-            block[_LIVE] -= 1
-            if not block[_LIVE]:
-                del self._blocks[key]
+        slots, i = self._slots, row * STEP + slot
+        count = slots[i]
+        if count > n:
+            slots[i] = count - n
+        elif count:
+            slots[i] = 0
+            live = i - slot + _LIVE
+            slots[live] -= 1
+            if not slots[live]:
+                self._remove(key, row)
+
+    def _remove(self, key: int, row: int) -> None:
+        # The last row moves into the freed one: the rows stay dense, so the table is
+        # copied whole at a handover and its memory shrinks as blocks go.
+        last = len(self._keys) - 1
+        if row != last:
+            moved = self._keys[last]
+            self._keys[row] = moved
+            self._slots[row * STEP:(row + 1) * STEP] = self._slots[last * STEP:]
+            self._rows[moved] = row
+        del self._keys[last], self._slots[last * STEP:], self._rows[key]
+        if not self._rows:
+            # The dict and the keys (shortened one at a time) keep their peak size:
+            # give it back when the kernel holds nothing.
+            self._keys, self._slots, self._rows = array("Q"), array("Q"), {}
 
     def open(self, ino: int) -> None:
         """Count an open of `ino`."""
@@ -85,29 +156,110 @@ class KernelRefs:
         else:
             self._opens.pop(ino, None)
 
-    def raw_blocks(self) -> tuple[list[int], bytes]:
-        """The block keys (inode number // `BLOCK_INOS`) and the blocks themselves, raw
-        and in the same order: per block `BLOCK_INOS` u64 counts, then its live count."""
-        return list(self._blocks), b"".join(self._blocks.values())
-
     def open_counts(self) -> dict[int, int]:
         """Open counts per inode with files open."""
         return dict(self._opens)
 
+    def packed(self) -> PackedLookups:
+        """The lookup counts in the form a handover carries them (`PackedLookups`):
+        a few array operations over the flat table, nothing per inode in Python."""
+        keys = np.array(self._keys, np.uint64)
+        # A view of the live array: it must not outlive this call (the array cannot
+        # grow while a view of it exists).
+        counts = np.frombuffer(self._slots, np.uint64).reshape(-1, STEP)[:, :BLOCK_INOS]
+        bits = np.packbits(counts != 0, axis=1, bitorder="little").view("<u4").reshape(-1)
+        rows, slots = np.nonzero(counts > 1)
+        return PackedLookups(keys, bits.astype(np.uint32),
+                             keys[rows] * BLOCK_INOS + slots.astype(np.uint64),
+                             counts[rows, slots])
+
     @classmethod
-    def restored(cls, keys: list[int], raw: bytes, opens: dict[int, int]) -> KernelRefs:
-        """A table from what `raw_blocks` and `open_counts` returned (checked by the
-        caller: a live count that disagrees with its block would leak it). The blocks
-        are views into one copy of `raw` (they index like the `array` blocks made later),
-        so adopting a whole tree's counts costs no Python object per block but a view."""
+    def restored(cls, lookups: PackedLookups, opens: dict[int, int]) -> KernelRefs:
+        """A table from what `packed` and `open_counts` returned, checked by the caller
+        (`PackedLookups` says how: a key listed twice or a count of a block not listed
+        would corrupt the table). Costs a few array operations and a dict entry per
+        block."""
         refs = cls()
-        slots = memoryview(bytearray(raw)).cast("Q")
-        step = BLOCK_INOS + 1
-        refs._blocks = {key: slots[i * step:(i + 1) * step] for i, key in enumerate(keys)}
+        n = len(lookups.keys)
+        refs._keys.frombytes(np.ascontiguousarray(lookups.keys, "<u8").tobytes())
+        refs._slots = _ZERO_SLOT * (STEP * n)      # one allocation, no copy
+        slots = np.frombuffer(refs._slots, np.uint64).reshape(n, STEP)    # a view: see
+        held = np.unpackbits(                                             # `packed`
+            np.ascontiguousarray(lookups.bits, "<u4").view(np.uint8).reshape(n, 4),
+            axis=1, bitorder="little")
+        slots[:, :BLOCK_INOS] = held
+        slots[:, _LIVE] = held.sum(axis=1)
+        if len(lookups.inos):
+            slots[lookups.rows_of(lookups.inos), lookups.inos % BLOCK_INOS] = lookups.counts
+        del slots
+        refs._rows = dict(zip(refs._keys.tolist(), range(n)))
         refs._opens = dict(opens)
         return refs
 
     def clear(self) -> None:
         """Forget every reference: the mount ended."""
-        self._blocks.clear()
+        self._slots = array("Q")
+        self._keys = array("Q")
+        self._rows.clear()
         self._opens.clear()
+
+
+#: Inode numbers per mask of an `InodeSet`.
+SET_INOS = 64
+
+
+class InodeSet:
+    """A set of inode numbers, as a 64-bit mask per block of `SET_INOS` consecutive
+    numbers that holds any: an eighth of a byte per member in a tree taken whole, and
+    copied to and from arrays with a dict entry per block."""
+
+    __slots__ = ("_masks",)
+
+    def __init__(self) -> None:
+        self._masks: dict[int, int] = {}
+
+    def add(self, ino: int) -> None:
+        """Add `ino`."""
+        key, bit = divmod(ino, SET_INOS)
+        self._masks[key] = self._masks.get(key, 0) | (1 << bit)
+
+    def discard(self, ino: int) -> None:
+        """Remove `ino` if it is a member."""
+        key, bit = divmod(ino, SET_INOS)
+        mask = self._masks.get(key, 0) & ~(1 << bit)
+        if mask:
+            self._masks[key] = mask
+        else:
+            self._masks.pop(key, None)
+
+    def __contains__(self, ino: object) -> bool:
+        if not isinstance(ino, int):
+            return False
+        key, bit = divmod(ino, SET_INOS)
+        return bool(self._masks.get(key, 0) >> bit & 1)
+
+    def __len__(self) -> int:
+        return sum(mask.bit_count() for mask in self._masks.values())
+
+    def masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(block keys, masks) as u64 arrays, in the same order: bit b of a mask is
+        inode key × `SET_INOS` + b."""
+        n = len(self._masks)
+        return (np.fromiter(self._masks.keys(), np.uint64, n),
+                np.fromiter(self._masks.values(), np.uint64, n))
+
+    @classmethod
+    def from_masks(cls, keys: np.ndarray, masks: np.ndarray) -> InodeSet:
+        """The set `masks` returned (checked by the caller: no key twice, no empty
+        mask)."""
+        out = cls()
+        out._masks = dict(zip(keys.tolist(), masks.tolist()))
+        return out
+
+    @classmethod
+    def of(cls, inos: Iterable[int]) -> InodeSet:
+        """The set of the inode numbers `inos`."""
+        out = cls()
+        for ino in inos:
+            out.add(ino)
+        return out
