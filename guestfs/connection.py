@@ -8,10 +8,9 @@ kernel's page cache) is not kernel memory to rebuild from the tree, so it is han
 explicitly, as LUO preserves a file descriptor: the ``guestfs-fuse`` KHO subtree
 (``compatible = "guestfs-fuse-v2"``, docs/handover-abi.md), whose tables lie in a
 preserved page chain, so their size has no limit but the arena. The tables are packed
-(a held lookup block is its key and a mask, only counts other than 1 are listed; the
-cached inodes are masks too), about 0.5 bytes per inode of a tree the kernel holds
-whole, and made and read back by array operations: the blackout's share of this state
-is small next to the rest even with millions of inodes held. It names the connection it
+(a lookup block is its key and a byte per count; the cached inodes are masks), about 1.5
+bytes per inode of a tree the kernel holds whole, and made and read back by array
+operations, with Python work per block of inodes, not per inode. It names the connection it
 belongs to (the daemon's pid and the mount's device number); only a kernel booted in
 that process on that connection claims it. Any other boot (an exec, a later mount, a
 crash boot) leaves it unclaimed and it is freed at the end of boot with the rest.
@@ -26,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guestfs.refs import BLOCK_INOS, SET_INOS, InodeSet, KernelRefs, PackedLookups
+from guestfs.refs import (BLOCK_INOS, SATURATED, SET_INOS, InodeSet, KernelRefs,
+                          PackedLookups)
 from kho_backend.chain import free_chain, walk_chain, write_chain
 from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
@@ -43,10 +43,10 @@ VERSION = 2
 CHAIN_MAGIC = b"GFCN"
 
 #: A block of lookup counts that holds any inode: its key (inode number // the block
-#: size) and the mask of its held inodes (bit i: inode key × block size + i).
-HELD = np.dtype([("key", "<u8"), ("bits", "<u4")])
-#: A held inode whose lookup count is not 1, and that count.
-COUNT = np.dtype([("ino", "<u8"), ("count", "<u8")])
+#: size) and its counts, a byte each (`SATURATED`: the count is listed in BIG).
+BLOCK = np.dtype([("key", "<u8"), ("counts", "u1", (BLOCK_INOS,))])
+#: A held inode whose lookup count does not fit its byte, and that count.
+BIG = np.dtype([("ino", "<u8"), ("count", "<u8")])
 #: One inode with files open: the inode and how many opens are not released.
 OPEN = np.dtype([("ino", "<u8"), ("count", "<u8")])
 #: One open of the adapter: its file handle, inode and `HANDLE_*` flags.
@@ -57,7 +57,7 @@ HANDLE_DIRECT = 2       # a file opened with O_DIRECT
 #: // the set's block size) and its mask (bit b: inode key × set block size + b).
 CACHED = np.dtype([("key", "<u8"), ("bits", "<u8")])
 #: The tables of the chain's payload, in order, after its header.
-TABLES = (("held", HELD), ("counts", COUNT), ("opens", OPEN), ("handles", HANDLE),
+TABLES = (("blocks", BLOCK), ("big", BIG), ("opens", OPEN), ("handles", HANDLE),
           ("cached", CACHED))
 #: The payload's header: the inodes per lookup block and per cached-set mask.
 _HEADER = struct.Struct("<II")
@@ -112,8 +112,8 @@ def encode(state: ConnectionState) -> bytes:
     lookups = state.refs.packed()
     opens = state.refs.open_counts()
     cache_keys, cache_bits = state.cached.masks()
-    tables = (_pairs(HELD, lookups.keys, lookups.bits),
-              _pairs(COUNT, lookups.inos, lookups.counts),
+    tables = (_pairs(BLOCK, lookups.keys, lookups.small),
+              _pairs(BIG, lookups.inos, lookups.counts),
               _pairs(OPEN, np.fromiter(opens.keys(), np.uint64, len(opens)),
                      np.fromiter(opens.values(), np.uint64, len(opens))),
               state.handles, _pairs(CACHED, cache_keys, cache_bits))
@@ -154,8 +154,8 @@ def decode(payload: bytes) -> tuple[KernelRefs, np.ndarray, InodeSet]:
     if offset != len(view):
         raise HandoverError(f"the guestfs-fuse chain has {len(view) - offset} bytes after "
                             "its tables")
-    held, counts = found["held"], found["counts"]
-    lookups = PackedLookups(held["key"], held["bits"], counts["ino"], counts["count"])
+    blocks, big = found["blocks"], found["big"]
+    lookups = PackedLookups(blocks["key"], blocks["counts"], big["ino"], big["count"])
     _check_lookups(lookups)
     _check(found)
     opens = dict(zip(found["opens"]["ino"].tolist(), found["opens"]["count"].tolist()))
@@ -171,24 +171,24 @@ def _read_count(view: memoryview, offset: int, what: str) -> int:
 
 
 def _check_lookups(lookups: PackedLookups) -> None:
-    keys, bits, inos = lookups.keys, lookups.bits, lookups.inos
+    keys, small, inos = lookups.keys, lookups.small, lookups.inos
     if has_duplicates(keys):
         raise HandoverError("the guestfs-fuse lookup blocks list a block twice")
-    if np.any(bits == 0):
+    if len(keys) and not np.all(np.any(small, axis=1)):
         raise HandoverError("a guestfs-fuse lookup block holds no inode")
-    if np.any(bits[keys == 0] & 1):
+    if np.any(small[keys == 0, 0]):
         raise HandoverError("the guestfs-fuse lookup blocks hold inode 0")
     if has_duplicates(inos):
-        raise HandoverError("the guestfs-fuse lookup counts list an inode twice")
-    if np.any(lookups.counts < 2):
-        raise HandoverError("a guestfs-fuse lookup count lists a count below 2 (a held "
-                            "inode's count of 1 is its block's bit)")
+        raise HandoverError("the guestfs-fuse big lookup counts list an inode twice")
+    if np.any(lookups.counts < SATURATED):
+        raise HandoverError(f"a guestfs-fuse big lookup count is below {SATURATED}")
     rows = lookups.rows_of(inos)
     listed = rows < len(keys)
-    slot = (inos % np.uint64(BLOCK_INOS)).astype(np.uint32)
-    if not np.all(listed) or np.any((bits[rows[listed]] >> slot[listed]) & 1 == 0):
-        raise HandoverError("the guestfs-fuse lookup counts name an inode its block does "
-                            "not hold")
+    slots = (inos % np.uint64(BLOCK_INOS)).astype(np.intp)
+    if not np.all(listed) or np.any(small[rows[listed], slots[listed]] != SATURATED) or \
+            np.count_nonzero(small == SATURATED) != len(inos):
+        raise HandoverError("the guestfs-fuse big lookup counts are not those of the "
+                            "saturated bytes of the lookup blocks")
 
 
 def _check(found: dict[str, np.ndarray]) -> None:

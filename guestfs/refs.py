@@ -5,14 +5,16 @@ The kernel holds a lookup reference on every inode in its inode cache, so after 
 of the tree it holds one on every inode: a Python object per inode would make the
 daemon's memory grow with the tree, and so would the work of handing the table to the
 next kernel when the mount is kept across a kexec (`guestfs.connection`). Lookup counts
-therefore live in blocks of `BLOCK_INOS` consecutive inode numbers, one unsigned 64-bit
-count each (the kernel's own counter is 64-bit), and the blocks lie side by side in one
-flat array, with the block key of each row in another: the table goes to the next
-kernel as two array copies, not a Python object per inode or per block. Inode numbers
-are handed out in order and never reused, so inodes made together share blocks: a tree
-the kernel holds whole costs about 12 bytes per inode. A block goes as soon as none of
-its inodes is held (the last row takes its place), so the numbers of inodes long deleted
-cost nothing; the dearest case, one held inode per block, is about 400 bytes.
+therefore live in blocks of `BLOCK_INOS` consecutive inode numbers, and the blocks lie
+side by side in one flat array, with the block key of each row in another: the table
+goes to the next kernel by a few array operations, not a Python object per inode or per
+block. A count takes 16 bits: it is small (1 after the kernel's first lookup, one more
+each time a listing of the inode's directory returns it); one that does not fit (the
+kernel's own counter is 64-bit) is kept in a dict beside. Inode numbers are handed out
+in order and never reused, so inodes made together share blocks: a tree the kernel
+holds whole costs about 5 bytes per inode. A block goes as soon as none of its inodes is
+held (the last row takes its place), so the numbers of inodes long deleted cost nothing;
+the dearest case, one held inode per block, is about 200 bytes.
 
 Open counts are a plain dict: few files are open at once, next to the inodes the kernel
 merely caches.
@@ -41,25 +43,31 @@ BLOCK_INOS = 32
 _LIVE = BLOCK_INOS
 #: Slots per block (row) in the flat array.
 STEP = BLOCK_INOS + 1
-_ZERO_BLOCK = array("Q", bytes(8 * STEP))
-_ZERO_SLOT = array("Q", [0])
+#: The type code of the flat array (u16), and the slot value of a count kept apart.
+_SLOT = "H"
+_OVER = 0xFFFF
+_ZERO_BLOCK = array(_SLOT, bytes(2 * STEP))
+_ZERO_SLOT = array(_SLOT, [0])
 
 
-# `PackedLookups.bits` holds a block's inodes in a u32.
-assert BLOCK_INOS == 32
+#: A count that does not fit a byte of `PackedLookups.small`: the byte says so, and
+#: the count is listed apart.
+SATURATED = 255
 
 
 @dataclass(frozen=True)
 class PackedLookups:
-    """A table of lookup counts as a handover carries it: most held inodes have one
-    lookup, so a block is its key and a mask of its held inodes (bit i: inode
-    key × `BLOCK_INOS` + i), and only the counts other than 1 are listed, by inode.
-    Sound when no key is listed twice, no mask is 0, and every inode of `inos` is
-    listed once, with a count above 1, and held by its block's mask."""
+    """A table of lookup counts as a handover carries it: a held inode's count is
+    almost always small (1 after the kernel's first lookup, one more per listing of its
+    directory), so a block is its key and a byte per inode, its count, or `SATURATED`
+    for a count that does not fit (listed by inode in `inos` and `counts`). Sound when
+    no key is listed twice, every block holds an inode (a count not 0), and `inos`
+    lists each saturated inode once, with a count of at least `SATURATED`, and nothing
+    else."""
 
     keys: np.ndarray        # u64 block keys
-    bits: np.ndarray        # u32 masks of held inodes, one per key
-    inos: np.ndarray        # u64 held inodes whose count is not 1
+    small: np.ndarray       # u8 counts, `BLOCK_INOS` a key (saturated)
+    inos: np.ndarray        # u64 inodes whose count is saturated
     counts: np.ndarray      # u64 their counts
 
     def rows_of(self, inos: np.ndarray) -> np.ndarray:
@@ -77,18 +85,22 @@ class PackedLookups:
 class KernelRefs:
     """Lookup and open counts per inode of one kernel mount (see the module docstring)."""
 
-    __slots__ = ("_keys", "_opens", "_rows", "_slots")
+    __slots__ = ("_big", "_keys", "_opens", "_rows", "_slots")
 
     def __init__(self) -> None:
-        self._slots = array("Q")            # the blocks, `STEP` slots a row
+        self._slots = array(_SLOT)          # the blocks, `STEP` slots a row
         self._keys = array("Q")             # the block key of each row
         self._rows: dict[int, int] = {}     # block key -> row
+        self._big: dict[int, int] = {}      # inode -> count, where the slot says _OVER
         self._opens: dict[int, int] = {}
 
     def lookups(self, ino: int) -> int:
         """The kernel's lookup count of `ino`."""
         row = self._rows.get(ino // BLOCK_INOS)
-        return 0 if row is None else self._slots[row * STEP + ino % BLOCK_INOS]
+        if row is None:
+            return 0
+        count = self._slots[row * STEP + ino % BLOCK_INOS]
+        return count if count != _OVER else self._big[ino]
 
     def opens(self, ino: int) -> int:
         """How many opens of `ino` are not released yet."""
@@ -108,9 +120,12 @@ class KernelRefs:
             self._keys.append(key)
             slots.extend(_ZERO_BLOCK)
         i = row * STEP + slot
-        if not slots[i]:
+        count = slots[i]
+        if count == _OVER:
+            count = self._big[ino]
+        elif not count:
             slots[i - slot + _LIVE] += 1
-        slots[i] += n
+        self._set(ino, i, count + n)
 
     def drop_lookups(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references to `ino` (never below zero)."""
@@ -120,14 +135,25 @@ class KernelRefs:
             return
         slots, i = self._slots, row * STEP + slot
         count = slots[i]
+        if count == _OVER:
+            count = self._big[ino]
         if count > n:
-            slots[i] = count - n
+            self._set(ino, i, count - n)
         elif count:
-            slots[i] = 0
+            self._set(ino, i, 0)
             live = i - slot + _LIVE
             slots[live] -= 1
             if not slots[live]:
                 self._remove(key, row)
+
+    def _set(self, ino: int, i: int, count: int) -> None:
+        if count < _OVER:
+            if self._slots[i] == _OVER:
+                del self._big[ino]
+            self._slots[i] = count
+        else:
+            self._slots[i] = _OVER
+            self._big[ino] = count
 
     def _remove(self, key: int, row: int) -> None:
         # The last row moves into the freed one: the rows stay dense, so the table is
@@ -142,7 +168,7 @@ class KernelRefs:
         if not self._rows:
             # The dict and the keys (shortened one at a time) keep their peak size:
             # give it back when the kernel holds nothing.
-            self._keys, self._slots, self._rows = array("Q"), array("Q"), {}
+            self._keys, self._slots, self._rows = array("Q"), array(_SLOT), {}
 
     def open(self, ino: int) -> None:
         """Count an open of `ino`."""
@@ -166,31 +192,38 @@ class KernelRefs:
         keys = np.array(self._keys, np.uint64)
         # A view of the live array: it must not outlive this call (the array cannot
         # grow while a view of it exists).
-        counts = np.frombuffer(self._slots, np.uint64).reshape(-1, STEP)[:, :BLOCK_INOS]
-        bits = np.packbits(counts != 0, axis=1, bitorder="little").view("<u4").reshape(-1)
-        rows, slots = np.nonzero(counts > 1)
-        return PackedLookups(keys, bits.astype(np.uint32),
-                             keys[rows] * BLOCK_INOS + slots.astype(np.uint64),
-                             counts[rows, slots])
+        counts = np.frombuffer(self._slots, np.uint16).reshape(-1, STEP)[:, :BLOCK_INOS]
+        small = np.minimum(counts, SATURATED, out=np.empty(counts.shape, np.uint8),
+                           casting="unsafe")
+        saturated = small == SATURATED
+        if not saturated.any():             # the usual case: a scan, no index built
+            return PackedLookups(keys, small, np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        rows, slots = np.divmod(np.flatnonzero(saturated), BLOCK_INOS)
+        inos = keys[rows] * BLOCK_INOS + slots.astype(np.uint64)
+        big = counts[rows, slots].astype(np.uint64)
+        for at in np.flatnonzero(big == _OVER).tolist():       # the few kept apart
+            big[at] = self._big[int(inos[at])]
+        return PackedLookups(keys, small, inos, big)
 
     @classmethod
     def restored(cls, lookups: PackedLookups, opens: dict[int, int]) -> KernelRefs:
         """A table from what `packed` and `open_counts` returned, checked by the caller
-        (`PackedLookups` says how: a key listed twice or a count of a block not listed
+        (`PackedLookups` says how: a key listed twice or a saturated count not listed
         would corrupt the table). Costs a few array operations and a dict entry per
         block."""
         refs = cls()
         n = len(lookups.keys)
         refs._keys.frombytes(np.ascontiguousarray(lookups.keys, "<u8").tobytes())
         refs._slots = _ZERO_SLOT * (STEP * n)      # one allocation, no copy
-        slots = np.frombuffer(refs._slots, np.uint64).reshape(n, STEP)    # a view: see
-        held = np.unpackbits(                                             # `packed`
-            np.ascontiguousarray(lookups.bits, "<u4").view(np.uint8).reshape(n, 4),
-            axis=1, bitorder="little")
-        slots[:, :BLOCK_INOS] = held
-        slots[:, _LIVE] = held.sum(axis=1)
+        slots = np.frombuffer(refs._slots, np.uint16).reshape(n, STEP)    # a view: see
+        slots[:, :BLOCK_INOS] = lookups.small                             # `packed`
+        slots[:, _LIVE] = np.count_nonzero(lookups.small, axis=1)
         if len(lookups.inos):
-            slots[lookups.rows_of(lookups.inos), lookups.inos % BLOCK_INOS] = lookups.counts
+            counts = lookups.counts
+            slots[lookups.rows_of(lookups.inos), lookups.inos % BLOCK_INOS] = \
+                np.minimum(counts, _OVER)
+            over = counts >= _OVER
+            refs._big = dict(zip(lookups.inos[over].tolist(), counts[over].tolist()))
         del slots
         refs._rows = dict(zip(refs._keys.tolist(), range(n)))
         refs._opens = dict(opens)
@@ -198,9 +231,10 @@ class KernelRefs:
 
     def clear(self) -> None:
         """Forget every reference: the mount ended."""
-        self._slots = array("Q")
+        self._slots = array(_SLOT)
         self._keys = array("Q")
         self._rows.clear()
+        self._big.clear()
         self._opens.clear()
 
 

@@ -130,19 +130,20 @@ def header(block_inos: int, set_inos: int) -> bytes:
 
 
 TWO_BLOCKS = unsound(refs=refs_of((5, 1), (5 + BLOCK_INOS, 1)))
-COUNTED = unsound(refs=refs_of((5, 3)))
+BIG = unsound(refs=refs_of((5, 300)))
 
 
 @pytest.mark.parametrize("payload, reason", [
     (b"abc", "ends before its header"),
     (header(64, 64), "blocks of 64 inodes and masks of 64"),
     (unsound(refs=refs_of((0, 1))), "inode 0"),
-    (tampered(unsound(), "held", "bits", 0), "holds no inode"),
-    (tampered(TWO_BLOCKS, "held", "key", 0, index=1), "a block twice"),
-    (tampered(COUNTED, "counts", "count", 1), "count below 2"),
-    (tampered(COUNTED, "counts", "ino", 6), "its block does not hold"),
-    (tampered(COUNTED, "counts", "ino", 5 + BLOCK_INOS), "its block does not hold"),
-    (tampered(unsound(refs=refs_of((5, 3), (6, 2))), "counts", "ino", 5, index=1),
+    (tampered(unsound(), "blocks", "counts", 0), "holds no inode"),
+    (tampered(TWO_BLOCKS, "blocks", "key", 0, index=1), "a block twice"),
+    (tampered(BIG, "big", "count", 254), "below 255"),
+    (tampered(BIG, "big", "ino", 6), "not those of the saturated"),
+    (tampered(BIG, "big", "ino", 5 + BLOCK_INOS), "not those of the saturated"),
+    (tampered(unsound(), "blocks", "counts", 255 << 8 * 5), "not those of the saturated"),
+    (tampered(unsound(refs=refs_of((5, 300), (6, 400))), "big", "ino", 5, index=1),
      "an inode twice"),
     (unsound(cached=InodeSet.of([5]))[:-1], "past the end"),
     (tampered(unsound(cached=InodeSet.of([5])), "cached", "bits", 0), "an empty one"),
@@ -158,19 +159,21 @@ def test_an_unsound_state_is_refused(payload: bytes, reason: str) -> None:
 
 
 def test_a_state_round_trips_through_its_payload() -> None:
-    refs = refs_of((5, 3), (9, 1), (70_000, 2))
+    refs = refs_of((5, 3), (9, 1), (70_000, 2), (70_001, 255), (70_002, 1 << 40),
+                   (70_003, 0xFFFE), (70_004, 0xFFFF))
     refs.open(9)
     state = connection.capture(OWNER, refs, [(4, 9, False, True)], 5, InodeSet.of([5]))
     back, handles, cached = connection.decode(connection.encode(state))
-    assert [(back.lookups(i), back.opens(i)) for i in (5, 9, 70_000, 6)] == [
-        (3, 0), (1, 1), (2, 0), (0, 0)]
+    probe = (5, 9, 70_000, 6, 70_001, 70_002, 70_003, 70_004)
+    assert [(back.lookups(i), back.opens(i)) for i in probe] == [
+        (3, 0), (1, 1), (2, 0), (0, 0), (255, 0), (1 << 40, 0), (0xFFFE, 0), (0xFFFF, 0)]
     assert handles.tolist() == state.handles.tolist()
     assert 5 in cached and len(cached) == 1
 
 
 def test_a_large_state_round_trips_and_packs_small() -> None:
     """Blocks made and freed out of order, counts of 1 and above, the kernel's whole
-    count range; a tree held whole packs to about half a byte per inode."""
+    count range; a tree held whole packs to about 1.5 bytes per inode."""
     rng = np.random.default_rng(7)
     inos = rng.choice(1 << 22, 1 << 16, replace=False) + 1
     counts = np.where(rng.random(len(inos)) < 0.1, rng.integers(2, 1 << 40, len(inos)),
@@ -194,7 +197,7 @@ def test_a_large_state_round_trips_and_packs_small() -> None:
         whole.add_lookups(ino, 1)
         tree.add(ino)
     payload = connection.encode(connection.capture(OWNER, whole, [], 1, tree))
-    assert len(payload) < (1 << 16) * 0.7
+    assert len(payload) < (1 << 16) * 1.6
 
 
 def test_a_corrupt_subtree_is_refused() -> None:

@@ -51,6 +51,23 @@ def test_counts_take_the_kernels_whole_range() -> None:
     assert not refs.held(7)
 
 
+def test_a_count_that_outgrows_its_slot_is_kept_apart_and_comes_back() -> None:
+    refs = KernelRefs()
+    refs.add_lookups(7, 0xFFFE)
+    refs.add_lookups(8, 1)
+    refs.add_lookups(7, 1)                  # no longer fits 16 bits
+    assert refs.lookups(7) == 0xFFFF and refs.lookups(8) == 1
+    refs.add_lookups(7, 1 << 40)
+    refs.drop_lookups(7, (1 << 40) + 1)     # fits again
+    assert refs.lookups(7) == 0xFFFE
+    again = KernelRefs.restored(refs.packed(), {})
+    assert again.lookups(7) == 0xFFFE and again.lookups(8) == 1
+    refs.add_lookups(7, 2)
+    refs.drop_lookups(7, 1 << 20)           # all of them
+    refs.drop_lookups(8, 1)
+    assert not refs.held(7) and refs.packed().keys.tolist() == []
+
+
 def test_opens_are_counted_apart_from_lookups() -> None:
     refs = KernelRefs()
     refs.open(9)
