@@ -8,9 +8,10 @@ kernel's page cache) is not kernel memory to rebuild from the tree, so it is han
 explicitly, as LUO preserves a file descriptor: the ``guestfs-fuse`` KHO subtree
 (``compatible = "guestfs-fuse-v2"``, docs/handover-abi.md), whose tables lie in a
 preserved page chain, so their size has no limit but the arena. The tables are packed
-(a lookup block is its key and a byte per count; the cached inodes are masks), about 1.5
-bytes per inode of a tree the kernel holds whole, and made and read back by array
-operations, with Python work per block of inodes, not per inode. It names the connection it
+(a lookup block is its key and a byte per count, or two when one does not fit; the
+cached inodes are masks), about 1.5 bytes per inode of a tree the kernel holds whole,
+and made and read back by array operations, with Python work per block of inodes, not
+per inode. It names the connection it
 belongs to (the daemon's pid and the mount's device number); only a kernel booted in
 that process on that connection claims it. Any other boot (an exec, a later mount, a
 crash boot) leaves it unclaimed and it is freed at the end of boot with the rest.
@@ -25,8 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guestfs.refs import (BLOCK_INOS, SATURATED, SET_INOS, InodeSet, KernelRefs,
-                          PackedLookups)
+from guestfs.refs import APART, BLOCK_INOS, SET_INOS, InodeSet, KernelRefs, PackedLookups
 from kho_backend.chain import free_chain, walk_chain, write_chain
 from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
@@ -42,10 +42,14 @@ VERSION = 2
 #: Magic of the preserved page chain that holds the tables (kho_backend.chain).
 CHAIN_MAGIC = b"GFCN"
 
-#: A block of lookup counts that holds any inode: its key (inode number // the block
-#: size) and its counts, a byte each (`SATURATED`: the count is listed in BIG).
+#: A block of lookup counts that holds any inode, all below `NARROW`: its key (inode
+#: number // the block size) and its counts, a byte each.
 BLOCK = np.dtype([("key", "<u8"), ("counts", "u1", (BLOCK_INOS,))])
-#: A held inode whose lookup count does not fit its byte, and that count.
+NARROW = 0xFF
+#: A block of lookup counts, one of them `NARROW` or more: its key, its counts as u16
+#: (`APART`: the count is listed in BIG).
+WIDE = np.dtype([("key", "<u8"), ("counts", "<u2", (BLOCK_INOS,))])
+#: A held inode whose lookup count does not fit 16 bits, and that count.
 BIG = np.dtype([("ino", "<u8"), ("count", "<u8")])
 #: One inode with files open: the inode and how many opens are not released.
 OPEN = np.dtype([("ino", "<u8"), ("count", "<u8")])
@@ -57,8 +61,8 @@ HANDLE_DIRECT = 2       # a file opened with O_DIRECT
 #: // the set's block size) and its mask (bit b: inode key × set block size + b).
 CACHED = np.dtype([("key", "<u8"), ("bits", "<u8")])
 #: The tables of the chain's payload, in order, after its header.
-TABLES = (("blocks", BLOCK), ("big", BIG), ("opens", OPEN), ("handles", HANDLE),
-          ("cached", CACHED))
+TABLES = (("blocks", BLOCK), ("wide", WIDE), ("big", BIG), ("opens", OPEN),
+          ("handles", HANDLE), ("cached", CACHED))
 #: The payload's header: the inodes per lookup block and per cached-set mask.
 _HEADER = struct.Struct("<II")
 _COUNT = struct.Struct("<I")
@@ -105,28 +109,36 @@ def capture(owner: ConnectionId, refs: KernelRefs,
     return ConnectionState(owner, refs, opens, cached, next_fh)
 
 
-def encode(state: ConnectionState) -> bytes:
+def encode(state: ConnectionState) -> bytearray:
     """The chain's payload: its header (the u32 inodes per lookup block and per cached
     mask), then each of `TABLES` as a u32 count and its packed entries. A few array
-    operations over the tables, nothing per inode in Python."""
+    operations over the tables, each written once, in place; nothing per inode in
+    Python."""
     lookups = state.refs.packed()
     opens = state.refs.open_counts()
-    cache_keys, cache_bits = state.cached.masks()
-    tables = (_pairs(BLOCK, lookups.keys, lookups.small),
-              _pairs(BIG, lookups.inos, lookups.counts),
-              _pairs(OPEN, np.fromiter(opens.keys(), np.uint64, len(opens)),
-                     np.fromiter(opens.values(), np.uint64, len(opens))),
-              state.handles, _pairs(CACHED, cache_keys, cache_bits))
-    parts = [_HEADER.pack(BLOCK_INOS, SET_INOS)]
-    for (_, dtype), table in zip(TABLES, tables, strict=True):
-        parts += [_COUNT.pack(len(table)), np.ascontiguousarray(table, dtype).tobytes()]
-    return b"".join(parts)
-
-
-def _pairs(dtype: np.dtype, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    out = np.empty(len(first), dtype)
-    a, b = dtype.names or ()
-    out[a], out[b] = first, second
+    narrow = lookups.slots.max(axis=1, initial=0) < NARROW
+    keys, slots = lookups.keys, lookups.slots
+    if narrow.all():                    # the usual case: no count of 255 or more
+        wide_keys, wide_slots = keys[:0], slots[:0]
+    else:
+        wide_keys, wide_slots = keys[~narrow], slots[~narrow]
+        keys, slots = keys[narrow], slots[narrow]
+    handles = state.handles
+    columns = ((keys, slots), (wide_keys, wide_slots), (lookups.inos, lookups.counts),
+               (np.fromiter(opens.keys(), np.uint64, len(opens)),
+                np.fromiter(opens.values(), np.uint64, len(opens))),
+               (handles["fh"], handles["ino"], handles["flags"]), state.cached.masks())
+    counts = [len(cols[0]) for cols in columns]
+    out = bytearray(_HEADER.size + sum(_COUNT.size + n * dtype.itemsize
+                                       for n, (_, dtype) in zip(counts, TABLES)))
+    _HEADER.pack_into(out, 0, BLOCK_INOS, SET_INOS)
+    offset = _HEADER.size
+    for (_, dtype), cols, n in zip(TABLES, columns, counts, strict=True):
+        _COUNT.pack_into(out, offset, n)
+        table = np.frombuffer(out, dtype, n, offset + _COUNT.size)
+        for name, col in zip(dtype.names or (), cols, strict=True):
+            table[name] = col
+        offset += _COUNT.size + n * dtype.itemsize
     return out
 
 
@@ -154,8 +166,13 @@ def decode(payload: bytes) -> tuple[KernelRefs, np.ndarray, InodeSet]:
     if offset != len(view):
         raise HandoverError(f"the guestfs-fuse chain has {len(view) - offset} bytes after "
                             "its tables")
-    blocks, big = found["blocks"], found["big"]
-    lookups = PackedLookups(blocks["key"], blocks["counts"], big["ino"], big["count"])
+    blocks, wide, big = found["blocks"], found["wide"], found["big"]
+    if len(wide):
+        keys = np.concatenate([blocks["key"], wide["key"]])
+        slots = np.concatenate([blocks["counts"].astype(np.uint16), wide["counts"]])
+    else:                               # the usual case: the bytes as they lie
+        keys, slots = blocks["key"], blocks["counts"]
+    lookups = PackedLookups(keys, slots, big["ino"], big["count"])
     _check_lookups(lookups)
     _check(found)
     opens = dict(zip(found["opens"]["ino"].tolist(), found["opens"]["count"].tolist()))
@@ -171,24 +188,24 @@ def _read_count(view: memoryview, offset: int, what: str) -> int:
 
 
 def _check_lookups(lookups: PackedLookups) -> None:
-    keys, small, inos = lookups.keys, lookups.small, lookups.inos
+    keys, slots, inos = lookups.keys, lookups.slots, lookups.inos
     if has_duplicates(keys):
         raise HandoverError("the guestfs-fuse lookup blocks list a block twice")
-    if len(keys) and not np.all(np.any(small, axis=1)):
+    if len(keys) and not np.all(np.any(slots, axis=1)):
         raise HandoverError("a guestfs-fuse lookup block holds no inode")
-    if np.any(small[keys == 0, 0]):
+    if np.any(slots[keys == 0, 0]):
         raise HandoverError("the guestfs-fuse lookup blocks hold inode 0")
     if has_duplicates(inos):
         raise HandoverError("the guestfs-fuse big lookup counts list an inode twice")
-    if np.any(lookups.counts < SATURATED):
-        raise HandoverError(f"a guestfs-fuse big lookup count is below {SATURATED}")
+    if np.any(lookups.counts < APART):
+        raise HandoverError(f"a guestfs-fuse big lookup count is below {APART}")
     rows = lookups.rows_of(inos)
     listed = rows < len(keys)
-    slots = (inos % np.uint64(BLOCK_INOS)).astype(np.intp)
-    if not np.all(listed) or np.any(small[rows[listed], slots[listed]] != SATURATED) or \
-            np.count_nonzero(small == SATURATED) != len(inos):
-        raise HandoverError("the guestfs-fuse big lookup counts are not those of the "
-                            "saturated bytes of the lookup blocks")
+    at = (inos % np.uint64(BLOCK_INOS)).astype(np.intp)
+    if not np.all(listed) or np.any(slots[rows[listed], at[listed]] != APART) or \
+            np.count_nonzero(slots == APART) != len(inos):
+        raise HandoverError(f"the guestfs-fuse big lookup counts are not those of the "
+                            f"wide counts of {APART}")
 
 
 def _check(found: dict[str, np.ndarray]) -> None:

@@ -43,31 +43,27 @@ BLOCK_INOS = 32
 _LIVE = BLOCK_INOS
 #: Slots per block (row) in the flat array.
 STEP = BLOCK_INOS + 1
-#: The type code of the flat array (u16), and the slot value of a count kept apart.
+#: The type code of the flat array: u16 (`APART`: the count is kept apart).
 _SLOT = "H"
-_OVER = 0xFFFF
 _ZERO_BLOCK = array(_SLOT, bytes(2 * STEP))
 _ZERO_SLOT = array(_SLOT, [0])
 
 
-#: A count that does not fit a byte of `PackedLookups.small`: the byte says so, and
-#: the count is listed apart.
-SATURATED = 255
+#: The slot value of a count that does not fit 16 bits: kept apart, by inode.
+APART = 0xFFFF
 
 
 @dataclass(frozen=True)
 class PackedLookups:
-    """A table of lookup counts as a handover carries it: a held inode's count is
-    almost always small (1 after the kernel's first lookup, one more per listing of its
-    directory), so a block is its key and a byte per inode, its count, or `SATURATED`
-    for a count that does not fit (listed by inode in `inos` and `counts`). Sound when
-    no key is listed twice, every block holds an inode (a count not 0), and `inos`
-    lists each saturated inode once, with a count of at least `SATURATED`, and nothing
-    else."""
+    """A table of lookup counts as a handover carries it, and as `KernelRefs` keeps
+    it: block keys, and per key `BLOCK_INOS` u16 counts, where `APART` says the count
+    is listed in `inos` and `counts`. Sound when no key is listed twice, every block
+    holds an inode (a count not 0), and `inos` lists each inode of a slot `APART`
+    once, with a count of at least `APART`, and nothing else."""
 
     keys: np.ndarray        # u64 block keys
-    small: np.ndarray       # u8 counts, `BLOCK_INOS` a key (saturated)
-    inos: np.ndarray        # u64 inodes whose count is saturated
+    slots: np.ndarray       # u16 (or u8) counts, `BLOCK_INOS` a key
+    inos: np.ndarray        # u64 inodes whose count is kept apart
     counts: np.ndarray      # u64 their counts
 
     def rows_of(self, inos: np.ndarray) -> np.ndarray:
@@ -91,7 +87,7 @@ class KernelRefs:
         self._slots = array(_SLOT)          # the blocks, `STEP` slots a row
         self._keys = array("Q")             # the block key of each row
         self._rows: dict[int, int] = {}     # block key -> row
-        self._big: dict[int, int] = {}      # inode -> count, where the slot says _OVER
+        self._big: dict[int, int] = {}      # inode -> count, where the slot says APART
         self._opens: dict[int, int] = {}
 
     def lookups(self, ino: int) -> int:
@@ -100,7 +96,7 @@ class KernelRefs:
         if row is None:
             return 0
         count = self._slots[row * STEP + ino % BLOCK_INOS]
-        return count if count != _OVER else self._big[ino]
+        return count if count != APART else self._big[ino]
 
     def opens(self, ino: int) -> int:
         """How many opens of `ino` are not released yet."""
@@ -121,7 +117,7 @@ class KernelRefs:
             slots.extend(_ZERO_BLOCK)
         i = row * STEP + slot
         count = slots[i]
-        if count == _OVER:
+        if count == APART:
             count = self._big[ino]
         elif not count:
             slots[i - slot + _LIVE] += 1
@@ -135,7 +131,7 @@ class KernelRefs:
             return
         slots, i = self._slots, row * STEP + slot
         count = slots[i]
-        if count == _OVER:
+        if count == APART:
             count = self._big[ino]
         if count > n:
             self._set(ino, i, count - n)
@@ -147,12 +143,12 @@ class KernelRefs:
                 self._remove(key, row)
 
     def _set(self, ino: int, i: int, count: int) -> None:
-        if count < _OVER:
-            if self._slots[i] == _OVER:
+        if count < APART:
+            if self._slots[i] == APART:
                 del self._big[ino]
             self._slots[i] = count
         else:
-            self._slots[i] = _OVER
+            self._slots[i] = APART
             self._big[ino] = count
 
     def _remove(self, key: int, row: int) -> None:
@@ -188,44 +184,31 @@ class KernelRefs:
 
     def packed(self) -> PackedLookups:
         """The lookup counts in the form a handover carries them (`PackedLookups`):
-        a few array operations over the flat table, nothing per inode in Python."""
-        keys = np.array(self._keys, np.uint64)
-        # A view of the live array: it must not outlive this call (the array cannot
-        # grow while a view of it exists).
-        counts = np.frombuffer(self._slots, np.uint16).reshape(-1, STEP)[:, :BLOCK_INOS]
-        small = np.minimum(counts, SATURATED, out=np.empty(counts.shape, np.uint8),
-                           casting="unsafe")
-        saturated = small == SATURATED
-        if not saturated.any():             # the usual case: a scan, no index built
-            return PackedLookups(keys, small, np.zeros(0, np.uint64), np.zeros(0, np.uint64))
-        rows, slots = np.divmod(np.flatnonzero(saturated), BLOCK_INOS)
-        inos = keys[rows] * BLOCK_INOS + slots.astype(np.uint64)
-        big = counts[rows, slots].astype(np.uint64)
-        for at in np.flatnonzero(big == _OVER).tolist():       # the few kept apart
-            big[at] = self._big[int(inos[at])]
-        return PackedLookups(keys, small, inos, big)
+        copies of the flat arrays, nothing per inode in Python."""
+        slots = np.frombuffer(self._slots, np.uint16).reshape(-1, STEP)
+        n = len(self._big)
+        return PackedLookups(np.array(self._keys, np.uint64), slots[:, :BLOCK_INOS].copy(),
+                             np.fromiter(self._big.keys(), np.uint64, n),
+                             np.fromiter(self._big.values(), np.uint64, n))
 
     @classmethod
     def restored(cls, lookups: PackedLookups, opens: dict[int, int]) -> KernelRefs:
         """A table from what `packed` and `open_counts` returned, checked by the caller
-        (`PackedLookups` says how: a key listed twice or a saturated count not listed
-        would corrupt the table). Costs a few array operations and a dict entry per
+        (`PackedLookups` says how: a key listed twice or a count kept apart but not
+        listed would corrupt the table). Costs a few array copies and a dict entry per
         block."""
         refs = cls()
         n = len(lookups.keys)
         refs._keys.frombytes(np.ascontiguousarray(lookups.keys, "<u8").tobytes())
         refs._slots = _ZERO_SLOT * (STEP * n)      # one allocation, no copy
-        slots = np.frombuffer(refs._slots, np.uint16).reshape(n, STEP)    # a view: see
-        slots[:, :BLOCK_INOS] = lookups.small                             # `packed`
-        slots[:, _LIVE] = np.count_nonzero(lookups.small, axis=1)
-        if len(lookups.inos):
-            counts = lookups.counts
-            slots[lookups.rows_of(lookups.inos), lookups.inos % BLOCK_INOS] = \
-                np.minimum(counts, _OVER)
-            over = counts >= _OVER
-            refs._big = dict(zip(lookups.inos[over].tolist(), counts[over].tolist()))
+        # A view of the new array: it must not outlive this call (the array cannot
+        # grow while a view of it exists).
+        slots = np.frombuffer(refs._slots, np.uint16).reshape(n, STEP)
+        slots[:, :BLOCK_INOS] = lookups.slots
+        slots[:, _LIVE] = np.count_nonzero(lookups.slots, axis=1)
         del slots
         refs._rows = dict(zip(refs._keys.tolist(), range(n)))
+        refs._big = dict(zip(lookups.inos.tolist(), lookups.counts.tolist()))
         refs._opens = dict(opens)
         return refs
 

@@ -130,7 +130,8 @@ def header(block_inos: int, set_inos: int) -> bytes:
 
 
 TWO_BLOCKS = unsound(refs=refs_of((5, 1), (5 + BLOCK_INOS, 1)))
-BIG = unsound(refs=refs_of((5, 300)))
+WIDE = unsound(refs=refs_of((5, 300)))
+BIG = unsound(refs=refs_of((5, 1 << 20)))
 
 
 @pytest.mark.parametrize("payload, reason", [
@@ -139,11 +140,14 @@ BIG = unsound(refs=refs_of((5, 300)))
     (unsound(refs=refs_of((0, 1))), "inode 0"),
     (tampered(unsound(), "blocks", "counts", 0), "holds no inode"),
     (tampered(TWO_BLOCKS, "blocks", "key", 0, index=1), "a block twice"),
-    (tampered(BIG, "big", "count", 254), "below 255"),
-    (tampered(BIG, "big", "ino", 6), "not those of the saturated"),
-    (tampered(BIG, "big", "ino", 5 + BLOCK_INOS), "not those of the saturated"),
-    (tampered(unsound(), "blocks", "counts", 255 << 8 * 5), "not those of the saturated"),
-    (tampered(unsound(refs=refs_of((5, 300), (6, 400))), "big", "ino", 5, index=1),
+    (tampered(unsound(refs=refs_of((5, 1), (5 + BLOCK_INOS, 300))), "wide", "key", 0),
+     "a block twice"),
+    (tampered(WIDE, "wide", "counts", 0), "holds no inode"),
+    (tampered(BIG, "big", "count", 0xFFFE), "below 65535"),
+    (tampered(BIG, "big", "ino", 6), "not those of the wide counts"),
+    (tampered(BIG, "big", "ino", 5 + BLOCK_INOS), "not those of the wide counts"),
+    (tampered(WIDE, "wide", "counts", 0xFFFF << 16 * 5), "not those of the wide counts"),
+    (tampered(unsound(refs=refs_of((5, 1 << 20), (6, 1 << 21))), "big", "ino", 5, index=1),
      "an inode twice"),
     (unsound(cached=InodeSet.of([5]))[:-1], "past the end"),
     (tampered(unsound(cached=InodeSet.of([5])), "cached", "bits", 0), "an empty one"),
