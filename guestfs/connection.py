@@ -191,7 +191,7 @@ def _check_lookups(lookups: PackedLookups) -> None:
     keys, slots, inos = lookups.keys, lookups.slots, lookups.inos
     if has_duplicates(keys):
         raise HandoverError("the guestfs-fuse lookup blocks list a block twice")
-    if len(keys) and not np.all(np.any(slots, axis=1)):
+    if not np.all(lookups.live):
         raise HandoverError("a guestfs-fuse lookup block holds no inode")
     if np.any(slots[keys == 0, 0]):
         raise HandoverError("the guestfs-fuse lookup blocks hold inode 0")

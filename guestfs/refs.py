@@ -30,13 +30,15 @@ read whole, and handed over with the references.
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-#: Inode numbers per block of lookup counts.
+#: Inode numbers per block of lookup counts (`PackedLookups.live` counts a block's
+#: held inodes in a u32 bitmap).
 BLOCK_INOS = 32
 #: The last slot of a block counts its non-zero slots, so that an empty block is freed
 #: without a scan.
@@ -65,6 +67,13 @@ class PackedLookups:
     slots: np.ndarray       # u16 (or u8) counts, `BLOCK_INOS` a key
     inos: np.ndarray        # u64 inodes whose count is kept apart
     counts: np.ndarray      # u64 their counts
+
+    @functools.cached_property
+    def live(self) -> np.ndarray:
+        """How many counts of each block are not 0 (u32), by a popcount of a bitmap:
+        a fraction of a millisecond a million inodes."""
+        held = np.packbits(self.slots != 0, axis=1)         # 4 bytes a block
+        return np.bitwise_count(held.view(np.uint32)).reshape(-1)
 
     def rows_of(self, inos: np.ndarray) -> np.ndarray:
         """The index in `keys` of the block of each of `inos`, or len(keys) for a block
@@ -205,7 +214,7 @@ class KernelRefs:
         # grow while a view of it exists).
         slots = np.frombuffer(refs._slots, np.uint16).reshape(n, STEP)
         slots[:, :BLOCK_INOS] = lookups.slots
-        slots[:, _LIVE] = np.count_nonzero(lookups.slots, axis=1)
+        slots[:, _LIVE] = lookups.live
         del slots
         refs._rows = dict(zip(refs._keys.tolist(), range(n)))
         refs._big = dict(zip(lookups.inos.tolist(), lookups.counts.tolist()))
