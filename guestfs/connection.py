@@ -7,14 +7,14 @@ counts per inode, the adapter's file-handle table, which inodes may have pages i
 kernel's page cache) is not kernel memory to rebuild from the tree, so it is handed over
 explicitly, as LUO preserves a file descriptor: the ``guestfs-fuse`` KHO subtree
 (``compatible = "guestfs-fuse-v2"``, docs/handover-abi.md), whose tables lie in a
-preserved page chain, so their size has no limit but the arena. The tables are packed
-(a lookup block is its key and a byte per count, or two when one does not fit; the
-cached inodes are masks), about 1.5 bytes per inode of a tree the kernel holds whole,
-and made and read back by array operations, with Python work per block of inodes, not
-per inode. It names the connection it
-belongs to (the daemon's pid and the mount's device number); only a kernel booted in
-that process on that connection claims it. Any other boot (an exec, a later mount, a
-crash boot) leaves it unclaimed and it is freed at the end of boot with the rest.
+preserved page chain, so their size has no limit but the arena. The tables are packed (a
+lookup block is its key and a byte per count, or two when one does not fit; the cached
+inodes are masks), about 1.5 bytes per inode of a tree the kernel holds whole, and made
+and read back by array operations, with Python work per block of inodes, not per inode.
+It names the connection it belongs to (the daemon's pid and the mount's device number);
+only a kernel booted in that process on that connection claims it. Any other boot (an
+exec, a later mount, a crash boot) leaves it unclaimed and it is freed at the end of
+boot with the rest.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def _check_lookups(lookups: PackedLookups) -> None:
     at = (inos % np.uint64(BLOCK_INOS)).astype(np.intp)
     if not np.all(listed) or np.any(slots[rows[listed], at[listed]] != APART) or \
             np.count_nonzero(slots == APART) != len(inos):
-        raise HandoverError(f"the guestfs-fuse big lookup counts are not those of the "
+        raise HandoverError("the guestfs-fuse big lookup counts are not those of the "
                             f"wide counts of {APART}")
 
 
