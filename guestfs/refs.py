@@ -7,14 +7,14 @@ daemon's memory grow with the tree, and so would the work of handing the table t
 next kernel when the mount is kept across a kexec (`guestfs.connection`). Lookup counts
 therefore live in blocks of `BLOCK_INOS` consecutive inode numbers, and the blocks lie
 side by side in one flat array, with the block key of each row in another: the table
-goes to the next kernel by a few array operations, not a Python object per inode or per
-block. A count takes 16 bits: it is small (1 after the kernel's first lookup, one more
-each time a listing of the inode's directory returns it); one that does not fit (the
-kernel's own counter is 64-bit) is kept in a dict beside. Inode numbers are handed out
-in order and never reused, so inodes made together share blocks: a tree the kernel
-holds whole costs about 5 bytes per inode. A block goes as soon as none of its inodes is
-held (the last row takes its place), so the numbers of inodes long deleted cost nothing;
-the dearest case, one held inode per block, is about 200 bytes.
+goes to the next kernel by a few array operations and a dict entry per block, not a
+Python object per inode. A count takes 16 bits: it is small (1 after the kernel's first
+lookup, one more each time a listing of the inode's directory returns it); one that does
+not fit (the kernel's own counter is 64-bit) is kept in a dict beside. Inode numbers are
+handed out in order and never reused, so inodes made together share blocks: a tree the
+kernel holds whole costs about 5 bytes per inode. A block goes as soon as none of its
+inodes is held (the last row takes its place), so the numbers of inodes long deleted
+cost nothing; the dearest case, one held inode per block, is about 200 bytes.
 
 Open counts are a plain dict: few files are open at once, next to the inodes the kernel
 merely caches.
@@ -24,8 +24,8 @@ The table belongs to the kernel's mount, not to the filesystem in the arena: a
 in-process re-boot) adopts its table (`Filesystem.adopt_kernel_refs`).
 
 `InodeSet`, a set of inode numbers as 64-bit masks per block of 64, is the adapter's
-record of the inodes whose pages the kernel may cache: also one per inode of a tree
-read whole, and handed over with the references.
+record of the inodes whose pages the kernel may cache: also one per inode of a tree read
+whole, and handed over with the references.
 """
 
 from __future__ import annotations
