@@ -6,11 +6,15 @@ and open files stay valid. What the old kernel knew of them (the core's lookup a
 counts per inode, the adapter's file-handle table, which inodes may have pages in the
 kernel's page cache) is not kernel memory to rebuild from the tree, so it is handed over
 explicitly, as LUO preserves a file descriptor: the ``guestfs-fuse`` KHO subtree
-(``compatible = "guestfs-fuse-v1"``, docs/handover-abi.md), whose tables lie in a
-preserved page chain, so their size has no limit but the arena. It names the connection it
-belongs to (the daemon's pid and the mount's device number); only a kernel booted in
-that process on that connection claims it. Any other boot (an exec, a later mount, a
-crash boot) leaves it unclaimed and it is freed at the end of boot with the rest.
+(``compatible = "guestfs-fuse-v2"``, docs/handover-abi.md), whose tables lie in a
+preserved page chain, so their size has no limit but the arena. The tables are packed (a
+lookup block is its key and a byte per count, or two when one does not fit; the cached
+inodes are masks), about 1.5 bytes per inode of a tree the kernel holds whole, and made
+and read back by array operations, with Python work per block of inodes, not per inode.
+It names the connection it belongs to (the daemon's pid and the mount's device number);
+only a kernel booted in that process on that connection claims it. Any other boot (an
+exec, a later mount, a crash boot) leaves it unclaimed and it is freed at the end of
+boot with the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from guestfs.refs import BLOCK_INOS, KernelRefs
+from guestfs.refs import APART, BLOCK_INOS, SET_INOS, InodeSet, KernelRefs, PackedLookups
 from kho_backend.chain import free_chain, walk_chain, write_chain
 from kho_backend.errors import HandoverError
 from kho_backend.fdt import FdtNode, FdtReader, build, u32
@@ -32,25 +36,35 @@ if TYPE_CHECKING:
     from kho_backend.kho import KHO
     from kho_backend.kho_in import IncomingHandover
 
-COMPATIBLE = "guestfs-fuse-v1"
+COMPATIBLE = "guestfs-fuse-v2"
 NAME = "guestfs-fuse"
-VERSION = 1
+VERSION = 2
 #: Magic of the preserved page chain that holds the tables (kho_backend.chain).
 CHAIN_MAGIC = b"GFCN"
 
-#: A block of lookup counts: `BLOCK_INOS` counts, then how many of them are not zero.
-BLOCK = np.dtype([("slots", "<u8", (BLOCK_INOS + 1,))])
+#: A block of lookup counts that holds any inode, all below `NARROW`: its key (inode
+#: number // the block size) and its counts, a byte each.
+BLOCK = np.dtype([("key", "<u8"), ("counts", "u1", (BLOCK_INOS,))])
+NARROW = 0xFF
+#: A block of lookup counts, one of them `NARROW` or more: its key, its counts as u16
+#: (`APART`: the count is listed in BIG).
+WIDE = np.dtype([("key", "<u8"), ("counts", "<u2", (BLOCK_INOS,))])
+#: A held inode whose lookup count does not fit 16 bits, and that count.
+BIG = np.dtype([("ino", "<u8"), ("count", "<u8")])
 #: One inode with files open: the inode and how many opens are not released.
 OPEN = np.dtype([("ino", "<u8"), ("count", "<u8")])
 #: One open of the adapter: its file handle, inode and `HANDLE_*` flags.
 HANDLE = np.dtype([("fh", "<u8"), ("ino", "<u8"), ("flags", "<u4")])
 HANDLE_DIR = 1          # an open directory (else a file)
 HANDLE_DIRECT = 2       # a file opened with O_DIRECT
-#: Inodes whose pages the kernel may hold in its page cache.
-CACHED = np.dtype("<u8")
-#: The tables of the chain's payload, in order, after its u32 block size.
-TABLES = (("keys", np.dtype("<u8")), ("blocks", BLOCK), ("opens", OPEN),
+#: Inodes whose pages the kernel may hold in its page cache: a block key (inode number
+#: // the set's block size) and its mask (bit b: inode key × set block size + b).
+CACHED = np.dtype([("key", "<u8"), ("bits", "<u8")])
+#: The tables of the chain's payload, in order, after its header.
+TABLES = (("blocks", BLOCK), ("wide", WIDE), ("big", BIG), ("opens", OPEN),
           ("handles", HANDLE), ("cached", CACHED))
+#: The payload's header: the inodes per lookup block and per cached-set mask.
+_HEADER = struct.Struct("<II")
 _COUNT = struct.Struct("<I")
 
 
@@ -69,7 +83,7 @@ class ConnectionState:
     owner: ConnectionId
     refs: KernelRefs        # the kernel's lookup and open references
     handles: np.ndarray     # of HANDLE
-    cached: np.ndarray      # of CACHED
+    cached: InodeSet        # inodes whose pages the kernel may cache
     next_fh: int            # the next file handle the adapter hands out
 
     def handle_rows(self) -> list[tuple[int, int, bool, bool]]:
@@ -82,42 +96,64 @@ class ConnectionState:
 
 def capture(owner: ConnectionId, refs: KernelRefs,
             handles: list[tuple[int, int, bool, bool]], next_fh: int,
-            cached: list[int]) -> ConnectionState:
+            cached: InodeSet) -> ConnectionState:
     """The state to hand over, from the core's references (`Filesystem.kernel_refs`)
-    and the adapter's opens (`Operations.open_handles`)."""
+    and the adapter's opens and cached inodes (`Operations.open_handles`). It holds
+    `refs` and `cached` themselves, not copies: encode it before the next request."""
     opens = np.zeros(len(handles), HANDLE)
     if handles:
         fh, ino, is_dir, direct = zip(*handles)
         opens["fh"], opens["ino"] = fh, ino
         opens["flags"] = (np.array(is_dir, np.uint32) * HANDLE_DIR
                           | np.array(direct, np.uint32) * HANDLE_DIRECT)
-    return ConnectionState(owner, refs, opens, np.array(cached, CACHED), next_fh)
+    return ConnectionState(owner, refs, opens, cached, next_fh)
 
 
-def encode(state: ConnectionState) -> bytes:
-    """The chain's payload: the u32 block size, then each of `TABLES` as a u32 count and
-    its packed entries. Costs a copy of the tables (13 bytes per inode the kernel holds
-    when it holds a whole tree), nothing per inode in Python."""
-    keys, raw = state.refs.raw_blocks()
+def encode(state: ConnectionState) -> bytearray:
+    """The chain's payload: its header (the u32 inodes per lookup block and per cached
+    mask), then each of `TABLES` as a u32 count and its packed entries. A few array
+    operations over the tables, each written once, in place; nothing per inode in
+    Python."""
+    lookups = state.refs.packed()
     opens = state.refs.open_counts()
-    tables = (np.array(keys, "<u8"), np.frombuffer(raw, BLOCK),
-              np.array(list(opens.items()), "<u8").view(OPEN).reshape(-1),
-              state.handles, state.cached)
-    parts = [_COUNT.pack(BLOCK_INOS)]
-    for (_, dtype), table in zip(TABLES, tables, strict=True):
-        parts += [_COUNT.pack(len(table)), np.ascontiguousarray(table, dtype).tobytes()]
-    return b"".join(parts)
+    narrow = lookups.slots.max(axis=1, initial=0) < NARROW
+    keys, slots = lookups.keys, lookups.slots
+    if narrow.all():                    # the usual case: no count of 255 or more
+        wide_keys, wide_slots = keys[:0], slots[:0]
+    else:
+        wide_keys, wide_slots = keys[~narrow], slots[~narrow]
+        keys, slots = keys[narrow], slots[narrow]
+    handles = state.handles
+    columns = ((keys, slots), (wide_keys, wide_slots), (lookups.inos, lookups.counts),
+               (np.fromiter(opens.keys(), np.uint64, len(opens)),
+                np.fromiter(opens.values(), np.uint64, len(opens))),
+               (handles["fh"], handles["ino"], handles["flags"]), state.cached.masks())
+    counts = [len(cols[0]) for cols in columns]
+    out = bytearray(_HEADER.size + sum(_COUNT.size + n * dtype.itemsize
+                                       for n, (_, dtype) in zip(counts, TABLES)))
+    _HEADER.pack_into(out, 0, BLOCK_INOS, SET_INOS)
+    offset = _HEADER.size
+    for (_, dtype), cols, n in zip(TABLES, columns, counts, strict=True):
+        _COUNT.pack_into(out, offset, n)
+        table = np.frombuffer(out, dtype, n, offset + _COUNT.size)
+        for name, col in zip(dtype.names or (), cols, strict=True):
+            table[name] = col
+        offset += _COUNT.size + n * dtype.itemsize
+    return out
 
 
-def decode(payload: bytes) -> tuple[KernelRefs, np.ndarray, np.ndarray]:
+def decode(payload: bytes) -> tuple[KernelRefs, np.ndarray, InodeSet]:
     """(refs, handles, cached) from a chain's payload; HandoverError naming what is
     wrong with it."""
     view = memoryview(payload)
-    block_inos = _read_count(view, 0, "block size")
-    if block_inos != BLOCK_INOS:
-        raise HandoverError(f"the guestfs-fuse lookup blocks hold {block_inos} inodes, "
-                            f"this kernel's {BLOCK_INOS}")
-    found, offset = {}, _COUNT.size
+    if len(view) < _HEADER.size:
+        raise HandoverError("the guestfs-fuse chain ends before its header")
+    block_inos, set_inos = _HEADER.unpack_from(view, 0)
+    if (block_inos, set_inos) != (BLOCK_INOS, SET_INOS):
+        raise HandoverError(f"the guestfs-fuse tables have blocks of {block_inos} inodes "
+                            f"and masks of {set_inos}, this kernel's {BLOCK_INOS} and "
+                            f"{SET_INOS}")
+    found, offset = {}, _HEADER.size
     for name, dtype in TABLES:
         count = _read_count(view, offset, name)
         offset += _COUNT.size
@@ -130,10 +166,19 @@ def decode(payload: bytes) -> tuple[KernelRefs, np.ndarray, np.ndarray]:
     if offset != len(view):
         raise HandoverError(f"the guestfs-fuse chain has {len(view) - offset} bytes after "
                             "its tables")
+    blocks, wide, big = found["blocks"], found["wide"], found["big"]
+    if len(wide):
+        keys = np.concatenate([blocks["key"], wide["key"]])
+        slots = np.concatenate([blocks["counts"].astype(np.uint16), wide["counts"]])
+    else:                               # the usual case: the bytes as they lie
+        keys, slots = blocks["key"], blocks["counts"]
+    lookups = PackedLookups(keys, slots, big["ino"], big["count"])
+    _check_lookups(lookups)
     _check(found)
     opens = dict(zip(found["opens"]["ino"].tolist(), found["opens"]["count"].tolist()))
-    refs = KernelRefs.restored(found["keys"].tolist(), found["blocks"].tobytes(), opens)
-    return refs, found["handles"].copy(), found["cached"].copy()
+    cached = found["cached"]
+    return (KernelRefs.restored(lookups, opens), found["handles"].copy(),
+            InodeSet.from_masks(cached["key"], cached["bits"]))
 
 
 def _read_count(view: memoryview, offset: int, what: str) -> int:
@@ -142,20 +187,29 @@ def _read_count(view: memoryview, offset: int, what: str) -> int:
     return _COUNT.unpack_from(view, offset)[0]
 
 
-def _check(found: dict[str, np.ndarray]) -> None:
-    keys, blocks, opens, handles = (found[n] for n in ("keys", "blocks", "opens", "handles"))
-    if len(keys) != len(blocks):
-        raise HandoverError(f"the guestfs-fuse chain has {len(keys)} block keys for "
-                            f"{len(blocks)} blocks")
+def _check_lookups(lookups: PackedLookups) -> None:
+    keys, slots, inos = lookups.keys, lookups.slots, lookups.inos
     if has_duplicates(keys):
         raise HandoverError("the guestfs-fuse lookup blocks list a block twice")
-    slots = blocks["slots"]
-    counts = slots[:, :BLOCK_INOS]
-    live = np.count_nonzero(counts, axis=1)
-    if np.any(live != slots[:, BLOCK_INOS]) or np.any(live == 0):
-        raise HandoverError("a guestfs-fuse lookup block's count of held inodes is wrong")
-    if np.any(counts[keys == 0, 0]):
+    if not np.all(lookups.live):
+        raise HandoverError("a guestfs-fuse lookup block holds no inode")
+    if np.any(slots[keys == 0, 0]):
         raise HandoverError("the guestfs-fuse lookup blocks hold inode 0")
+    if has_duplicates(inos):
+        raise HandoverError("the guestfs-fuse big lookup counts list an inode twice")
+    if np.any(lookups.counts < APART):
+        raise HandoverError(f"a guestfs-fuse big lookup count is below {APART}")
+    rows = lookups.rows_of(inos)
+    listed = rows < len(keys)
+    at = (inos % np.uint64(BLOCK_INOS)).astype(np.intp)
+    if not np.all(listed) or np.any(slots[rows[listed], at[listed]] != APART) or \
+            np.count_nonzero(slots == APART) != len(inos):
+        raise HandoverError("the guestfs-fuse big lookup counts are not those of the "
+                            f"wide counts of {APART}")
+
+
+def _check(found: dict[str, np.ndarray]) -> None:
+    opens, handles, cached = (found[n] for n in ("opens", "handles", "cached"))
     if np.any(opens["ino"] == 0) or np.any(opens["count"] == 0) or \
             has_duplicates(opens["ino"]):
         raise HandoverError("the guestfs-fuse opens name inode 0, an inode twice or no open")
@@ -163,6 +217,11 @@ def _check(found: dict[str, np.ndarray]) -> None:
         raise HandoverError("the guestfs-fuse handles name inode 0")
     if np.any(handles["flags"] & ~np.uint32(HANDLE_DIR | HANDLE_DIRECT)):
         raise HandoverError("a guestfs-fuse handle has unknown flags")
+    if has_duplicates(cached["key"]) or np.any(cached["bits"] == 0):
+        raise HandoverError("the guestfs-fuse cached inodes list a block twice or an empty "
+                            "one")
+    if np.any(cached["bits"][cached["key"] == 0] & 1):
+        raise HandoverError("the guestfs-fuse cached inodes name inode 0")
 
 
 def to_fdt(state: ConnectionState, chain_phys: int) -> bytes:
@@ -181,7 +240,7 @@ class _Header:
 
 
 def from_fdt(blob: bytes) -> _Header:
-    """Parse and check a ``guestfs-fuse-v1`` sub-FDT; HandoverError naming what is wrong."""
+    """Parse and check a ``guestfs-fuse-v2`` sub-FDT; HandoverError naming what is wrong."""
     r = FdtReader(blob, "the guestfs-fuse sub-FDT")
     r.check_seal()
     root = r.node("/")

@@ -590,7 +590,7 @@ class Daemon:
         t0 = time.perf_counter_ns()
         assert self.ops is not None and new.kept is not None
         kept = new.kept
-        self.ops.adopt(new.fs, kept.handle_rows(), kept.next_fh, kept.cached.tolist())
+        self.ops.adopt(new.fs, kept.handle_rows(), kept.next_fh, kept.cached)
         self.started_ns = time.monotonic_ns()
         self._mount_started = t0
         self.gate.thaw()

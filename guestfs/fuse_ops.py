@@ -30,6 +30,7 @@ import trio
 from guestfs.errors import FsError
 from guestfs.filesystem import Ctx, Filesystem
 from guestfs.inode import Inode
+from guestfs.refs import InodeSet
 
 log = logging.getLogger(__name__)
 
@@ -306,24 +307,27 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         #: Inodes whose pages the kernel may hold in its page cache: a buffered read or
         #: write went through since their cache was last dropped.
-        self._cached: set[int] = set()
+        #: A set of masks, not of ints: a tree read whole puts every inode in it, and it
+        #: is handed over at a kexec that keeps the mount (`guestfs.connection`).
+        self._cached = InodeSet()
 
-    def open_handles(self) -> tuple[list[tuple[int, int, bool, bool]], int, list[int]]:
+    def open_handles(self) -> tuple[list[tuple[int, int, bool, bool]], int, InodeSet]:
         """What a FUSE connection kept across a kexec carries of this adapter: (fh, ino,
-        is a directory, O_DIRECT) of every open, the next fh, the inodes maybe cached."""
+        is a directory, O_DIRECT) of every open, the next fh, the inodes maybe cached
+        (the set itself, not a copy: taken while no request runs)."""
         table = [(fh, h.ino, isinstance(h, OpenDir), isinstance(h, OpenFile) and h.direct)
                  for fh, h in self._handles.items()]
-        return table, self._next_fh, sorted(self._cached)
+        return table, self._next_fh, self._cached
 
     def adopt(self, fs: Filesystem, handles: Sequence[tuple[int, int, bool, bool]],
-              next_fh: int, cached: Sequence[int]) -> None:
+              next_fh: int, cached: InodeSet) -> None:
         """Serve `fs` (the next kernel's) over this same connection, with the opens and
         cache hints it was handed (the counterpart of `open_handles`)."""
         self.fs = fs
         self._handles = {fh: OpenDir(ino) if is_dir else OpenFile(ino, direct)
                          for fh, ino, is_dir, direct in handles}
         self._next_fh = next_fh
-        self._cached = set(cached)
+        self._cached = cached
 
     def _open_handle(self, handle: OpenFile | OpenDir) -> int:
         fh = self._next_fh

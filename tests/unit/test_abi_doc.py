@@ -24,7 +24,7 @@ import pytest
 from conftest_machine import BootKernel, boot_kernel, machine_env, unique_name  # noqa: F401
 
 from guestfs import connection, handover, upgrade_v1
-from guestfs.refs import BLOCK_INOS, KernelRefs
+from guestfs.refs import BLOCK_INOS, SET_INOS, InodeSet, KernelRefs
 from guestfs.filesystem import Ctx
 from guestfs.store import blob, btree, journal, page, pagemap, radix, records, superblock
 from kho_backend import chain, header, kexec_metadata, kho, kho_mem, kho_radix
@@ -342,7 +342,8 @@ def test_guestfs_fuse_subtree_properties() -> None:
     refs.add_lookups(5, 3)
     refs.open(5)
     state = connection.capture(connection.ConnectionId(7, 42), refs,
-                               [(4, 5, False, True), (6, 1, True, False)], 8, [5])
+                               [(4, 5, False, True), (6, 1, True, False)], 8,
+                               InodeSet.of([5]))
     blob = connection.to_fdt(state, 0x7000)
     properties, payload = tables(section("guestfs-fuse subtree"))
     assert fdt_properties(blob) == documented_properties(properties)
@@ -354,6 +355,7 @@ def test_guestfs_fuse_subtree_properties() -> None:
     assert f"`{connection.CHAIN_MAGIC.decode()}`" in section("guestfs-fuse subtree")
     assert (connection.HANDLE_DIR, connection.HANDLE_DIRECT) == (1, 2)
     assert f"per block of lookup counts, {BLOCK_INOS})" in section("guestfs-fuse subtree")
+    assert f"per mask of cached inodes, {SET_INOS})" in section("guestfs-fuse subtree")
     back = connection.from_fdt(blob)
     assert (back.owner, back.next_fh, back.tables) == (state.owner, 8, 0x7000)
 

@@ -3,6 +3,7 @@ requests, lookups are counted. The handlers are called directly inside trio."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -16,9 +17,11 @@ import pytest
 import trio
 import trio.testing
 
+from guestfs import connection
 from guestfs.errors import FsError
 from guestfs.fuse_ops import (ATTR_TIMEOUT, ENTRY_TIMEOUT, ROOT_INO, AdapterConfig,
                               Operations, RequestGate, Traffic, entry_attributes)
+from guestfs.refs import KernelRefs
 
 
 @dataclass
@@ -150,6 +153,30 @@ def test_a_direct_write_drops_cached_pages_until_the_kernel_evicts_the_inode(
     call(ops, "forget", [(5, 1)])            # evicted: its page cache went with it
     call(ops, "write", direct, 0, b"y")
     assert dropped == [5]
+
+
+def test_cache_hints_handed_over_at_a_kexec_still_drop_pages(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter of the next kernel adopts the handed-over opens and cache hints
+    (through the connection's payload): a direct write through a kept handle drops the
+    pages a buffered write cached before the kexec, and only those."""
+    dropped: list[int] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", lambda ino, attr_only: dropped.append(ino))
+    ops = Operations(FakeFs())
+    call(ops, "write", open_file(ops, 5), 0, b"x")  # buffered: the kernel may cache it
+    direct = call(ops, "open", 6, os.O_RDWR | os.O_DIRECT, FakeCtx()).fh
+    handles, next_fh, cached = ops.open_handles()
+    state = connection.capture(connection.ConnectionId(1, 2), KernelRefs(), handles,
+                               next_fh, cached)
+    _, kept_handles, kept_cached = connection.decode(connection.encode(state))
+    kept = dataclasses.replace(state, handles=kept_handles, cached=kept_cached)
+    again = Operations(FakeFs())
+    again.adopt(again.fs, kept.handle_rows(), kept.next_fh, kept.cached)
+    call(again, "write", direct, 0, b"y")           # inode 6: never cached
+    assert dropped == []
+    call(again, "write", call(again, "open", 5, os.O_RDWR | os.O_DIRECT, FakeCtx()).fh,
+         0, b"y")
+    assert dropped == [5] and call(again, "open", 7, 0, FakeCtx()).fh == next_fh + 1
 
 
 def test_read_only_refuses_changes() -> None:

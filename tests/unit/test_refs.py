@@ -14,7 +14,7 @@ from conftest_machine import (BootKernel, boot_kernel, gone, machine_env,  # noq
 
 from guestfs.filesystem import Ctx, Filesystem
 from guestfs.inode import ROOT_INO
-from guestfs.refs import BLOCK_INOS, KernelRefs
+from guestfs.refs import BLOCK_INOS, SET_INOS, InodeSet, KernelRefs
 
 MiB = 1 << 20
 ROOT = Ctx(uid=0, gid=0)
@@ -51,6 +51,23 @@ def test_counts_take_the_kernels_whole_range() -> None:
     assert not refs.held(7)
 
 
+def test_a_count_that_outgrows_its_slot_is_kept_apart_and_comes_back() -> None:
+    refs = KernelRefs()
+    refs.add_lookups(7, 0xFFFE)
+    refs.add_lookups(8, 1)
+    refs.add_lookups(7, 1)                  # no longer fits 16 bits
+    assert refs.lookups(7) == 0xFFFF and refs.lookups(8) == 1
+    refs.add_lookups(7, 1 << 40)
+    refs.drop_lookups(7, (1 << 40) + 1)     # fits again
+    assert refs.lookups(7) == 0xFFFE
+    again = KernelRefs.restored(refs.packed(), {})
+    assert again.lookups(7) == 0xFFFE and again.lookups(8) == 1
+    refs.add_lookups(7, 2)
+    refs.drop_lookups(7, 1 << 20)           # all of them
+    refs.drop_lookups(8, 1)
+    assert not refs.held(7) and refs.packed().keys.tolist() == []
+
+
 def test_opens_are_counted_apart_from_lookups() -> None:
     refs = KernelRefs()
     refs.open(9)
@@ -85,6 +102,44 @@ def test_clear_forgets_everything() -> None:
     refs.open(2)
     refs.clear()
     assert not refs.held(1) and not refs.held(2)
+
+
+def test_blocks_freed_out_of_order_keep_the_others_counts() -> None:
+    """A freed block's row takes the last one: every other block keeps its counts, and
+    the table packs and restores the same (a model of dict counts beside it)."""
+    refs, model = KernelRefs(), {}
+    inos = [b * BLOCK_INOS + s for b in (7, 0, 900, 3, 10**9) for s in (1, 5, 31)]
+    for i, ino in enumerate(inos):
+        refs.add_lookups(ino, i + 1)
+        model[ino] = i + 1
+    for ino in inos[3:6] + inos[:3] + inos[-2:]:     # blocks 0, then 7, then part of 10**9
+        refs.drop_lookups(ino, model.pop(ino))
+    probe = inos + [ino + 1 for ino in inos]
+    assert [refs.lookups(i) for i in probe] == [model.get(i, 0) for i in probe]
+    again = KernelRefs.restored(refs.packed(), refs.open_counts())
+    assert [again.lookups(i) for i in probe] == [model.get(i, 0) for i in probe]
+    for ino, n in model.items():
+        again.drop_lookups(ino, n)
+    assert not any(again.held(i) for i in probe)
+    again.add_lookups(inos[0], 1)                # the emptied table grows again
+    assert again.lookups(inos[0]) == 1
+
+
+def test_an_inode_set_holds_its_members_as_masks() -> None:
+    cached = InodeSet()
+    for ino in (1, 63, 64, 10**12):
+        cached.add(ino)
+    cached.add(64)
+    assert [i in cached for i in (1, 2, 63, 64, 65, 10**12)] == [
+        True, False, True, True, False, True]
+    assert len(cached) == 4 and "1" not in cached
+    cached.discard(64)
+    cached.discard(65)                           # not a member
+    assert 64 not in cached and len(cached) == 3
+    keys, masks = cached.masks()
+    assert sorted(keys.tolist()) == [0, 10**12 // SET_INOS]
+    again = InodeSet.from_masks(keys, masks)
+    assert [i in again for i in (1, 63, 64, 10**12)] == [True, True, False, True]
 
 
 def python_bytes(work: Callable[[], object]) -> int:
@@ -125,6 +180,19 @@ def test_one_held_inode_per_block_still_costs_less_than_an_object_each() -> None
     assert per_inode < 512
 
 
+def test_a_set_of_a_tree_costs_a_fraction_of_a_byte_per_inode() -> None:
+    n = 1 << 16
+
+    def fill() -> InodeSet:
+        cached = InodeSet()
+        for ino in range(2, 2 + n):
+            cached.add(ino)
+        return cached
+    per_inode = python_bytes(fill) / n
+    print(f"\n{per_inode:.2f} B per member, consecutive numbers")
+    assert per_inode < 2
+
+
 def test_forgotten_blocks_give_their_memory_back() -> None:
     refs = KernelRefs()
 
@@ -134,6 +202,14 @@ def test_forgotten_blocks_give_their_memory_back() -> None:
             refs.drop_lookups(ino, 2)
         return refs
     assert python_bytes(churn) < 4096
+
+    def hold_then_forget() -> KernelRefs:
+        for ino in range(2, 2 + (1 << 16)):
+            refs.add_lookups(ino, 1)
+        for ino in range(2, 2 + (1 << 16)):
+            refs.drop_lookups(ino, 1)
+        return refs
+    assert python_bytes(hold_then_forget) < 4096
 
 
 # --- the filesystem's use -------------------------------------------------------------
