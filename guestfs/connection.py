@@ -44,6 +44,8 @@ CHAIN_MAGIC = b"GFCN"
 
 #: A block of lookup counts that holds any inode, all below `NARROW`: its key (inode
 #: number // the block size) and its counts, a byte each.
+#: The largest inode number (the kernel's are 64-bit).
+_LAST_INO = (1 << 64) - 1
 BLOCK = np.dtype([("key", "<u8"), ("counts", "u1", (BLOCK_INOS,))])
 NARROW = 0xFF
 #: A block of lookup counts, one of them `NARROW` or more: its key, its counts as u16
@@ -195,6 +197,8 @@ def _check_lookups(lookups: PackedLookups) -> None:
         raise HandoverError("a guestfs-fuse lookup block holds no inode")
     if np.any(slots[keys == 0, 0]):
         raise HandoverError("the guestfs-fuse lookup blocks hold inode 0")
+    if len(keys) and int(keys.max()) > _LAST_INO // BLOCK_INOS:
+        raise HandoverError("a guestfs-fuse lookup block lies past the last inode number")
     if has_duplicates(inos):
         raise HandoverError("the guestfs-fuse big lookup counts list an inode twice")
     if np.any(lookups.counts < APART):
@@ -222,6 +226,9 @@ def _check(found: dict[str, np.ndarray]) -> None:
                             "one")
     if np.any(cached["bits"][cached["key"] == 0] & 1):
         raise HandoverError("the guestfs-fuse cached inodes name inode 0")
+    if len(cached) and int(cached["key"].max()) > _LAST_INO // SET_INOS:
+        raise HandoverError("a guestfs-fuse cached-inode block lies past the last inode "
+                            "number")
 
 
 def to_fdt(state: ConnectionState, chain_phys: int) -> bytes:

@@ -366,8 +366,7 @@ class Daemon:
         """What ``guestfs status`` shows of a running daemon."""
         session = self._session()
         kernel, fs = session.kernel, session.fs
-        waiting = fs.waiting_frees      # before statfs, which frees them
-        st = fs.statfs()
+        st = fs.statfs(reap=False)      # the files that wait to be freed count, and show
         npages = kernel.arena.npages
         return {
             "machine": self.config.machine,
@@ -385,7 +384,7 @@ class Daemon:
                 "free_pages": kernel.buddy.free_pages(),
             },
             "inodes": {"used": st.f_files - st.f_ffree, "free": st.f_ffree,
-                       "waiting_to_be_freed": waiting},
+                       "waiting_to_be_freed": fs.waiting_frees},
             "uptime_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 3),
             "boot_timings_ns": dict(kernel.boot_timings),
             "restore_ns": session.restore_ns,

@@ -160,6 +160,8 @@ class Filesystem:
     def get(self, ino: int) -> Inode:
         """The inode numbered `ino`; ENOENT if there is none, EIO if its record cannot
         be trusted."""
+        if self._unreaped and ino in self._unreaped:    # removed: its free waits
+            raise FsError(errno.ENOENT, f"no inode {ino}")
         cache = self.store.inodes           # the usual case, without a call
         inode = cache.get(ino)
         if inode is not None:
@@ -169,7 +171,7 @@ class Filesystem:
             inode = self.store.get(ino)
         except CorruptPage as e:
             raise _io_error(e) from None
-        if inode is None or ino in self._unreaped:      # freed, or its free waits
+        if inode is None:
             raise FsError(errno.ENOENT, f"no inode {ino}")
         return inode
 
@@ -648,12 +650,13 @@ class Filesystem:
 
     # --- the whole filesystem ------------------------------------------------
 
-    def statfs(self) -> StatFs:
+    def statfs(self, *, reap: bool = True) -> StatFs:
         """Real figures: blocks are arena pages (held by the filesystem + free); the
         pages kept for metadata and for the next handover are free but not available,
         as a filesystem's reserved blocks, so `f_bavail` is the room writes still have.
-        Waiting frees are done first, so that a file just removed counts as free."""
-        if self._unreaped:
+        Waiting frees are done first (unless not to `reap`: the daemon's status shows
+        them), so that a file just removed counts as free."""
+        if reap and self._unreaped:
             self.reap_pending()
         free = self.store.free_pages()
         ffree = max(self.sb.max_inodes - self.sb.inode_count, 0)
@@ -969,6 +972,7 @@ class Filesystem:
     def _free(self, txn: Txn, inode: Inode) -> None:
         """Free an inode nobody can reach: in this transaction if it fits, else it goes
         on the orphan list now and is freed in steps once this transaction committed."""
+        self._unreaped.pop(inode.ino, None)     # freed here: it waits no more
         if inode.is_reg and not self.store.maps.release(txn, inode, FREE_KEEP):
             self.store.add_orphan(txn, inode.ino)
             self._put(txn, inode)

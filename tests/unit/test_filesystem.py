@@ -291,6 +291,20 @@ def test_small_unlinked_files_are_freed_together(fs: Filesystem) -> None:
     assert gone(fs, big.ino) and fs.store.orphans() == []
 
 
+def test_a_file_waiting_to_be_freed_stays_gone(fs: Filesystem) -> None:
+    """Nothing reaches it again: not a second lookup of "." (a file handle retried),
+    not after the full check read its record, so it is freed once, with nothing else."""
+    (ino,) = let_go(fs, [b"f"], b"x" * 2 * PAGE_SIZE)
+    for _ in range(2):
+        err(errno.ENOENT, fs.find, ino, b".")
+        err(errno.ENOENT, fs.ref, ino)
+        err(errno.ENOENT, fs.setattr, ino, ROOT, size=0)
+        assert fs.check() == []             # reads every record, this one too
+    g = mkfile(fs, b"g", b"g" * 8 * PAGE_SIZE)
+    assert fs.reap_pending() == 1 and fs.reap_pending() == 0
+    assert bytes(fs.read(g.ino, 0, 8 * PAGE_SIZE)) == b"g" * 8 * PAGE_SIZE
+
+
 def test_statfs_and_a_handover_free_what_waits(fs: Filesystem, kernel: Kernel) -> None:
     before = fs.statfs()
     let_go(fs, [b"a", b"b"], b"x" * 3 * PAGE_SIZE)
