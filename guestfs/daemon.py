@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 QUIESCE_TIMEOUT = 60.0  # seconds; a quiesce that takes longer aborts the kexec
 #: Seconds between two frees of the unlinked files that wait (`_reap_in_background`).
 REAP_INTERVAL = 0.05
+#: Background work (the deferred initialisation, the frees that wait) pauses while a
+#: kexec or an unmount holds the daemon: its quiesce, part of the blackout, must not
+#: wait for a slice of it between two awaits. Seconds between two looks.
+BACKGROUND_PAUSE = 0.002
 
 
 class MountState(enum.Enum):
@@ -222,7 +226,8 @@ class Daemon:
         """Finish the boot's deferred initialisation, the free lists' (see
         kho_backend.page_alloc) then the memmap's (kho_backend.memmap), from a task of
         its own, a slice at a time between requests: the requests held through a
-        blackout go first, and the work is no part of any request's wait."""
+        blackout go first, the work is no part of any request's wait, and it pauses
+        while a kexec or an unmount holds the daemon (`BACKGROUND_PAUSE`)."""
         assert self._nursery is not None
         self._nursery.start_soon(self._settle_memmap, self._session())
 
@@ -232,6 +237,9 @@ class Daemon:
         # Only while this kernel serves: a handed-over kernel's memmap is the next
         # kernel's memory.
         while self.session is session and session.state is State.RUNNING:
+            if self._exclusive.locked():
+                await trio.sleep(BACKGROUND_PAUSE)
+                continue
             try:
                 step = time.perf_counter_ns()
                 # Listing a chunk settles its memmap too: the lists first.
@@ -253,7 +261,8 @@ class Daemon:
         while True:
             await trio.sleep(REAP_INTERVAL)
             session = self.session
-            if session is None or session.state is not State.RUNNING:
+            if session is None or session.state is not State.RUNNING or \
+                    self._exclusive.locked():
                 continue
             try:
                 session.fs.reap_pending()

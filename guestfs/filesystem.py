@@ -82,7 +82,7 @@ REAP_BATCH = 256
 REAP_SMALL_PAGES = 16
 #: What one more inode may add to a batch's transaction: pages journaled (its record
 #: page, the inode table's and the orphan list's nodes) and entries (its data pages,
-#: its page array, blobs).
+#: its page array, an xattr page, a symlink target's two).
 REAP_TXN = (8, REAP_SMALL_PAGES + 8)
 #: Free pages above the data floor below which waiting frees are done before any
 #: change, so that they never make a write fail for want of room (16 MiB: more than a
@@ -945,12 +945,10 @@ class Filesystem:
     def _let_go(self, ino: int) -> None:
         """A reference to `ino` went: if it was its last and no name is left, free it, or
         let a small file wait to be freed with others (`reap_pending`)."""
-        if self._held(ino):
+        inode = self._unreachable(ino)
+        if inode is None:
             return
-        inode = self._stored(ino)
-        if inode is None or inode.nlink or ino == ROOT_INO:
-            return
-        if inode.is_dir or inode.npages > REAP_SMALL_PAGES:
+        if not self._may_wait(inode):
             with self._change(inode) as txn:
                 self._free(txn, inode)
             return
@@ -959,15 +957,29 @@ class Filesystem:
         if len(self._unreaped) >= REAP_BATCH:
             self.reap_pending()
 
+    def _may_wait(self, inode: Inode) -> bool:
+        """Whether freeing `inode` fits its share of a batch (`REAP_TXN`): a small file,
+        its xattrs in a page."""
+        if inode.is_dir or inode.npages > REAP_SMALL_PAGES:
+            return False
+        with _READING:
+            return not self.store.xattrs_span_pages(inode, 1)
+
     def _settle(self, ino: int) -> None:
         """Free `ino` now if nothing holds it and no name is left."""
+        inode = self._unreachable(ino)
+        if inode is not None:
+            with self._change(inode) as txn:
+                self._free(txn, inode)
+
+    def _unreachable(self, ino: int) -> Inode | None:
+        """Inode `ino` if nothing holds it and no name is left (it is to be freed)."""
         if self._held(ino):
-            return
+            return None
         inode = self._stored(ino)
         if inode is None or inode.nlink or ino == ROOT_INO:
-            return
-        with self._change(inode) as txn:
-            self._free(txn, inode)
+            return None
+        return inode
 
     def _free(self, txn: Txn, inode: Inode) -> None:
         """Free an inode nobody can reach: in this transaction if it fits, else it goes

@@ -12,6 +12,7 @@ half of one.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Iterator
 
@@ -53,6 +54,11 @@ def free(txn: Txn, pages: Pages, first: int) -> None:
     """Free every page of the blob."""
     for pfn, _ in list(_chain(pages, first)):
         txn.free(pfn)
+
+
+def spans_pages(pages: Pages, first: int, n: int) -> bool:
+    """Whether the blob at `first` has more than `n` pages (reads at most n + 1)."""
+    return any(True for _ in itertools.islice(_chain(pages, first), n, n + 1))
 
 
 def chain_pages(pages: Pages, first: int) -> Iterator[int]:

@@ -330,6 +330,10 @@ class MetaStore:
             raise CorruptPage(inode.xattr, f"the xattrs of inode {inode.ino} are malformed")
         return dict(pairs)
 
+    def xattrs_span_pages(self, inode: Inode, n: int) -> bool:
+        """Whether the inode's extended attributes take more than `n` pages."""
+        return bool(inode.xattr) and blob.spans_pages(self.pages, inode.xattr, n)
+
     def set_xattrs(self, txn: Txn, inode: Inode, xattrs: dict[bytes, bytes]) -> None:
         """Replace the inode's extended attributes (the caller writes its record)."""
         old = inode.xattr

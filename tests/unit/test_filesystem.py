@@ -285,10 +285,13 @@ def test_small_unlinked_files_are_freed_together(fs: Filesystem) -> None:
     assert fs.store.orphans() == [] and all(gone(fs, ino) for ino in inos)
     assert fs.check() == []                     # and no page of theirs is left behind
     big = mkfile(fs, b"big", b"b" * (REAP_SMALL_PAGES + 1) * PAGE_SIZE)
-    fs.ref(big.ino)
-    fs.unlink(ROOT_INO, b"big", ROOT)
-    fs.forget(big.ino, 1)                       # a larger file is freed at once
-    assert gone(fs, big.ino) and fs.store.orphans() == []
+    rich = mkfile(fs, b"rich")
+    fs.setxattr(rich.ino, b"user.big", b"v" * 2 * PAGE_SIZE, ROOT)
+    for f in (big, rich):
+        fs.ref(f.ino)
+        fs.unlink(ROOT_INO, b"big" if f is big else b"rich", ROOT)
+        fs.forget(f.ino, 1)     # a larger file, or xattrs of several pages: freed at once
+        assert gone(fs, f.ino) and fs.store.orphans() == []
 
 
 def test_a_file_waiting_to_be_freed_stays_gone(fs: Filesystem) -> None:
