@@ -843,7 +843,7 @@ class Filesystem:
     # --- internals: creating and dropping ------------------------------------
 
     def _check_inode_room(self) -> None:
-        if self.sb.inode_count >= self.sb.max_inodes and self._unreaped:
+        if self._unreaped and self.sb.inode_count >= self.sb.max_inodes:
             self.reap_pending()
         if self.sb.inode_count >= self.sb.max_inodes:
             raise FsError(errno.ENOSPC, f"all {self.sb.max_inodes} inodes are in use")

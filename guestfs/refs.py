@@ -130,7 +130,10 @@ class KernelRefs:
             count = self._big[ino]
         elif not count:
             slots[i - slot + _LIVE] += 1
-        self._set(ino, i, count + n)
+        if count + n < APART:       # the usual case, without a call
+            slots[i] = count + n
+        else:
+            self._set(ino, i, count + n)
 
     def drop_lookups(self, ino: int, n: int) -> None:
         """The kernel dropped `n` lookup references to `ino` (never below zero)."""
@@ -145,7 +148,9 @@ class KernelRefs:
         if count > n:
             self._set(ino, i, count - n)
         elif count:
-            self._set(ino, i, 0)
+            if slots[i] == APART:
+                del self._big[ino]
+            slots[i] = 0
             live = i - slot + _LIVE
             slots[live] -= 1
             if not slots[live]:
