@@ -300,6 +300,16 @@ class FsModel(RuleBasedStateMachine):
             self.fs.release(node.ino)
         else:
             self.fs.forget(node.ino, 1)
+        named = any(c is node for _, _, c in self.entries())
+        if not named and not any(n is node for _, n in self.held):
+            # Gone for the kernel at once, whether its free waits or not.
+            self.expect(errno.ENOENT, self.fs.get, node.ino)
+
+    @rule()
+    def reap(self) -> None:
+        """The daemon frees the removed files that wait, between requests."""
+        self.fs.reap_pending()
+        assert self.fs.waiting_frees == 0
 
     @rule(data=st.data(), name=XATTR_NAMES, value=st.binary(max_size=20), ctx=CTXS,
           remove=st.booleans())
