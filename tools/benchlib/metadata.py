@@ -31,7 +31,7 @@ UNIT = "ops/s"
 
 
 @dataclass
-class _Dir:
+class WorkDir:
     """One system's working folder in one run."""
 
     mounted: Mounted
@@ -40,7 +40,7 @@ class _Dir:
     fd: int = -1
 
 
-def _create(d: _Dir) -> None:
+def _create(d: WorkDir) -> None:
     os.mkdir(d.path)
     d.fd = os.open(d.path, os.O_RDONLY | os.O_DIRECTORY)
     for name in d.names:
@@ -49,26 +49,26 @@ def _create(d: _Dir) -> None:
         os.close(fd)
 
 
-def _stat(d: _Dir) -> None:
+def _stat(d: WorkDir) -> None:
     for name in d.names:
         os.stat(name, dir_fd=d.fd, follow_symlinks=False)
 
 
-def _ls(d: _Dir) -> None:
+def _ls(d: WorkDir) -> None:
     subprocess.run(["ls", "-l", d.path], stdout=subprocess.DEVNULL, check=True)
 
 
-def _rename(d: _Dir) -> None:
+def _rename(d: WorkDir) -> None:
     for name in d.names:
         os.rename(name, "r" + name, src_dir_fd=d.fd, dst_dir_fd=d.fd)
 
 
-def _unlink(d: _Dir) -> None:
+def _unlink(d: WorkDir) -> None:
     for name in d.names:
         os.unlink("r" + name, dir_fd=d.fd)
 
 
-PHASES: dict[str, Callable[[_Dir], None]] = {
+PHASES: dict[str, Callable[[WorkDir], None]] = {
     "create": _create, "stat": _stat, "ls -l": _ls, "rename": _rename, "unlink": _unlink,
 }
 TITLES = {
@@ -80,7 +80,7 @@ TITLES = {
 def run_metadata(profile: Profile, systems: Sequence[Mounted], table: Table) -> None:
     """All phases on all systems, `profile.runs` times."""
     for run in range(profile.runs):
-        dirs = [_Dir(m, os.path.join(m.path, f"meta{run}"), _names(profile, m, table))
+        dirs = [WorkDir(m, os.path.join(m.path, f"meta{run}"), _names(profile, m, table))
                 for m in systems]
         try:
             for phase, action in PHASES.items():
@@ -110,7 +110,7 @@ def _names(profile: Profile, mounted: Mounted, table: Table) -> list[str]:
     return [f"f{i:06d}" for i in range(count)]
 
 
-def _drop_kernel_caches() -> None:
+def drop_kernel_caches() -> None:
     """Drop the kernel's dentries and inodes (not the page cache), so that the next
     phase's names and attributes are asked of each filesystem again."""
     os.sync()
@@ -118,9 +118,9 @@ def _drop_kernel_caches() -> None:
         f.write("2")
 
 
-def _timed_phase(profile: Profile, phase: str, action: Callable[[_Dir], None], d: _Dir,
-                 table: Table) -> None:
-    _drop_kernel_caches()
+def _timed_phase(profile: Profile, phase: str, action: Callable[[WorkDir], None],
+                 d: WorkDir, table: Table) -> None:
+    drop_kernel_caches()
     time.sleep(profile.forget_settle_s)
     t0 = time.perf_counter()
     action(d)
