@@ -394,7 +394,9 @@ class Filesystem:
                 atime_ns: int | None = None, mtime_ns: int | None = None,
                 ctime_ns: int | None = None) -> Inode:
         """Change the given attributes (None: unchanged); any change sets ctime, to
-        `ctime_ns` when given or now.
+        `ctime_ns` when given or now. A call that names nothing to change is chown(2)
+        with -1, -1 (the kernel's SETATTR with no attribute): it sets ctime too, as
+        Linux's own filesystems do (POSIX allows either).
 
         `size` has truncate semantics; a changed uid or gid clears the set-user-ID bit of
         a non-directory, and its set-group-ID bit when group-execute is set (as Linux's
@@ -426,7 +428,7 @@ class Filesystem:
                 changed = True
             if ctime_ns is not None:
                 inode.ctime_ns = ctime_ns
-            elif changed:
+            elif changed or _asks_nothing(mode, uid, gid, size, atime_ns, mtime_ns):
                 inode.ctime_ns = now
             self._put(txn, inode)
         return inode
@@ -1241,6 +1243,13 @@ class _Change:
                 # The change committed; what is left stays on the orphan list, which
                 # the next mount finishes.
                 log.error("finishing a committed change failed: %s", e)
+
+
+def _asks_nothing(mode: int | None, uid: int | None, gid: int | None, size: int | None,
+                  atime_ns: int | None, mtime_ns: int | None) -> bool:
+    """True when a setattr names no attribute to change (-1 is chown's "unchanged")."""
+    return (mode is None and size is None and atime_ns is None and mtime_ns is None
+            and uid in (None, -1) and gid in (None, -1))
 
 
 def _check_name(name: bytes) -> None:

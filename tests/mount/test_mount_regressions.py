@@ -108,6 +108,19 @@ def test_times_have_nanoseconds_and_never_run_backwards(workdir: Path) -> None:
     assert any(t % 1_000_000 for t in ctimes), "times are truncated to milliseconds"
 
 
+def test_chown_minus_one_minus_one_sets_ctime_as_on_tmpfs(workdir: Path) -> None:
+    # The kernel's SETATTR for it names no attribute (pjdfstest chown/00.t's TODO).
+    f = workdir / "f"
+    f.touch()
+    os.symlink("f", workdir / "s")
+    before = [os.lstat(p).st_ctime_ns for p in (f, workdir / "s", workdir)]
+    os.chown(f, -1, -1)
+    os.lchown(workdir / "s", -1, -1)
+    os.chown(workdir, -1, -1)
+    after = [os.lstat(p).st_ctime_ns for p in (f, workdir / "s", workdir)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
 # --- file handles ------------------------------------------------------------------------
 
 MAX_HANDLE_SZ = 128

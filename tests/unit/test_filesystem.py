@@ -496,6 +496,19 @@ def test_chown_keeps_set_id_bits_of_directories_and_minus_one_means_unchanged(
     assert f.mode & stat.S_ISUID and f.uid == 0
 
 
+def test_chown_to_minus_one_minus_one_sets_only_ctime(cfs: Filesystem, clock: Clock) -> None:
+    # The kernel's SETATTR for chown(f, -1, -1) names no attribute; Linux's own
+    # filesystems stamp ctime for it (pjdfstest chown/00.t, tmpfs).
+    f = mkfile(cfs, b"f")
+    d = cfs.mkdir(ROOT_INO, b"d", stat.S_IFDIR | 0o755, ROOT)
+    before = (f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns)
+    t = clock.tick()
+    cfs.setattr(f.ino, ROOT)
+    cfs.setattr(d.ino, ROOT, uid=-1, gid=-1)
+    assert f.ctime_ns == d.ctime_ns == t
+    assert (f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns) == before
+
+
 def test_explicit_times_and_ctime(cfs: Filesystem, clock: Clock) -> None:
     f = mkfile(cfs, b"f")
     t = clock.tick()
