@@ -380,10 +380,13 @@ class Filesystem:
                 self._maybe_free(txn, dst)
 
     def readlink(self, ino: int) -> bytes:
-        """A symlink's target; EINVAL for other types."""
+        """A symlink's target; EINVAL for other types. Moves atime as a read does (the
+        kernel asks for it on readlink(2) and on every walk through the link, and moves
+        atime of FUSE inodes only through us)."""
         inode = self.get(ino)
         if not inode.is_symlink:
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
+        self._accessed(inode)
         with _READING:
             return self.store.target(inode)
 
@@ -1123,7 +1126,7 @@ class Filesystem:
             inode.mode = intern_int(mode)
 
     def _accessed(self, inode: Inode) -> None:
-        """A read or readdir: atime moves as the mount's atime policy says (relatime:
+        """A read, readdir or readlink: atime moves as the mount's atime policy says (relatime:
         if it is not newer than mtime or ctime, or a day old)."""
         policy = self.atime
         if policy.mode is AtimeMode.NOATIME or (inode.is_dir and not policy.directories):

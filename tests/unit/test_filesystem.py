@@ -599,6 +599,17 @@ def test_relatime(cfs: Filesystem, clock: Clock) -> None:
     assert d.atime_ns == t3
 
 
+def test_readlink_moves_atime_as_a_read(cfs: Filesystem, clock: Clock) -> None:
+    # tmpfs moves a link's atime on readlink(2) and on a walk through it; the kernel
+    # leaves a FUSE inode's atime to us.
+    s = cfs.symlink(ROOT_INO, b"s", b"target", ROOT)
+    t = clock.tick()
+    assert cfs.readlink(s.ino) == b"target" and s.atime_ns == t
+    clock.tick()
+    cfs.readlink(s.ino)                         # relatime: newer than mtime and ctime
+    assert s.atime_ns == t and s.ctime_ns < t
+
+
 def test_fallocate(cfs: Filesystem, clock: Clock) -> None:
     f = mkfile(cfs, b"f", b"abc")
     t = clock.tick()
