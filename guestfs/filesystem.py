@@ -401,10 +401,11 @@ class Filesystem:
         with -1, -1 (the kernel's SETATTR with no attribute): it sets ctime too, as
         Linux's own filesystems do (POSIX allows either).
 
-        `size` has truncate semantics; a changed uid or gid clears the set-user-ID bit of
-        a non-directory, and its set-group-ID bit when group-execute is set (as Linux's
-        chown does, whoever the caller); `mode` replaces the permission bits (and the
-        matching entries of an access ACL).
+        `size` has truncate semantics (mtime and ctime move, even to the same size); a
+        changed uid or gid clears the set-user-ID bit of a non-directory, and its
+        set-group-ID bit when group-execute is set (as Linux's chown does, whoever the
+        caller); `mode` replaces the permission bits (and the matching entries of an
+        access ACL).
         """
         inode = self.get(ino)
         if size is not None:
@@ -412,9 +413,12 @@ class Filesystem:
         with self._change(inode) as txn:
             now = self._clock()
             changed = False
-            if size is not None and size != inode.size:
-                # A truncate to the current size changes nothing, times included (tmpfs).
-                self._truncate(txn, inode, size, now)
+            if size is not None:
+                # mtime and ctime move even when the size stays, as POSIX.1-2008 asks
+                # and Linux's ftruncate(2) always does (the kernel sends FUSE a
+                # truncate without the times and leaves them to us); so do truncate(2)
+                # on ext4 and on a tmpfs file that has data.
+                self._truncate(txn, inode, size, now, always_touch=True)
                 changed = True
             if uid not in (None, -1) or gid not in (None, -1):
                 self._chown(inode, uid, gid)

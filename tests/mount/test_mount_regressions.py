@@ -121,6 +121,21 @@ def test_chown_minus_one_minus_one_sets_ctime_as_on_tmpfs(workdir: Path) -> None
     assert all(a > b for a, b in zip(after, before)), (before, after)
 
 
+def test_truncate_to_the_same_size_moves_mtime_and_ctime(workdir: Path) -> None:
+    # As ext4 and POSIX.1-2008; the kernel sends FUSE an ftruncate(2) without the times
+    # that Linux's ftruncate always sets.
+    f = workdir / "f"
+    f.write_bytes(b"hello")
+    with open(f, "r+b") as out:
+        for cut in (lambda: os.ftruncate(out.fileno(), 5), lambda: os.truncate(f, 5)):
+            before = os.stat(f)
+            cut()
+            after = os.stat(f)
+            assert after.st_size == 5
+            assert after.st_mtime_ns > before.st_mtime_ns
+            assert after.st_ctime_ns > before.st_ctime_ns
+
+
 # --- file handles ------------------------------------------------------------------------
 
 MAX_HANDLE_SZ = 128
