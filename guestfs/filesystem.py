@@ -380,10 +380,13 @@ class Filesystem:
                 self._maybe_free(txn, dst)
 
     def readlink(self, ino: int) -> bytes:
-        """A symlink's target; EINVAL for other types."""
+        """A symlink's target; EINVAL for other types. Moves atime as a read does (the
+        kernel asks for it on readlink(2) and on every walk through the link, and moves
+        atime of FUSE inodes only through us)."""
         inode = self.get(ino)
         if not inode.is_symlink:
             raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
+        self._accessed(inode)
         with _READING:
             return self.store.target(inode)
 
@@ -394,12 +397,15 @@ class Filesystem:
                 atime_ns: int | None = None, mtime_ns: int | None = None,
                 ctime_ns: int | None = None) -> Inode:
         """Change the given attributes (None: unchanged); any change sets ctime, to
-        `ctime_ns` when given or now.
+        `ctime_ns` when given or now. A call that names nothing to change is chown(2)
+        with -1, -1 (the kernel's SETATTR with no attribute): it sets ctime too, as
+        Linux's own filesystems do (POSIX allows either).
 
-        `size` has truncate semantics; a changed uid or gid clears the set-user-ID bit of
-        a non-directory, and its set-group-ID bit when group-execute is set (as Linux's
-        chown does, whoever the caller); `mode` replaces the permission bits (and the
-        matching entries of an access ACL).
+        `size` has truncate semantics (mtime and ctime move, even to the same size); a
+        changed uid or gid clears the set-user-ID bit of a non-directory, and its
+        set-group-ID bit when group-execute is set (as Linux's chown does, whoever the
+        caller); `mode` replaces the permission bits (and the matching entries of an
+        access ACL).
         """
         inode = self.get(ino)
         if size is not None:
@@ -407,9 +413,12 @@ class Filesystem:
         with self._change(inode) as txn:
             now = self._clock()
             changed = False
-            if size is not None and size != inode.size:
-                # A truncate to the current size changes nothing, times included (tmpfs).
-                self._truncate(txn, inode, size, now)
+            if size is not None:
+                # mtime and ctime move even when the size stays, as POSIX.1-2008 asks
+                # and Linux's ftruncate(2) always does (the kernel sends FUSE a
+                # truncate without the times and leaves them to us); so do truncate(2)
+                # on ext4 and on a tmpfs file that has data.
+                self._truncate(txn, inode, size, now, always_touch=True)
                 changed = True
             if uid not in (None, -1) or gid not in (None, -1):
                 self._chown(inode, uid, gid)
@@ -426,7 +435,7 @@ class Filesystem:
                 changed = True
             if ctime_ns is not None:
                 inode.ctime_ns = ctime_ns
-            elif changed:
+            elif changed or _asks_nothing(mode, uid, gid, size, atime_ns, mtime_ns):
                 inode.ctime_ns = now
             self._put(txn, inode)
         return inode
@@ -1121,7 +1130,7 @@ class Filesystem:
             inode.mode = intern_int(mode)
 
     def _accessed(self, inode: Inode) -> None:
-        """A read or readdir: atime moves as the mount's atime policy says (relatime:
+        """A read, readdir or readlink: atime moves as the mount's atime policy says (relatime:
         if it is not newer than mtime or ctime, or a day old)."""
         policy = self.atime
         if policy.mode is AtimeMode.NOATIME or (inode.is_dir and not policy.directories):
@@ -1241,6 +1250,13 @@ class _Change:
                 # The change committed; what is left stays on the orphan list, which
                 # the next mount finishes.
                 log.error("finishing a committed change failed: %s", e)
+
+
+def _asks_nothing(mode: int | None, uid: int | None, gid: int | None, size: int | None,
+                  atime_ns: int | None, mtime_ns: int | None) -> bool:
+    """True when a setattr names no attribute to change (-1 is chown's "unchanged")."""
+    return (mode is None and size is None and atime_ns is None and mtime_ns is None
+            and uid in (None, -1) and gid in (None, -1))
 
 
 def _check_name(name: bytes) -> None:

@@ -40,7 +40,7 @@ ROOT_INO = pyfuse3.ROOT_INODE
 # kernel drops what that request may change: the attributes of the inodes a create,
 # link, unlink, rename, setattr or xattr change touches (fuse_dir_changed,
 # fuse_invalidate_attr, fuse_update_ctime), size, times and blocks after a write,
-# atime after a read or a readdir (fuse_invalidate_atime: the core moves atime
+# atime after a read, a readdir or a readlink (fuse_invalidate_atime: the core moves atime
 # itself, under relatime too). What the core computes on its own therefore always
 # comes with a request that invalidates it, and the kernel may keep entries (negative
 # ones too: names appear only through this kernel) and attributes for long; other uids

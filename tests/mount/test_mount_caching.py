@@ -1,8 +1,9 @@
 """The kernel's caches of entries and attributes, which the adapter lets it keep for
 long (`guestfs.fuse_ops.ATTR_TIMEOUT`): whatever the daemon changes, a stat right
 afterwards shows it, because every change arrives as a request of this kernel and the
-kernel drops what that request may change (atime after a read or readdir, times and
-size after a write, the counts and ctime of the inodes a name change touches)."""
+kernel drops what that request may change (atime after a read, readdir or readlink,
+times and size after a write, the counts and ctime of the inodes a name change
+touches)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ def test_a_readdir_moves_the_directorys_atime(workdir: Path) -> None:
     before = time.time_ns()
     assert os.listdir(d) == ["x"]
     assert os.stat(d).st_atime_ns >= before
+
+
+def test_a_readlink_and_a_walk_through_a_link_move_its_atime(workdir: Path) -> None:
+    (workdir / "target").write_bytes(b"data")
+    link = workdir / "link"
+    os.symlink("target", link)
+    for use in (os.readlink, lambda p: p.read_bytes()):
+        os.utime(link, ns=(OLD_NS, OLD_NS + 1), follow_symlinks=False)
+        os.lstat(link)                         # attributes cached
+        before = time.time_ns()
+        use(link)
+        assert os.lstat(link).st_atime_ns >= before
 
 
 def test_writes_show_in_size_blocks_and_times(workdir: Path) -> None:

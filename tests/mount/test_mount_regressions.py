@@ -108,6 +108,34 @@ def test_times_have_nanoseconds_and_never_run_backwards(workdir: Path) -> None:
     assert any(t % 1_000_000 for t in ctimes), "times are truncated to milliseconds"
 
 
+def test_chown_minus_one_minus_one_sets_ctime_as_on_tmpfs(workdir: Path) -> None:
+    # The kernel's SETATTR for it names no attribute (pjdfstest chown/00.t's TODO).
+    f = workdir / "f"
+    f.touch()
+    os.symlink("f", workdir / "s")
+    before = [os.lstat(p).st_ctime_ns for p in (f, workdir / "s", workdir)]
+    os.chown(f, -1, -1)
+    os.lchown(workdir / "s", -1, -1)
+    os.chown(workdir, -1, -1)
+    after = [os.lstat(p).st_ctime_ns for p in (f, workdir / "s", workdir)]
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+
+
+def test_truncate_to_the_same_size_moves_mtime_and_ctime(workdir: Path) -> None:
+    # As ext4 and POSIX.1-2008; the kernel sends FUSE an ftruncate(2) without the times
+    # that Linux's ftruncate always sets.
+    f = workdir / "f"
+    f.write_bytes(b"hello")
+    with open(f, "r+b") as out:
+        for cut in (lambda: os.ftruncate(out.fileno(), 5), lambda: os.truncate(f, 5)):
+            before = os.stat(f)
+            cut()
+            after = os.stat(f)
+            assert after.st_size == 5
+            assert after.st_mtime_ns > before.st_mtime_ns
+            assert after.st_ctime_ns > before.st_ctime_ns
+
+
 # --- file handles ------------------------------------------------------------------------
 
 MAX_HANDLE_SZ = 128

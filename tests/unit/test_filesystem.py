@@ -496,6 +496,19 @@ def test_chown_keeps_set_id_bits_of_directories_and_minus_one_means_unchanged(
     assert f.mode & stat.S_ISUID and f.uid == 0
 
 
+def test_chown_to_minus_one_minus_one_sets_only_ctime(cfs: Filesystem, clock: Clock) -> None:
+    # The kernel's SETATTR for chown(f, -1, -1) names no attribute; Linux's own
+    # filesystems stamp ctime for it (pjdfstest chown/00.t, tmpfs).
+    f = mkfile(cfs, b"f")
+    d = cfs.mkdir(ROOT_INO, b"d", stat.S_IFDIR | 0o755, ROOT)
+    before = (f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns)
+    t = clock.tick()
+    cfs.setattr(f.ino, ROOT)
+    cfs.setattr(d.ino, ROOT, uid=-1, gid=-1)
+    assert f.ctime_ns == d.ctime_ns == t
+    assert (f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns) == before
+
+
 def test_explicit_times_and_ctime(cfs: Filesystem, clock: Clock) -> None:
     f = mkfile(cfs, b"f")
     t = clock.tick()
@@ -514,9 +527,10 @@ def test_truncate_through_setattr(cfs: Filesystem, clock: Clock) -> None:
     assert f.npages == 2
     assert bytes(cfs.read(f.ino, PAGE_SIZE, 2)) == b"a\0"
     assert bytes(cfs.read(f.ino, 9 * PAGE_SIZE, 10)) == bytes(10)
-    clock.tick()
-    cfs.setattr(f.ino, ROOT, size=10 * PAGE_SIZE)               # same size: nothing changes
-    assert f.mtime_ns == f.ctime_ns == t   # as tmpfs, and as the kernel keeps them
+    t = clock.tick()
+    cfs.setattr(f.ino, ROOT, size=10 * PAGE_SIZE)               # same size: times move
+    assert f.size == 10 * PAGE_SIZE and f.npages == 2
+    assert f.mtime_ns == f.ctime_ns == t   # POSIX.1-2008, Linux's ftruncate(2), ext4
     cfs.setattr(f.ino, ROOT, size=0)
     assert f.npages == 0 and cfs.store.free_pages() == free
     err(errno.EFBIG, cfs.setattr, f.ino, ROOT, size=MAX_FILE_SIZE + 1)
@@ -584,6 +598,17 @@ def test_relatime(cfs: Filesystem, clock: Clock) -> None:
     t3 = clock.tick()
     list(cfs.readdir(ROOT_INO, 0))
     assert d.atime_ns == t3
+
+
+def test_readlink_moves_atime_as_a_read(cfs: Filesystem, clock: Clock) -> None:
+    # tmpfs moves a link's atime on readlink(2) and on a walk through it; the kernel
+    # leaves a FUSE inode's atime to us.
+    s = cfs.symlink(ROOT_INO, b"s", b"target", ROOT)
+    t = clock.tick()
+    assert cfs.readlink(s.ino) == b"target" and s.atime_ns == t
+    clock.tick()
+    cfs.readlink(s.ino)                         # relatime: newer than mtime and ctime
+    assert s.atime_ns == t and s.ctime_ns < t
 
 
 def test_fallocate(cfs: Filesystem, clock: Clock) -> None:
