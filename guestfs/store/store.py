@@ -19,7 +19,11 @@ without handing over).
 Room. Metadata may take every free page but the last `SLACK_PAGES` (kept for the KHO
 root FDT and kexec-metadata of the next handover); file data also leaves the headroom
 (1/256 of the arena, at least 16 pages) to metadata, so that a full arena still takes a
-mkdir, a rename or an unlink.
+mkdir, a rename or an unlink. Below the headroom, `REMOVAL_RESERVE` pages above the
+slack are left to a transaction that only takes things away (an unlink, an rmdir, a
+removexattr, a truncate, a free): removing a name the kernel still holds puts its inode
+on the orphan list, which may need a page, so an arena filled by metadata (long symlink
+targets, xattrs, names) can still be emptied.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ CACHE_INODES = 1 << 15
 #: many, and the superblock is written once per this many creates.
 INO_RESERVE = 1024
 SLACK_PAGES = 16
+#: Pages above the slack that only a transaction that frees may take (see the module
+#: docstring): an orphan-list insertion takes at most its B+tree's height plus one.
+REMOVAL_RESERVE = 16
 HEADROOM_SHARE = 256
 MIN_HEADROOM_PAGES = 16
 #: An orphan whose value is this is freed; any other value is a pending truncate size.
@@ -59,16 +66,21 @@ ORPHAN_VALUE_SIZE = 8
 
 
 class RoomPool:
-    """The pool as the journal sees it: allocations stop `floor` pages short of empty."""
+    """The pool as the journal sees it: allocations stop `floor` pages short of empty,
+    and `reserve` pages more unless the transaction only frees (`freeing`)."""
 
-    def __init__(self, pool: Pool, floor: int) -> None:
+    def __init__(self, pool: Pool, floor: int, reserve: int = REMOVAL_RESERVE) -> None:
         self.pool = pool
         self.floor = floor
+        self.reserve = reserve
+        #: Set for the transaction under way when it only takes things away.
+        self.freeing = False
 
     def alloc(self, order: int = 0, *, intent: Callable[[int], None] | None = None) -> int:
-        if self.pool.free_pages() - (1 << order) < self.floor:
-            raise OutOfMemory(f"the arena keeps its last {self.floor} free pages for the "
-                              "next handover")
+        floor = self.floor if self.freeing else self.floor + self.reserve
+        if self.pool.free_pages() - (1 << order) < floor:
+            raise OutOfMemory(f"the arena keeps its last {floor} free pages for the next "
+                              "handover" + ("" if self.freeing else " and for removals"))
         return self.pool.alloc(order, intent=intent)
 
     def free(self, pfn: int, order: int = 0) -> None:
@@ -197,18 +209,24 @@ class MetaStore:
         committed when the block ends, rolled back (caches dropped, superblock re-read)
         if it raises."""
         self._counts = (self.sb.next_ino, self.sb.inode_count)
+        self.pool.freeing = False
         return self.journal.transaction(self._forget_all)
 
-    def begin(self) -> Txn:
+    def begin(self, *, frees: bool = False) -> Txn:
         """Open a transaction, to be ended by `end` (what `transaction` does, for a
-        caller that wraps it in its own context manager: one layer less per request)."""
+        caller that wraps it in its own context manager: one layer less per request).
+        One that `frees` (takes things away only) may use the removal reserve."""
         sb = self.sb
         self._counts = (sb.next_ino, sb.inode_count)
+        self.pool.freeing = frees
         return self.journal.begin(self._forget_all)
 
     def end(self, txn: Txn, *, failed: bool) -> None:
         """Commit `txn`, or roll it back (and drop the caches) if its block `failed`."""
-        self.journal.end(txn, failed=failed)
+        try:
+            self.journal.end(txn, failed=failed)
+        finally:
+            self.pool.freeing = False
 
     def _forget_all(self) -> None:
         # Every cache first: if reading the superblock back raises, none may keep what
@@ -415,8 +433,8 @@ class MetaStore:
 
     def data_room(self, npages: int) -> bool:
         """May file data take `npages` more pages?"""
-        return self.pool.free_pages() - npages >= SLACK_PAGES + self.headroom
+        return self.pool.free_pages() - npages >= SLACK_PAGES + REMOVAL_RESERVE + self.headroom
 
     def data_floor(self) -> int:
         """Free pages file data leaves alone."""
-        return SLACK_PAGES + self.headroom
+        return SLACK_PAGES + REMOVAL_RESERVE + self.headroom
