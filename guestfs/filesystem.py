@@ -639,11 +639,15 @@ class Filesystem:
         return list(self._xattrs(self.get(ino)).items())
 
     def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
-        """Remove an extended attribute; ENODATA if it is not set."""
+        """Remove an extended attribute; ENODATA if it is not set, but a POSIX ACL that
+        is not set is removed without a word, as Linux's own filesystems do (the
+        kernel's remove_acl sets no ACL; tmpfs and ext4 answer 0)."""
         inode = self.get(ino)
         self._check_xattr_write(inode, name, ctx)
         xattrs = self._xattrs(inode)
         if name not in xattrs:
+            if name in acl.NAMES:
+                return
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
         del xattrs[name]
         with self._change(inode, frees=True) as txn:

@@ -747,6 +747,19 @@ def test_xattrs_are_decoded_once_and_stay_right_through_refusals_and_rollbacks(
     assert len(fs.listxattr(f.ino)) == 300 + len(stored) and reads == [f.xattr]
 
 
+def test_removing_a_posix_acl_that_is_not_set_is_no_error(fs: Filesystem) -> None:
+    """The kernel removes an ACL (removexattr, or setxattr of an empty value) by asking
+    for its xattr's removal: tmpfs and ext4 answer 0 when there is none, and so do we;
+    any other xattr that is not set is ENODATA."""
+    f = mkfile(fs, b"f")
+    d = fs.mkdir(ROOT_INO, b"d", DIR, ROOT)
+    ctime = f.ctime_ns
+    fs.removexattr(f.ino, b"system.posix_acl_access", ROOT)
+    fs.removexattr(d.ino, b"system.posix_acl_default", ROOT)
+    assert f.ctime_ns == ctime and f.xattr == 0 and d.xattr == 0
+    err(errno.ENODATA, fs.removexattr, f.ino, b"user.none", ROOT)
+
+
 def test_user_xattrs_only_on_files_and_directories(fs: Filesystem) -> None:
     fifo = fs.mknod(ROOT_INO, b"p", stat.S_IFIFO | 0o644, 0, ROOT)
     err(errno.EPERM, fs.setxattr, fifo.ino, b"user.x", b"1", ROOT)
