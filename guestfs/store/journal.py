@@ -11,6 +11,14 @@ store is the commit point. A SIGKILL at any instant therefore leaves one of:
   allocated, and the metadata is as before it began;
 - a COMMITTING one: it is done; recovery finishes its frees (idempotent).
 
+The state word is the one store no checksum covers, and a bit flipped in it (idle to
+active) would undo the last committed transaction without a word. So an ACTIVE
+transaction whose every journaled page (but those it frees) already passes its checksum
+and differs from its undo copy is taken as sealed, and finished as COMMITTING instead:
+a change leaves a page's checksum wrong until the seal, so only a process that died
+between the seal and the commit point (an operation never acknowledged, either outcome
+allowed) or such a flip leaves that.
+
 The arena is a shared mapping, so every completed store survives the process: only the
 program order of the stores matters, never a flush. The byte layout is in
 docs/handover-abi.md, "Journal".
@@ -36,7 +44,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guestfs.store.page import CRC_OFFSET, HEADER, Kind, Pages
-from kho_backend.checksum import crc32_at
+from kho_backend.checksum import crc32_at, stored_crc32
 from kho_backend.units import MAX_ORDER
 from kho_backend.units import PAGE_SIZE
 
@@ -185,6 +193,10 @@ class Journal:
         entries = list(self._entries(seq))
         self._check(entries)
         undone = released = freed = 0
+        if phase is Phase.ACTIVE and self._sealed(entries):
+            log.warning("journal: transaction %d is marked active but every page it "
+                        "changed is sealed: finished, not undone", seq)
+            phase = Phase.COMMITTING
         if phase is Phase.ACTIVE:
             slot = 0
             for kind, arg in entries:
@@ -225,6 +237,25 @@ class Journal:
                                                or not 0 < pfn < self.pages.arena.npages):
                 raise JournalError(f"the journal names an impossible block {pfn} of order "
                                    f"{order}")
+
+    def _sealed(self, entries: list[tuple[EntryKind, int]]) -> bool:
+        """Whether every page the transaction journaled, but those it frees, passes its
+        checksum and differs from its undo copy (see the module docstring); False if
+        there is no such page."""
+        freed = {_unpack_block(arg)[0] for kind, arg in entries if kind is EntryKind.FREE}
+        view = self.pages.arena.view
+        checked = slot = 0
+        for kind, arg in entries:
+            if kind is not EntryKind.UNDO:
+                continue
+            page, old = view(arg), view(self.slots[slot])
+            slot += 1
+            if arg in freed:
+                continue
+            if stored_crc32(page, CRC_OFFSET) != crc32_at(page, CRC_OFFSET) or page == old:
+                return False
+            checked += 1
+        return checked > 0
 
     def _restore(self, slot: int, pfn: int) -> None:
         self.pages.arena.view(pfn)[:] = self.pages.arena.view(self.slots[slot])

@@ -4,6 +4,7 @@ machine's arena."""
 
 from __future__ import annotations
 
+import contextlib
 import stat
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from guestfs.inode import Inode
 from guestfs.store import blob
 from guestfs.store.btree import MAX_VALUE, BTree
-from guestfs.store.journal import Journal, JournalError, Phase, TxnTooLarge
+from guestfs.store.journal import STATE_OFFSET, Journal, JournalError, Phase, TxnTooLarge
 from guestfs.store.page import CorruptPage, Kind, Pages
 from guestfs.store.radix import FANOUT, Radix, RadixRoot
 from guestfs.store.records import decode, encode
@@ -181,6 +182,45 @@ def test_recovery_finishes_the_frees_of_a_committed_transaction(store: Store) ->
     pool = RecordingPool(store.pool, owned)
     done = Journal.open(Pages(arena), pool, store.journal.header_pfn).recover()
     assert done.phase is Phase.COMMITTING and pool.released == [pfn]
+
+
+@pytest.mark.parametrize("cut", ["flipped", "died-after-the-seal"])
+def test_a_sealed_transaction_marked_active_is_finished_not_undone(store: Store,
+                                                                   cut: str) -> None:
+    """The state word is the one store no checksum covers: a bit flipped from idle to
+    active must not undo the last committed (acknowledged) transaction; a process that
+    died between the seal and the commit point may have it either way, and gets it
+    finished (its frees done)."""
+    with store.journal.transaction() as txn:
+        a, gone = txn.new_page(Kind.BLOB, 1), txn.new_page(Kind.BLOB, 2)
+    owned = dict(store.pool.owned)
+    arena, journal = store.kernel.arena, store.journal
+    image = None
+    real_set_state = journal._set_state
+
+    def die_at_the_commit_point(seq: int, phase: Phase) -> None:
+        nonlocal image
+        if phase is not Phase.ACTIVE:
+            image = bytearray(arena.view(0, arena.npages))
+            raise RuntimeError("SIGKILL")
+        real_set_state(seq, phase)
+    if cut == "died-after-the-seal":
+        journal._set_state = die_at_the_commit_point
+    with contextlib.suppress(RuntimeError), journal.transaction() as txn:
+        txn.write(a, Kind.BLOB)[16:20] = b"AAAA"
+        txn.free(gone)
+    journal._set_state = real_set_state
+    if image is None:                       # committed: flip the phase to active
+        image = bytearray(arena.view(0, arena.npages))
+        state = journal.header_pfn * PAGE_SIZE + STATE_OFFSET
+        image[state] |= Phase.ACTIVE
+    arena.view(0, arena.npages)[:] = image
+    committed = bytes(arena.view(a))
+    pool = RecordingPool(store.pool, owned)
+    done = Journal.open(Pages(arena), pool, journal.header_pfn).recover()
+    assert done.phase is Phase.COMMITTING and done.undone == 0
+    assert bytes(arena.view(a)) == committed and bytes(arena.view(a))[16:20] == b"AAAA"
+    assert pool.released == [gone]
 
 
 @pytest.mark.parametrize("target,why", [
