@@ -227,10 +227,18 @@ class Journal:
             raise JournalError(f"the journal holds {len(undo)} undo records for "
                                f"{len(self.slots)} slots")
         own = set(self.own_pages())
-        for pfn in undo:
+        view = self.pages.arena.view
+        for slot, pfn in enumerate(undo):
             if pfn in own or not self.pool.owns(pfn, 0):
                 raise JournalError(f"the journal would restore page {pfn}, which is not "
                                    "a metadata page of the pool")
+            # The slot holds the page as its last commit sealed it: the same kind and
+            # owner as the page now (a change never rewrites a page's header), and whole.
+            old, page = view(self.slots[slot]), view(pfn)
+            if (old[:4] != page[:4] or old[8:16] != page[8:16]
+                    or stored_crc32(old, CRC_OFFSET) != crc32_at(old, CRC_OFFSET)):
+                raise JournalError(f"the journal would restore page {pfn} from slot {slot}, "
+                                   "which holds no sealed copy of it")
         for kind, arg in entries:
             pfn, order = _unpack_block(arg)
             if kind is not EntryKind.UNDO and (order > MAX_ORDER or pfn & ((1 << order) - 1)

@@ -226,21 +226,27 @@ def test_a_sealed_transaction_marked_active_is_finished_not_undone(store: Store,
 @pytest.mark.parametrize("target,why", [
     ("outside", "not a metadata page of the pool"),
     ("journal", "not a metadata page of the pool"),
+    ("data", "holds no sealed copy of it"),
+    ("other-metadata", "holds no sealed copy of it"),
 ])
 def test_recovery_refuses_a_journal_that_names_foreign_pages(store: Store, target: str,
                                                              why: str) -> None:
     """A torn or hostile journal must not make recovery overwrite pages it does not own:
     it is refused before any page changes."""
     with store.journal.transaction() as txn:
-        a = txn.new_page(Kind.BLOB, 1)
-    arena = store.kernel.arena
+        a, other = txn.new_page(Kind.BLOB, 1), txn.new_page(Kind.BTREE, 2)
+        data = txn.alloc(0)                     # a page of file data: the pool's too
+        arena = store.kernel.arena
+        arena.view(data)[:] = bytes(range(256)) * 16
     image = None
     with pytest.raises(RuntimeError), store.journal.transaction() as txn:
         txn.write(a, Kind.BLOB)[16:20] = b"AAAA"
         image = bytearray(arena.view(0, arena.npages))
         raise RuntimeError("SIGKILL")
     journal = store.journal
-    bad = journal.slots[0] if target == "journal" else store.pool.buddy.alloc(0)
+    bad = {"journal": journal.slots[0], "data": data, "other-metadata": other}.get(target)
+    if bad is None:
+        bad = store.pool.buddy.alloc(0)
     entry = journal.entry_pages[0] * PAGE_SIZE          # the first entry: UNDO of `a`
     image[entry:entry + 8] = bad.to_bytes(8, "little")
     arena.view(0, arena.npages)[:] = image
