@@ -198,6 +198,7 @@ class Journal:
                         "changed is sealed: finished, not undone", seq)
             phase = Phase.COMMITTING
         if phase is Phase.ACTIVE:
+            self._check_undo(entries)
             slot = 0
             for kind, arg in entries:
                 if kind is EntryKind.UNDO:
@@ -221,11 +222,27 @@ class Journal:
 
     def _check(self, entries: list[tuple[EntryKind, int]]) -> None:
         """Refuse entries a sound journal cannot hold, before recovery changes a page:
-        more undo records than slots, or a page or block that is not the pool's."""
+        more undo records than slots, or an impossible block."""
         undo = [arg for kind, arg in entries if kind is EntryKind.UNDO]
         if len(undo) > len(self.slots):
             raise JournalError(f"the journal holds {len(undo)} undo records for "
                                f"{len(self.slots)} slots")
+        for kind, arg in entries:
+            pfn, order = _unpack_block(arg)
+            if kind is EntryKind.UNDO and not 0 < arg < self.pages.arena.npages:
+                raise JournalError(f"the journal would restore page {arg}, which is not "
+                                   "in the arena")
+            if kind is not EntryKind.UNDO and (order > MAX_ORDER or pfn & ((1 << order) - 1)
+                                               or not 0 < pfn < self.pages.arena.npages):
+                raise JournalError(f"the journal names an impossible block {pfn} of order "
+                                   f"{order}")
+
+    def _check_undo(self, entries: list[tuple[EntryKind, int]]) -> None:
+        """Refuse, before an active transaction is undone, an undo record of a page that
+        is not a metadata page of the pool or whose slot holds no sealed copy of it. (A
+        committing transaction's records are not used: the pages it freed, journaled
+        ones among them, are the pool's no more.)"""
+        undo = [arg for kind, arg in entries if kind is EntryKind.UNDO]
         own = set(self.own_pages())
         view = self.pages.arena.view
         for slot, pfn in enumerate(undo):
@@ -239,17 +256,11 @@ class Journal:
                     or stored_crc32(old, CRC_OFFSET) != crc32_at(old, CRC_OFFSET)):
                 raise JournalError(f"the journal would restore page {pfn} from slot {slot}, "
                                    "which holds no sealed copy of it")
-        for kind, arg in entries:
-            pfn, order = _unpack_block(arg)
-            if kind is not EntryKind.UNDO and (order > MAX_ORDER or pfn & ((1 << order) - 1)
-                                               or not 0 < pfn < self.pages.arena.npages):
-                raise JournalError(f"the journal names an impossible block {pfn} of order "
-                                   f"{order}")
 
     def _sealed(self, entries: list[tuple[EntryKind, int]]) -> bool:
         """Whether every page the transaction journaled, but those it frees, passes its
-        checksum and differs from its undo copy (see the module docstring); False if
-        there is no such page."""
+        checksum and differs from its undo copy, of the same kind and owner (see the
+        module docstring); False if there is no such page."""
         freed = {_unpack_block(arg)[0] for kind, arg in entries if kind is EntryKind.FREE}
         view = self.pages.arena.view
         checked = slot = 0
@@ -260,7 +271,8 @@ class Journal:
             slot += 1
             if arg in freed:
                 continue
-            if stored_crc32(page, CRC_OFFSET) != crc32_at(page, CRC_OFFSET) or page == old:
+            if (stored_crc32(page, CRC_OFFSET) != crc32_at(page, CRC_OFFSET) or page == old
+                    or page[:4] != old[:4] or page[8:16] != old[8:16]):
                 return False
             checked += 1
         return checked > 0

@@ -184,6 +184,40 @@ def test_recovery_finishes_the_frees_of_a_committed_transaction(store: Store) ->
     assert done.phase is Phase.COMMITTING and pool.released == [pfn]
 
 
+def test_a_committing_transaction_that_freed_a_page_it_changed_is_finished(
+        store: Store) -> None:
+    """A truncate changes a page array, then frees it with the data pages: a process
+    that died while those frees were done left an undo record of a page the pool no
+    longer owns. The records of a committing transaction are not used; recovery must
+    finish its frees, not refuse the journal (the mount would never work again)."""
+    with store.journal.transaction() as txn:
+        array, data = txn.new_page(Kind.PAGE_ARRAY, 7), txn.alloc(0)
+    owned = dict(store.pool.owned)
+    arena, journal = store.kernel.arena, store.journal
+    real_free = store.pool.free
+    image = None
+
+    def die_at_the_second_free(pfn: int, order: int = 0) -> None:
+        nonlocal image
+        if pfn == array:
+            real_free(pfn, order)
+            owned.pop(pfn, None)
+            return
+        image = bytes(arena.view(0, arena.npages))
+        raise RuntimeError("SIGKILL")
+    store.pool.free = die_at_the_second_free
+    with pytest.raises(RuntimeError), journal.transaction() as txn:
+        txn.write(array, Kind.PAGE_ARRAY)[16:20] = b"\0\0\0\0"
+        txn.free(array)
+        txn.free(data)
+    store.pool.free = real_free
+    assert image is not None
+    arena.view(0, arena.npages)[:] = image
+    pool = RecordingPool(store.pool, owned)
+    done = Journal.open(Pages(arena), pool, journal.header_pfn).recover()
+    assert done.phase is Phase.COMMITTING and pool.released == [data]
+
+
 @pytest.mark.parametrize("cut", ["flipped", "died-after-the-seal"])
 def test_a_sealed_transaction_marked_active_is_finished_not_undone(store: Store,
                                                                    cut: str) -> None:
