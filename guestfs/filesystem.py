@@ -297,7 +297,7 @@ class Filesystem:
         inode = self._child(d, name)
         if inode.is_dir:
             raise FsError(errno.EISDIR, f"{name!r} is a directory")
-        with self._change(inode, d) as txn:
+        with self._change(inode, d, frees=True) as txn:
             now = self._clock()
             self.store.dirs.remove(txn, d, name)
             inode.nlink -= 1
@@ -318,7 +318,7 @@ class Filesystem:
             raise FsError(errno.ENOTDIR, f"{name!r} is not a directory")
         if inode.entries:
             raise FsError(errno.ENOTEMPTY, f"directory {name!r} is not empty")
-        with self._change(inode, d) as txn:
+        with self._change(inode, d, frees=True) as txn:
             now = self._clock()
             self.store.dirs.remove(txn, d, name)
             d.nlink -= 1
@@ -410,7 +410,10 @@ class Filesystem:
         inode = self.get(ino)
         if size is not None:
             self._check_truncate(inode, size)
-        with self._change(inode) as txn:
+        # A truncate that shrinks, with nothing else, only frees (mode may rewrite an ACL).
+        shrinks = (size is not None and size < inode.size and mode is None and uid is None
+                   and gid is None)
+        with self._change(inode, frees=shrinks) as txn:
             now = self._clock()
             changed = False
             if size is not None:
@@ -446,7 +449,7 @@ class Filesystem:
         """Count an open; O_TRUNC empties a regular file and sets its mtime and ctime."""
         inode = self.get(ino)
         if flags & os.O_TRUNC and inode.is_reg:
-            with self._change(inode) as txn:
+            with self._change(inode, frees=True) as txn:
                 self._truncate(txn, inode, 0, self._clock(), always_touch=True)
                 self._put(txn, inode)
         self._refs.open(ino)
@@ -645,14 +648,18 @@ class Filesystem:
         return list(self._xattrs(self.get(ino)).items())
 
     def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
-        """Remove an extended attribute; ENODATA if it is not set."""
+        """Remove an extended attribute; ENODATA if it is not set, but a POSIX ACL that
+        is not set is removed without a word, as Linux's own filesystems do (the
+        kernel's remove_acl sets no ACL; tmpfs and ext4 answer 0)."""
         inode = self.get(ino)
         self._check_xattr_write(inode, name, ctx)
         xattrs = self._xattrs(inode)
         if name not in xattrs:
+            if name in acl.NAMES:
+                return
             raise FsError(errno.ENODATA, f"no xattr {name!r} on inode {ino}")
         del xattrs[name]
-        with self._change(inode) as txn:
+        with self._change(inode, frees=True) as txn:
             self.store.set_xattrs(txn, inode, xattrs)
             inode.touch(self._clock(), ctime=True)
             self._put(txn, inode)
@@ -740,7 +747,7 @@ class Filesystem:
     def _reap_batch(self, inodes: list[Inode]) -> int:
         """Free as many of `inodes` (orphans nothing holds) as one transaction takes."""
         freed = 0
-        with self._change() as txn:
+        with self._change(frees=True) as txn:
             for inode in inodes:
                 if freed and not txn.affords(*REAP_TXN):
                     break
@@ -772,12 +779,13 @@ class Filesystem:
 
     # --- internals: transactions ------------------------------------------------
 
-    def _change(self, *inodes: Inode) -> _Change:
+    def _change(self, *inodes: Inode, frees: bool = False) -> _Change:
         """A transaction of the store changing `inodes`, as ``with self._change(...) as
         txn:``, with its failures as errno answers: after a rollback those objects hold
         what the arena holds again. Work queued in `_after` (frees too large for one
-        transaction) runs once it committed."""
-        return _Change(self, inodes)
+        transaction) runs once it committed. One that `frees` (takes things away only)
+        may use the pages metadata leaves for removals (`store.REMOVAL_RESERVE`)."""
+        return _Change(self, inodes, frees)
 
     def _put(self, txn: Txn, *inodes: Inode) -> None:
         put = self.store.put
@@ -958,7 +966,7 @@ class Filesystem:
         if inode is None:
             return
         if not self._may_wait(inode):
-            with self._change(inode) as txn:
+            with self._change(inode, frees=True) as txn:
                 self._free(txn, inode)
             return
         self._unreaped[ino] = inode
@@ -978,7 +986,7 @@ class Filesystem:
         """Free `ino` now if nothing holds it and no name is left."""
         inode = self._unreachable(ino)
         if inode is not None:
-            with self._change(inode) as txn:
+            with self._change(inode, frees=True) as txn:
                 self._free(txn, inode)
 
     def _unreachable(self, ino: int) -> Inode | None:
@@ -1008,10 +1016,10 @@ class Filesystem:
         while True:
             inode = self._stored(ino)
             if inode is None:
-                with self._change() as txn:
+                with self._change(frees=True) as txn:
                     self.store.remove_orphan(txn, ino)
                 return
-            with self._change(inode) as txn:
+            with self._change(inode, frees=True) as txn:
                 if inode.is_reg and not self.store.maps.release(txn, inode, FREE_KEEP):
                     self._put(txn, inode)
                     continue
@@ -1102,7 +1110,7 @@ class Filesystem:
         takes."""
         while True:
             inode = self._stored(ino)
-            with self._change(*([inode] if inode is not None else [])) as txn:
+            with self._change(*([inode] if inode is not None else []), frees=True) as txn:
                 if inode is None:
                     self.store.remove_orphan(txn, ino)
                     return
@@ -1192,18 +1200,19 @@ class _Change:
     """`Filesystem._change`: one transaction of the store, failures as errno answers,
     then the work it queued."""
 
-    __slots__ = ("fs", "inodes", "queued", "txn")
+    __slots__ = ("frees", "fs", "inodes", "queued", "txn")
 
-    def __init__(self, fs: Filesystem, inodes: tuple[Inode, ...]) -> None:
+    def __init__(self, fs: Filesystem, inodes: tuple[Inode, ...], frees: bool) -> None:
         self.fs = fs
         self.inodes = inodes
+        self.frees = frees
 
     def __enter__(self) -> Txn:
         fs = self.fs
         if fs._unreaped and not fs.store.data_room(REAP_LOW_ROOM):
             fs.reap_pending()
         self.queued = len(fs._after)
-        self.txn = fs.store.begin()
+        self.txn = fs.store.begin(frees=self.frees)
         return self.txn
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

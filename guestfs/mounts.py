@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,29 @@ def mount_of_machine(machine: str) -> MountEntry | None:
     """Where `machine` is mounted, if anywhere."""
     found = [m for m in mounts() if m.machine == machine]
     return found[-1] if found else None
+
+
+def still_served(path: Path, timeout: float) -> bool:
+    """Whether the FUSE mount at `path` still has a daemon: a dead one's connection
+    answers every request ENOTCONN at once. A statfs (never answered from the kernel's
+    caches, as a stat may be) that gets another answer, or none
+    within `timeout` seconds (a daemon that is busy, or in a kexec's blackout), means a
+    daemon holds it, whatever its control socket says (a command run with another
+    machine folder finds none)."""
+    answer: list[OSError | None] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            answer.append(None)
+        except OSError as e:
+            answer.append(e)
+
+    worker = threading.Thread(target=probe, name="guestfs-mount-probe", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return not (answer and answer[0] is not None
+                and answer[0].errno in (errno.ENOTCONN, errno.ECONNABORTED))
 
 
 # --- system calls the standard library lacks (through ctypes, which drops the GIL) --------

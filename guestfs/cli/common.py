@@ -16,6 +16,7 @@ from kho_backend.errors import MachineError
 from kho_backend.units import PAGE_SIZE, format_size, parse_size
 
 STATUS_TIMEOUT = 10.0   # seconds a status request may take
+DEAD_MOUNT_PROBE_TIMEOUT = 5.0  # seconds a dead mount's stat may take (it fails at once)
 
 Subparsers = Any  # argparse's private _SubParsersAction
 
@@ -57,7 +58,14 @@ def one_style(message: str) -> str:
 
 def unmount_dead(mountpoint: Path, machine: str) -> None:
     """Unmount a guestfs mount whose daemon is gone (it answers ENOTCONN), and the
-    shield under it."""
+    shield under it; refused if a daemon still serves it (its control socket is in
+    another machine folder: unmounting it would put another filesystem in its place)."""
+    entry = mounts.mount_at(mountpoint)
+    if (entry is not None and entry.machine is not None
+            and mounts.still_served(mountpoint, DEAD_MOUNT_PROBE_TIMEOUT)):
+        raise CliError(f"machine {machine} at {mountpoint} is still served by a daemon "
+                       f"whose control socket is not in {kmachine.machine_dir()}; run the "
+                       "command with the GUESTFS_MACHINE_DIR it was mounted with")
     try:
         mounts.umount2(mountpoint)
         mounts.uncover(mountpoint, machine)

@@ -11,6 +11,14 @@ store is the commit point. A SIGKILL at any instant therefore leaves one of:
   allocated, and the metadata is as before it began;
 - a COMMITTING one: it is done; recovery finishes its frees (idempotent).
 
+The state word is the one store no checksum covers, and a bit flipped in it (idle to
+active) would undo the last committed transaction without a word. So an ACTIVE
+transaction whose every journaled page (but those it frees) already passes its checksum
+and differs from its undo copy is taken as sealed, and finished as COMMITTING instead:
+a change leaves a page's checksum wrong until the seal, so only a process that died
+between the seal and the commit point (an operation never acknowledged, either outcome
+allowed) or such a flip leaves that.
+
 The arena is a shared mapping, so every completed store survives the process: only the
 program order of the stores matters, never a flush. The byte layout is in
 docs/handover-abi.md, "Journal".
@@ -36,7 +44,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from guestfs.store.page import CRC_OFFSET, HEADER, Kind, Pages
-from kho_backend.checksum import crc32_at
+from kho_backend.checksum import crc32_at, stored_crc32
 from kho_backend.units import MAX_ORDER
 from kho_backend.units import PAGE_SIZE
 
@@ -185,7 +193,12 @@ class Journal:
         entries = list(self._entries(seq))
         self._check(entries)
         undone = released = freed = 0
+        if phase is Phase.ACTIVE and self._sealed(entries):
+            log.warning("journal: transaction %d is marked active but every page it "
+                        "changed is sealed: finished, not undone", seq)
+            phase = Phase.COMMITTING
         if phase is Phase.ACTIVE:
+            self._check_undo(entries)
             slot = 0
             for kind, arg in entries:
                 if kind is EntryKind.UNDO:
@@ -209,22 +222,60 @@ class Journal:
 
     def _check(self, entries: list[tuple[EntryKind, int]]) -> None:
         """Refuse entries a sound journal cannot hold, before recovery changes a page:
-        more undo records than slots, or a page or block that is not the pool's."""
+        more undo records than slots, or an impossible block."""
         undo = [arg for kind, arg in entries if kind is EntryKind.UNDO]
         if len(undo) > len(self.slots):
             raise JournalError(f"the journal holds {len(undo)} undo records for "
                                f"{len(self.slots)} slots")
-        own = set(self.own_pages())
-        for pfn in undo:
-            if pfn in own or not self.pool.owns(pfn, 0):
-                raise JournalError(f"the journal would restore page {pfn}, which is not "
-                                   "a metadata page of the pool")
         for kind, arg in entries:
             pfn, order = _unpack_block(arg)
+            if kind is EntryKind.UNDO and not 0 < arg < self.pages.arena.npages:
+                raise JournalError(f"the journal would restore page {arg}, which is not "
+                                   "in the arena")
             if kind is not EntryKind.UNDO and (order > MAX_ORDER or pfn & ((1 << order) - 1)
                                                or not 0 < pfn < self.pages.arena.npages):
                 raise JournalError(f"the journal names an impossible block {pfn} of order "
                                    f"{order}")
+
+    def _check_undo(self, entries: list[tuple[EntryKind, int]]) -> None:
+        """Refuse, before an active transaction is undone, an undo record of a page that
+        is not a metadata page of the pool or whose slot holds no sealed copy of it. (A
+        committing transaction's records are not used: the pages it freed, journaled
+        ones among them, are the pool's no more.)"""
+        undo = [arg for kind, arg in entries if kind is EntryKind.UNDO]
+        own = set(self.own_pages())
+        view = self.pages.arena.view
+        for slot, pfn in enumerate(undo):
+            if pfn in own or not self.pool.owns(pfn, 0):
+                raise JournalError(f"the journal would restore page {pfn}, which is not "
+                                   "a metadata page of the pool")
+            # The slot holds the page as its last commit sealed it: the same kind and
+            # owner as the page now (a change never rewrites a page's header), and whole.
+            old, page = view(self.slots[slot]), view(pfn)
+            if (old[:4] != page[:4] or old[8:16] != page[8:16]
+                    or stored_crc32(old, CRC_OFFSET) != crc32_at(old, CRC_OFFSET)):
+                raise JournalError(f"the journal would restore page {pfn} from slot {slot}, "
+                                   "which holds no sealed copy of it")
+
+    def _sealed(self, entries: list[tuple[EntryKind, int]]) -> bool:
+        """Whether every page the transaction journaled, but those it frees, passes its
+        checksum and differs from its undo copy, of the same kind and owner (see the
+        module docstring); False if there is no such page."""
+        freed = {_unpack_block(arg)[0] for kind, arg in entries if kind is EntryKind.FREE}
+        view = self.pages.arena.view
+        checked = slot = 0
+        for kind, arg in entries:
+            if kind is not EntryKind.UNDO:
+                continue
+            page, old = view(arg), view(self.slots[slot])
+            slot += 1
+            if arg in freed:
+                continue
+            if (stored_crc32(page, CRC_OFFSET) != crc32_at(page, CRC_OFFSET) or page == old
+                    or page[:4] != old[:4] or page[8:16] != old[8:16]):
+                return False
+            checked += 1
+        return checked > 0
 
     def _restore(self, slot: int, pfn: int) -> None:
         self.pages.arena.view(pfn)[:] = self.pages.arena.view(self.slots[slot])

@@ -19,7 +19,11 @@ without handing over).
 Room. Metadata may take every free page but the last `SLACK_PAGES` (kept for the KHO
 root FDT and kexec-metadata of the next handover); file data also leaves the headroom
 (1/256 of the arena, at least 16 pages) to metadata, so that a full arena still takes a
-mkdir, a rename or an unlink.
+mkdir, a rename or an unlink. Below the headroom, `REMOVAL_RESERVE` pages above the
+slack are left to a transaction that only takes things away (an unlink, an rmdir, a
+removexattr, a truncate, a free): removing a name the kernel still holds puts its inode
+on the orphan list, which may need a page, so an arena filled by metadata (long symlink
+targets, xattrs, names) can still be emptied.
 """
 
 from __future__ import annotations
@@ -47,10 +51,19 @@ from kho_backend.errors import OutOfMemory
 log = logging.getLogger(__name__)
 
 CACHE_INODES = 1 << 15
+#: Decoded xattrs kept for the inodes read last (`MetaStore.xattrs`): an inode may hold
+#: up to 1 MiB of them, which every getxattr would otherwise read, check and decode
+#: again (the kernel asks for security.capability before every write), and at most
+#: this many bytes of them in all (the inode read last is kept whatever its size).
+CACHE_XATTR_INODES = 16
+CACHE_XATTR_BYTES = 4 << 20
 #: Inode numbers reserved at once (see `MetaStore.new_ino`): a crash skips at most this
 #: many, and the superblock is written once per this many creates.
 INO_RESERVE = 1024
 SLACK_PAGES = 16
+#: Pages above the slack that only a transaction that frees may take (see the module
+#: docstring): an orphan-list insertion takes at most its B+tree's height plus one.
+REMOVAL_RESERVE = 16
 HEADROOM_SHARE = 256
 MIN_HEADROOM_PAGES = 16
 #: An orphan whose value is this is freed; any other value is a pending truncate size.
@@ -59,16 +72,21 @@ ORPHAN_VALUE_SIZE = 8
 
 
 class RoomPool:
-    """The pool as the journal sees it: allocations stop `floor` pages short of empty."""
+    """The pool as the journal sees it: allocations stop `floor` pages short of empty,
+    and `reserve` pages more unless the transaction only frees (`freeing`)."""
 
-    def __init__(self, pool: Pool, floor: int) -> None:
+    def __init__(self, pool: Pool, floor: int, reserve: int = REMOVAL_RESERVE) -> None:
         self.pool = pool
         self.floor = floor
+        self.reserve = reserve
+        #: Set for the transaction under way when it only takes things away.
+        self.freeing = False
 
     def alloc(self, order: int = 0, *, intent: Callable[[int], None] | None = None) -> int:
-        if self.pool.free_pages() - (1 << order) < self.floor:
-            raise OutOfMemory(f"the arena keeps its last {self.floor} free pages for the "
-                              "next handover")
+        floor = self.floor if self.freeing else self.floor + self.reserve
+        if self.pool.free_pages() - (1 << order) < floor:
+            raise OutOfMemory(f"the arena keeps its last {floor} free pages for the next "
+                              "handover" + ("" if self.freeing else " and for removals"))
         return self.pool.alloc(order, intent=intent)
 
     def free(self, pfn: int, order: int = 0) -> None:
@@ -117,6 +135,12 @@ class MetaStore:
         #: Decoded inodes by number, least recently used first (read-only to callers:
         #: the filesystem looks an inode up here first, without a call).
         self.inodes: OrderedDict[int, Inode] = OrderedDict()
+        #: Decoded xattrs by inode number: (first page of the blob they came from, its
+        #: size in bytes, name -> value), least recently used first; an entry is good
+        #: while the inode's `xattr` names that page (a change writes a new blob and
+        #: drops the entry; a rollback drops them all).
+        self._xattr_cache: OrderedDict[int, tuple[int, int, dict[bytes, bytes]]] = OrderedDict()
+        self._xattr_bytes = 0
         #: The live counters when the open transaction began (what a rollback restores:
         #: the superblock read back holds what its page says, which may be stale).
         self._counts = (sb.next_ino, sb.inode_count)
@@ -197,23 +221,31 @@ class MetaStore:
         committed when the block ends, rolled back (caches dropped, superblock re-read)
         if it raises."""
         self._counts = (self.sb.next_ino, self.sb.inode_count)
+        self.pool.freeing = False
         return self.journal.transaction(self._forget_all)
 
-    def begin(self) -> Txn:
+    def begin(self, *, frees: bool = False) -> Txn:
         """Open a transaction, to be ended by `end` (what `transaction` does, for a
-        caller that wraps it in its own context manager: one layer less per request)."""
+        caller that wraps it in its own context manager: one layer less per request).
+        One that `frees` (takes things away only) may use the removal reserve."""
         sb = self.sb
         self._counts = (sb.next_ino, sb.inode_count)
+        self.pool.freeing = frees
         return self.journal.begin(self._forget_all)
 
     def end(self, txn: Txn, *, failed: bool) -> None:
         """Commit `txn`, or roll it back (and drop the caches) if its block `failed`."""
-        self.journal.end(txn, failed=failed)
+        try:
+            self.journal.end(txn, failed=failed)
+        finally:
+            self.pool.freeing = False
 
     def _forget_all(self) -> None:
         # Every cache first: if reading the superblock back raises, none may keep what
         # the rolled-back transaction put there.
         self.inodes.clear()
+        self._xattr_cache.clear()
+        self._xattr_bytes = 0
         self.itable.forget_pages()
         self.dirs.forget_names()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
@@ -299,8 +331,10 @@ class MetaStore:
                 self.save_superblock(txn)
 
     def forget_inode(self, ino: int) -> None:
-        """Drop `ino` from the cache (it is read from its record again when asked for)."""
+        """Drop `ino` from the caches (it is read from its record, and its xattrs from
+        their pages, again when asked for)."""
         self.inodes.pop(ino, None)
+        self._drop_xattrs(ino)
 
     def cached(self) -> int:
         """Inodes in the cache."""
@@ -320,25 +354,52 @@ class MetaStore:
     # --- xattrs and symlink targets ---------------------------------------------------
 
     def xattrs(self, inode: Inode) -> dict[bytes, bytes]:
-        """The inode's extended attributes."""
+        """The inode's extended attributes (a dict of the caller's own)."""
         if not inode.xattr:
             return {}
-        pairs = msgpack.unpackb(blob.read(self.pages, inode.xattr), raw=True)
+        cached = self._xattr_cache.get(inode.ino)
+        if cached is not None and cached[0] == inode.xattr:
+            self._xattr_cache.move_to_end(inode.ino)
+            return dict(cached[2])
+        raw = blob.read(self.pages, inode.xattr)
+        pairs = msgpack.unpackb(raw, raw=True)
         if not isinstance(pairs, list) or not all(
                 isinstance(p, list) and len(p) == 2 and all(isinstance(v, bytes) for v in p)
                 for p in pairs):
             raise CorruptPage(inode.xattr, f"the xattrs of inode {inode.ino} are malformed")
-        return dict(pairs)
+        xattrs = dict(pairs)
+        self._cache_xattrs(inode.ino, inode.xattr, len(raw), xattrs)
+        return dict(xattrs)
+
+    def _cache_xattrs(self, ino: int, pfn: int, size: int, xattrs: dict[bytes, bytes]) -> None:
+        self._drop_xattrs(ino)
+        cache = self._xattr_cache
+        cache[ino] = (pfn, size, xattrs)
+        self._xattr_bytes += size
+        while len(cache) > 1 and (len(cache) > CACHE_XATTR_INODES
+                                  or self._xattr_bytes > CACHE_XATTR_BYTES):
+            _pfn, dropped, _ = cache.popitem(last=False)[1]
+            self._xattr_bytes -= dropped
+
+    def _drop_xattrs(self, ino: int) -> None:
+        dropped = self._xattr_cache.pop(ino, None)
+        if dropped is not None:
+            self._xattr_bytes -= dropped[1]
 
     def xattrs_span_pages(self, inode: Inode, n: int) -> bool:
         """Whether the inode's extended attributes take more than `n` pages."""
         return bool(inode.xattr) and blob.spans_pages(self.pages, inode.xattr, n)
 
     def set_xattrs(self, txn: Txn, inode: Inode, xattrs: dict[bytes, bytes]) -> None:
-        """Replace the inode's extended attributes (the caller writes its record)."""
-        old = inode.xattr
-        inode.xattr = blob.write(txn, msgpack.packb(sorted(xattrs.items()), use_bin_type=True),
-                                 inode.ino) if xattrs else 0
+        """Replace the inode's extended attributes (the caller writes its record). They
+        are cached as written: a rollback drops the cache."""
+        self._drop_xattrs(inode.ino)
+        old, new = inode.xattr, 0
+        if xattrs:
+            packed = msgpack.packb(sorted(xattrs.items()), use_bin_type=True)
+            new = blob.write(txn, packed, inode.ino)
+            self._cache_xattrs(inode.ino, new, len(packed), dict(xattrs))
+        inode.xattr = new
         if old:
             blob.free(txn, self.pages, old)
 
@@ -363,6 +424,7 @@ class MetaStore:
     def free_owned(self, txn: Txn, inode: Inode) -> None:
         """Free what an inode owns besides its data pages: xattrs, target, directory."""
         if inode.xattr:
+            self._drop_xattrs(inode.ino)
             blob.free(txn, self.pages, inode.xattr)
             inode.xattr = 0
         if inode.target_blob:
@@ -415,8 +477,8 @@ class MetaStore:
 
     def data_room(self, npages: int) -> bool:
         """May file data take `npages` more pages?"""
-        return self.pool.free_pages() - npages >= SLACK_PAGES + self.headroom
+        return self.pool.free_pages() - npages >= SLACK_PAGES + REMOVAL_RESERVE + self.headroom
 
     def data_floor(self) -> int:
         """Free pages file data leaves alone."""
-        return SLACK_PAGES + self.headroom
+        return SLACK_PAGES + REMOVAL_RESERVE + self.headroom

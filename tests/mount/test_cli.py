@@ -288,6 +288,27 @@ def test_dead_daemons_mount_is_cleared_by_umount(mount: Mount) -> None:
 
 
 @pytest.mark.fuse
+def test_a_live_mount_is_not_taken_for_dead_from_another_machine_folder(
+        mount: Mount, tmp_path: Path) -> None:
+    """A command run with another GUESTFS_MACHINE_DIR finds no control socket for the
+    machine: it must not unmount the live mount as a dead one (the mount command then
+    put an empty machine of that name in its place)."""
+    (mount / "precious").write_bytes(b"kept")
+    other = tmp_path / "machines"
+    other.mkdir(mode=0o700)
+    env = {**mount.env, "GUESTFS_MACHINE_DIR": os.fspath(other)}
+    for args in (["umount", os.fspath(mount.mountpoint)],
+                 ["mount", "--machine", mount.machine, "--memory", "64M",
+                  os.fspath(mount.mountpoint)]):
+        refused = run_cli(env, *args, check=False)
+        assert refused.returncode == 1, refused.stderr
+        assert "still served by a daemon" in refused.stderr and "GUESTFS_MACHINE_DIR" in refused.stderr
+        assert (mount / "precious").read_bytes() == b"kept"
+        assert mount.status()["pid"] == mount.pid
+    assert not any(other.iterdir())                 # no machine was made there
+
+
+@pytest.mark.fuse
 def test_kho_dump_and_memmap(mount: Mount, tmp_path: Path) -> None:
     mount.cli("umount", os.fspath(mount.mountpoint))
     done = mount.cli("kho", "dump", "--machine", mount.machine, "--dtb",

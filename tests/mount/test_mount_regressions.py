@@ -6,6 +6,7 @@ cache, POSIX ACLs and RENAME_WHITEOUT."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import platform
@@ -326,6 +327,19 @@ def test_buffered_reads_see_completed_asynchronous_direct_writes(workdir: Path) 
 
 
 # --- ACLs and whiteouts ----------------------------------------------------------------------
+
+
+def test_removing_an_acl_that_is_not_set_answers_as_tmpfs(workdir: Path) -> None:
+    """The kernel removes an ACL by asking the filesystem to remove its xattr: with no
+    ACL set, Linux's own filesystems answer 0, and so must we (a user xattr: ENODATA)."""
+    f = workdir / "f"
+    f.write_bytes(b"x")
+    os.removexattr(f, "system.posix_acl_access")
+    os.removexattr(workdir, "system.posix_acl_default")
+    os.setxattr(f, "system.posix_acl_access", b"")      # an empty ACL is a removal too
+    with pytest.raises(OSError) as missing:
+        os.removexattr(f, "user.none")
+    assert missing.value.errno == errno.ENODATA and os.listxattr(f) == []
 
 
 def test_posix_acls_are_enforced_and_survive_kexec(mount_factory: MountFactory) -> None:

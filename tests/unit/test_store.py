@@ -4,6 +4,7 @@ machine's arena."""
 
 from __future__ import annotations
 
+import contextlib
 import stat
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from guestfs.inode import Inode
 from guestfs.store import blob
 from guestfs.store.btree import MAX_VALUE, BTree
-from guestfs.store.journal import Journal, JournalError, Phase, TxnTooLarge
+from guestfs.store.journal import STATE_OFFSET, Journal, JournalError, Phase, TxnTooLarge
 from guestfs.store.page import CorruptPage, Kind, Pages
 from guestfs.store.radix import FANOUT, Radix, RadixRoot
 from guestfs.store.records import decode, encode
@@ -183,24 +184,103 @@ def test_recovery_finishes_the_frees_of_a_committed_transaction(store: Store) ->
     assert done.phase is Phase.COMMITTING and pool.released == [pfn]
 
 
+def test_a_committing_transaction_that_freed_a_page_it_changed_is_finished(
+        store: Store) -> None:
+    """A truncate changes a page array, then frees it with the data pages: a process
+    that died while those frees were done left an undo record of a page the pool no
+    longer owns. The records of a committing transaction are not used; recovery must
+    finish its frees, not refuse the journal (the mount would never work again)."""
+    with store.journal.transaction() as txn:
+        array, data = txn.new_page(Kind.PAGE_ARRAY, 7), txn.alloc(0)
+    owned = dict(store.pool.owned)
+    arena, journal = store.kernel.arena, store.journal
+    real_free = store.pool.free
+    image = None
+
+    def die_at_the_second_free(pfn: int, order: int = 0) -> None:
+        nonlocal image
+        if pfn == array:
+            real_free(pfn, order)
+            owned.pop(pfn, None)
+            return
+        image = bytes(arena.view(0, arena.npages))
+        raise RuntimeError("SIGKILL")
+    store.pool.free = die_at_the_second_free
+    with pytest.raises(RuntimeError), journal.transaction() as txn:
+        txn.write(array, Kind.PAGE_ARRAY)[16:20] = b"\0\0\0\0"
+        txn.free(array)
+        txn.free(data)
+    store.pool.free = real_free
+    assert image is not None
+    arena.view(0, arena.npages)[:] = image
+    pool = RecordingPool(store.pool, owned)
+    done = Journal.open(Pages(arena), pool, journal.header_pfn).recover()
+    assert done.phase is Phase.COMMITTING and pool.released == [data]
+
+
+@pytest.mark.parametrize("cut", ["flipped", "died-after-the-seal"])
+def test_a_sealed_transaction_marked_active_is_finished_not_undone(store: Store,
+                                                                   cut: str) -> None:
+    """The state word is the one store no checksum covers: a bit flipped from idle to
+    active must not undo the last committed (acknowledged) transaction; a process that
+    died between the seal and the commit point may have it either way, and gets it
+    finished (its frees done)."""
+    with store.journal.transaction() as txn:
+        a, gone = txn.new_page(Kind.BLOB, 1), txn.new_page(Kind.BLOB, 2)
+    owned = dict(store.pool.owned)
+    arena, journal = store.kernel.arena, store.journal
+    image = None
+    real_set_state = journal._set_state
+
+    def die_at_the_commit_point(seq: int, phase: Phase) -> None:
+        nonlocal image
+        if phase is not Phase.ACTIVE:
+            image = bytearray(arena.view(0, arena.npages))
+            raise RuntimeError("SIGKILL")
+        real_set_state(seq, phase)
+    if cut == "died-after-the-seal":
+        journal._set_state = die_at_the_commit_point
+    with contextlib.suppress(RuntimeError), journal.transaction() as txn:
+        txn.write(a, Kind.BLOB)[16:20] = b"AAAA"
+        txn.free(gone)
+    journal._set_state = real_set_state
+    if image is None:                       # committed: flip the phase to active
+        image = bytearray(arena.view(0, arena.npages))
+        state = journal.header_pfn * PAGE_SIZE + STATE_OFFSET
+        image[state] |= Phase.ACTIVE
+    arena.view(0, arena.npages)[:] = image
+    committed = bytes(arena.view(a))
+    pool = RecordingPool(store.pool, owned)
+    done = Journal.open(Pages(arena), pool, journal.header_pfn).recover()
+    assert done.phase is Phase.COMMITTING and done.undone == 0
+    assert bytes(arena.view(a)) == committed and bytes(arena.view(a))[16:20] == b"AAAA"
+    assert pool.released == [gone]
+
+
 @pytest.mark.parametrize("target,why", [
     ("outside", "not a metadata page of the pool"),
     ("journal", "not a metadata page of the pool"),
+    ("data", "holds no sealed copy of it"),
+    ("other-metadata", "holds no sealed copy of it"),
 ])
 def test_recovery_refuses_a_journal_that_names_foreign_pages(store: Store, target: str,
                                                              why: str) -> None:
     """A torn or hostile journal must not make recovery overwrite pages it does not own:
     it is refused before any page changes."""
     with store.journal.transaction() as txn:
-        a = txn.new_page(Kind.BLOB, 1)
-    arena = store.kernel.arena
+        a, other = txn.new_page(Kind.BLOB, 1), txn.new_page(Kind.BTREE, 2)
+        data = txn.alloc(0)                     # a page of file data: the pool's too
+        arena = store.kernel.arena
+        arena.view(data)[:] = bytes(range(256)) * 16
     image = None
     with pytest.raises(RuntimeError), store.journal.transaction() as txn:
         txn.write(a, Kind.BLOB)[16:20] = b"AAAA"
         image = bytearray(arena.view(0, arena.npages))
         raise RuntimeError("SIGKILL")
     journal = store.journal
-    bad = journal.slots[0] if target == "journal" else store.pool.buddy.alloc(0)
+    bad = {"journal": journal.slots[0], "data": data, "other-metadata": other}.get(target)
+    if bad is None:
+        bad = store.pool.buddy.alloc(0)
     entry = journal.entry_pages[0] * PAGE_SIZE          # the first entry: UNDO of `a`
     image[entry:entry + 8] = bad.to_bytes(8, "little")
     arena.view(0, arena.npages)[:] = image
