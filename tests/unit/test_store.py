@@ -257,6 +257,73 @@ def test_a_sealed_transaction_marked_active_is_finished_not_undone(store: Store,
     assert pool.released == [gone]
 
 
+class ImageArena:
+    """A copy of an arena, for recovering an instant's image while the machine goes on."""
+
+    def __init__(self, image: bytearray) -> None:
+        self._buf = memoryview(image)
+        self.npages = len(image) // PAGE_SIZE
+
+    def view(self, pfn: int, npages: int = 1) -> memoryview:
+        return self._buf[pfn * PAGE_SIZE:(pfn + npages) * PAGE_SIZE]
+
+
+def test_a_kill_after_the_journaled_pages_are_sealed_keeps_no_unsealed_page(
+        store: Store) -> None:
+    """The commit seals its pages one by one, and recovery finishes an active
+    transaction once every page it journaled is sealed. A kill at that first instant
+    (the last journaled page just sealed) of a B+tree split must find the split's new
+    leaf sealed too: the names the split moved there were acknowledged long before, and
+    a finished transaction must not leave them on a page that fails its checksum."""
+    tree, root, acked = BTree(store.pages, 1), 0, set()
+    for key in range(0, 40_000, 40):                # a tree of two levels
+        with store.journal.transaction() as txn:
+            root = tree.insert(txn, root, key, b"v" * 50)
+        acked.add(key)
+    arena, journal = store.kernel.arena, store.journal
+    real_seal = store.pages.seal
+    sealed: set[int] = set()
+    undo: set[int] = set()
+    instant: tuple[bytearray, dict[int, int]] | None = None
+
+    def seal(pfn: int) -> None:
+        nonlocal instant
+        real_seal(pfn)
+        sealed.add(pfn)
+        if instant is None and undo <= sealed:      # the last journaled page: a kill here
+            instant = bytearray(arena.view(0, arena.npages)), dict(store.pool.owned)
+    splits = 0
+    store.pages.seal = seal                         # type: ignore[method-assign]
+    try:
+        for key in range(1, 40_000, 40):
+            sealed.clear()
+            instant = None
+            with journal.transaction() as txn:
+                root = tree.insert(txn, root, key, b"w" * 50)
+                undo = set(txn._undo)
+                split = bool(txn._dirty - undo)
+            if split:
+                assert instant is not None
+                splits += 1
+                image, owned = instant
+                pages = Pages(ImageArena(image))    # type: ignore[arg-type]
+                done = Journal.open(pages, RecordingPool(store.pool, owned),
+                                    journal.header_pfn).recover()
+                try:
+                    kept = {k for k, _ in BTree(pages, 1).after(lambda: root, -1)}
+                except CorruptPage as e:
+                    pytest.fail(f"recovery took split {splits} as "
+                                f"{done.phase.name.lower()} and left acknowledged names "
+                                f"on a page that fails its checksum: {e}")
+                assert acked <= kept
+            acked.add(key)
+            if splits == 12:
+                break
+    finally:
+        del store.pages.seal
+    assert splits >= 5
+
+
 @pytest.mark.parametrize("target,why", [
     ("outside", "not a metadata page of the pool"),
     ("journal", "not a metadata page of the pool"),
