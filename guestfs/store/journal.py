@@ -15,7 +15,8 @@ The state word is the one store no checksum covers, and a bit flipped in it (idl
 active) would undo the last committed transaction without a word. So an ACTIVE
 transaction whose every journaled page (but those it frees) already passes its checksum
 and differs from its undo copy is taken as sealed, and finished as COMMITTING instead:
-a change leaves a page's checksum wrong until the seal, so only a process that died
+a change leaves a page's checksum wrong until the seal (and the commit seals the
+pages it allocated before those it journaled), so only a process that died
 between the seal and the commit point (an operation never acknowledged, either outcome
 allowed) or such a flip leaves that.
 
@@ -444,12 +445,21 @@ class Txn:
     # --- ending --------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Seal the changed pages, then the commit point; then the frees."""
+        """Seal the changed pages, then the commit point; then the frees. The pages the
+        transaction allocated are sealed before those it journaled: recovery finishes
+        an active transaction whose journaled pages are all sealed (see the module
+        docstring), and its new pages must be whole by then."""
         self._end()
         if not self.activated:
             return
-        seal = self.pages.seal
+        seal, undo = self.pages.seal, self._undo
+        journaled = []
         for pfn in self._dirty:
+            if pfn in undo:
+                journaled.append(pfn)
+            else:
+                seal(pfn)
+        for pfn in journaled:
             seal(pfn)
         journal = self.journal
         if not self._frees:
