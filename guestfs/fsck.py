@@ -35,6 +35,7 @@ class _Check:
 
     def run(self) -> list[str]:
         self.store.pages.forget_all()
+        self.store.forget_xattrs()
         self._structures()
         if ROOT_INO not in self.inodes or not self.inodes[ROOT_INO].is_dir:
             self.problem("the root directory is missing")

@@ -244,8 +244,7 @@ class MetaStore:
         # Every cache first: if reading the superblock back raises, none may keep what
         # the rolled-back transaction put there.
         self.inodes.clear()
-        self._xattr_cache.clear()
-        self._xattr_bytes = 0
+        self.forget_xattrs()
         self.itable.forget_pages()
         self.dirs.forget_names()
         self.sb = Superblock.read(self.pages, self.sb_pfn)
@@ -370,6 +369,11 @@ class MetaStore:
         xattrs = dict(pairs)
         self._cache_xattrs(inode.ino, inode.xattr, len(raw), xattrs)
         return dict(xattrs)
+
+    def forget_xattrs(self) -> None:
+        """Drop every decoded xattr blob (a full check decodes each one again)."""
+        self._xattr_cache.clear()
+        self._xattr_bytes = 0
 
     def _cache_xattrs(self, ino: int, pfn: int, size: int, xattrs: dict[bytes, bytes]) -> None:
         self._drop_xattrs(ino)

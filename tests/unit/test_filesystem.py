@@ -770,6 +770,8 @@ def test_xattrs_are_decoded_once_and_stay_right_through_refusals_and_rollbacks(
     reads.clear()
     assert fs.getxattr(f.ino, b"user.k000") == b"v" * 200
     assert len(fs.listxattr(f.ino)) == 300 + len(stored) and reads == [f.xattr]
+    reads.clear()                               # the full check trusts no cache
+    assert fs.check() == [] and f.xattr in reads
 
 
 def test_removing_a_posix_acl_that_is_not_set_is_no_error(fs: Filesystem) -> None:
