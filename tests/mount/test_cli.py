@@ -269,6 +269,37 @@ def test_foreground_daemon_stops_on_sigterm(cli_env: dict[str, str]) -> None:
         teardown_mount(m)
 
 
+@pytest.mark.fuse
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_daemon_stops_once_on_a_burst_of_signals(
+        cli_env: dict[str, str], signum: signal.Signals) -> None:
+    """An impatient Ctrl-C, pressed again and again: the signals that come while the
+    first one's handover runs, or once the daemon has stopped, change nothing (they
+    ended it with a traceback and exit 1, or killed it as the interpreter exited)."""
+    machine, mnt = unique_machine(), make_mountpoint()
+    daemon = subprocess.Popen([*CLI, "mount", "-f", "--machine", machine, "--memory", "64M",
+                               os.fspath(mnt)], env=cli_env, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    m = Mount(machine, mnt, cli_env, daemon.pid)
+    try:
+        _wait_until_mounted(mnt, daemon)
+        (mnt / "f").write_bytes(b"written just before the signals")
+        for _ in range(40):
+            if daemon.poll() is not None:
+                break
+            daemon.send_signal(signum)
+            time.sleep(0.001)
+        assert daemon.wait(timeout=30) == 0
+        stderr = daemon.stderr.read()
+        assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+        assert not is_mounted(mnt)
+        m.cli("mount", "--machine", machine, os.fspath(mnt))
+        assert (mnt / "f").read_bytes() == b"written just before the signals"
+        assert m.fsck() == []
+    finally:
+        teardown_mount(m)
+
+
 def _wait_until_mounted(mnt: Path, proc: subprocess.Popen[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not is_mounted(mnt):
