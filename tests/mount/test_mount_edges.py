@@ -9,6 +9,7 @@ import errno
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,8 @@ from conftest import CLI, Mount, MountFactory, is_mounted, make_mountpoint, run_
 from guestfs import background, mounts
 from guestfs.cli import kexec as cli_kexec
 from guestfs.cli import main as cli_main
-from guestfs.session import Fault
+from guestfs.filesystem import Filesystem
+from guestfs.session import Fault, Session
 
 pytestmark = pytest.mark.fuse
 MiB = 1 << 20
@@ -241,6 +243,48 @@ def test_ctrl_c_during_kexec_says_it_carries_on(mount_factory: MountFactory,
         assert time.monotonic() < deadline, "the kexec did not carry on"
         time.sleep(0.1)
     assert (m / "f").read_text() == "x"
+
+
+@pytest.mark.parametrize("when", ["check", "handover"])
+def test_ctrl_c_during_an_offline_fsck_leaves_the_machine_handed_over(
+        mount_factory: MountFactory, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], when: str) -> None:
+    """Ctrl-C cancels the check, which only reads, but never the handover after it: the
+    machine was left as a kernel that crashed (state RUNNING), though the command said
+    nothing was changed."""
+    m = mount_factory(memory="64M")
+    (m / "f").write_text("kept")
+    m.cli("umount", os.fspath(m.mountpoint))
+
+    def ctrl_c() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)          # Python runs the handler between two instructions
+    check, hand_over = Filesystem.check, Session.hand_over
+
+    def check_interrupted(self: Filesystem) -> list[str]:
+        if when == "check":
+            ctrl_c()
+        return check(self)
+
+    def hand_over_interrupted(self: Session, *args: object, **kwargs: object) -> None:
+        if when == "handover":
+            ctrl_c()
+        hand_over(self, *args, **kwargs)
+    monkeypatch.setattr(Filesystem, "check", check_interrupted)
+    monkeypatch.setattr(Session, "hand_over", hand_over_interrupted)
+    monkeypatch.setenv("GUESTFS_MACHINE_DIR", m.env["GUESTFS_MACHINE_DIR"])
+    code = cli_main(["fsck", "--machine", m.machine])
+    out, err = capsys.readouterr()
+    if when == "check":
+        assert code == 130 and err.endswith("guestfs: interrupted; nothing was changed\n")
+    else:       # the check was done: its result stands
+        assert code == 0 and "no problems" in out
+    assert "Traceback" not in err
+    status = json.loads(m.cli("status", "--machine", m.machine, "--json").stdout)
+    assert status["arena"]["state"] == "HANDED_OVER"
+    m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
+    assert (m / "f").read_text() == "kept"
+    assert "crashed kernel" not in m.log.read_text()
 
 
 def test_ctrl_c_while_a_mount_starts_says_it_carries_on(
