@@ -117,12 +117,30 @@ def check_machine_files(config: DaemonConfig) -> None:
     if config.format or kmachine.machine_exists(config.machine):
         return
     log_file = log_path(config.machine)
+    starting = _writer_of(log_file)
+    if starting is not None:
+        # Another first mount of this machine: its daemon is creating the arena now.
+        raise StartError(f"machine {config.machine} is being created and mounted by "
+                         f"daemon pid {starting}; see {log_file}.")
     if os.path.lexists(log_file):
         raise StartError(f"machine {config.machine}'s arena "
                          f"{kmachine.machine_path(config.machine)} is missing, but its log "
                          f"{log_file} is still there: the arena was moved or deleted. Mount "
                          f"with --format to start an empty machine of that name, or run "
                          f"'guestfs machine destroy {config.machine}' to forget it.")
+
+
+def _writer_of(log_file: Path) -> int | None:
+    """The PID of a daemon writing `log_file` (its standard output), if one runs."""
+    target = os.fspath(log_file)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.readlink(f"{entry.path}/fd/1") == target:
+                    return int(entry.name)
+            except OSError:     # the process ended, or is not ours to look at
+                continue
+    return None
 
 
 def open_log(path: Path) -> int:

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,6 +159,30 @@ def test_a_failed_first_mount_leaves_no_file(cli_env: dict[str, str],
     stray.write_text("a log\n")
     assert "destroyed" in run_cli(cli_env, "machine", "destroy", machine).stderr
     assert not stray.exists()
+
+
+def test_a_second_first_mount_names_the_daemon_creating_the_machine(
+        cli_env: dict[str, str], machine_dir: Path) -> None:
+    """Two first mounts of one machine at once: the second found the first one's log
+    before its arena, and said the arena was moved or deleted (mount with --format).
+    A process writing the log stands in for the first daemon, in the instant before it
+    creates the arena."""
+    machine, mnt = unique_machine(), make_mountpoint()
+    log = machine_dir / f"{machine}.log"
+    with open(log, "ab") as out:
+        first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 stdout=out)
+    try:
+        proc = run_cli(cli_env, "mount", "--machine", machine, "--memory", "64M",
+                       os.fspath(mnt), check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert f"being created and mounted by daemon pid {first.pid}" in proc.stderr
+        assert "--format" not in proc.stderr and not is_mounted(mnt)
+    finally:
+        first.kill()
+        first.wait()
+        log.unlink()
+        mnt.rmdir()
 
 
 def test_mount_options_round_trip() -> None:
