@@ -339,6 +339,9 @@ def test_dead_daemons_mount_is_cleared_by_umount(mount: Mount) -> None:
     assert wait_pid_gone(mount.pid, 10)
     dead = mount.cli("status", os.fspath(mount.mountpoint), check=False)
     assert dead.returncode == 1 and "does not answer" in dead.stderr
+    for args in (["kexec"], ["kexec", "--load-only"], ["kexec", "--abort"]):
+        kexec = mount.cli(*args, os.fspath(mount.mountpoint), check=False)
+        assert kexec.returncode == 1 and "daemon is gone" in kexec.stderr, kexec.stderr
     mount.cli("umount", os.fspath(mount.mountpoint))
     assert not is_mounted(mount.mountpoint)
 
