@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import select
+import signal
 import stat
 import subprocess
 import time
@@ -94,13 +95,22 @@ def start_background(config: DaemonConfig,
         if new_log and not kmachine.machine_exists(config.machine):
             log_file.unlink(missing_ok=True)
         if reply is None:
-            raise StartError(f"the daemon ended (exit status {code}) before the mount was "
-                             f"live.{tail}")
+            raise StartError(f"the daemon {_ended(code)} before the mount was live.{tail}")
         raise StartError(str(reply.get("error")))
     entry = mounts.mount_at(Path(config.mountpoint))
     if entry is None or entry.machine != config.machine:
         raise StartError(f"the daemon reported success but {config.mountpoint} is not mounted.")
     return proc.pid
+
+
+def _ended(code: int | None) -> str:
+    """How a daemon ended, from its exit status (a signal's is negative)."""
+    if code is None or code >= 0:
+        return f"ended (exit status {code})"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    hint = (f"; an arena page could not be backed: is the filesystem of "
+            f"{kmachine.machine_dir()} full?") if -code == signal.SIGBUS else ""
+    return f"was killed by {name}{hint}"
 
 
 class StillStarting(Exception):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import faulthandler
 import gc
 import logging
 import os
@@ -839,6 +840,9 @@ def exec_image(image: LoadedImage) -> None:
 
 def run_foreground(config: DaemonConfig, ready_fd: int | None = None) -> int:
     """Run the daemon in this process; returns the exit code."""
+    # A fatal signal (SIGBUS: a page of the sparse arena that its full filesystem cannot
+    # back) must leave a line in the log, or the daemon vanishes without a word.
+    faulthandler.enable()
     return Daemon(config, Readiness(ready_fd)).run()
 
 

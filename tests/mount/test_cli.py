@@ -185,6 +185,13 @@ def test_a_second_first_mount_names_the_daemon_creating_the_machine(
         mnt.rmdir()
 
 
+def test_a_daemon_killed_while_starting_is_named_by_its_signal() -> None:
+    assert background._ended(1) == "ended (exit status 1)"
+    assert background._ended(-signal.SIGKILL) == "was killed by SIGKILL"
+    bus = background._ended(-signal.SIGBUS)
+    assert bus.startswith("was killed by SIGBUS") and "full?" in bus
+
+
 def test_mount_options_round_trip() -> None:
     opts = MountOptions.parse("allow_other,ro,noatime,nosuid,default_permissions")
     assert opts.allow_other and opts.read_only and opts.flags == ("nosuid",)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, Mount, MountFactory, is_mounted, make_mountpoint, run_cli, unique_machine
+from conftest import (CLI, Mount, MountFactory, is_mounted, make_mountpoint, run_cli,
+                      teardown_mount, unique_machine, wait_pid_gone)
 from guestfs import background, mounts
 from guestfs.cli import kexec as cli_kexec
 from guestfs.cli import main as cli_main
@@ -326,6 +327,44 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line() -> None:
 
 
 # --- sizes and the machine folder -----------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_a_machine_folder_filled_after_the_arena_was_made(tmp_path: Path) -> None:
+    """The arena is a sparse file: once its filesystem is full, the daemon's first store
+    to a page never backed dies of SIGBUS. The log must say so (the daemon vanished
+    without a word), the write is not acknowledged, and nothing is lost once there is
+    room again."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M,mode=700", "tmpfs", small],
+                   check=True)
+    folder = small / "machines"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "GUESTFS_MACHINE_DIR": os.fspath(folder)}
+    m = Mount(unique_machine(), make_mountpoint(), env)
+    try:
+        m.cli("mount", "--machine", m.machine, "--memory", "4M", os.fspath(m.mountpoint))
+        m.pid = m.status()["pid"]
+        (m / "kept").write_bytes(b"acknowledged")
+        filler = small / "filler"
+        with open(filler, "wb") as f:
+            with pytest.raises(OSError):
+                while True:
+                    f.write(bytes(1 << 20))
+                    f.flush()
+        with pytest.raises(OSError):
+            (m / "big").write_bytes(os.urandom(2 << 20))
+        assert wait_pid_gone(m.pid, 10)
+        assert "Fatal Python error: Bus error" in m.log.read_text()
+        filler.unlink()
+        m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
+        m.pid = m.status()["pid"]
+        assert (m / "kept").read_bytes() == b"acknowledged"
+        assert m.fsck() == []
+    finally:
+        teardown_mount(m)          # removes the mount point too
+        subprocess.run(["umount", small], check=True)
 
 
 def test_a_machine_larger_than_the_room_is_refused(cli_env: dict[str, str]) -> None:
