@@ -367,6 +367,35 @@ def test_a_machine_folder_filled_after_the_arena_was_made(tmp_path: Path) -> Non
         subprocess.run(["umount", small], check=True)
 
 
+@pytest.mark.fuse
+def test_an_arena_deleted_while_mounted_is_never_handed_over(
+        mount_factory: MountFactory) -> None:
+    """The arena's file deleted under a live mount: the daemon's mapping still holds the
+    files, but a handover into it reaches no next kernel. An unmount or a kexec said
+    they succeeded and lost every file; they must refuse, and the daemon serve on, so
+    that the files can be copied out."""
+    m = mount_factory(memory="64M")
+    (m / "f").write_bytes(b"only in the daemon's memory now")
+    (Path(m.env["GUESTFS_MACHINE_DIR"]) / f"{m.machine}.mem").unlink()
+    daemon = os.pidfd_open(m.pid)       # so that the end kills this process, never another
+    try:
+        for args in (["umount"], ["kexec"], ["kexec", "--exec"]):
+            refused = m.cli(*args, os.fspath(m.mountpoint), check=False)
+            assert refused.returncode == 1 and "was deleted while mounted" in refused.stderr, \
+                refused.stderr
+        os.kill(m.pid, signal.SIGTERM)          # this mount's daemon, by its PID
+        deadline = time.monotonic() + 10
+        while "was deleted while mounted" not in m.log.read_text():
+            assert time.monotonic() < deadline, "SIGTERM was not refused"
+            time.sleep(0.05)
+        assert m.status()["pid"] == m.pid
+        assert (m / "f").read_bytes() == b"only in the daemon's memory now"
+    finally:
+        signal.pidfd_send_signal(daemon, signal.SIGKILL)   # nothing else ends it; the
+        os.close(daemon)                                   # finalizer clears the dead mount
+        wait_pid_gone(m.pid, 10)
+
+
 def test_a_machine_larger_than_the_room_is_refused(cli_env: dict[str, str]) -> None:
     machine, mountpoint = unique_machine(), make_mountpoint()
     try:
