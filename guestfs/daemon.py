@@ -66,6 +66,9 @@ REAP_INTERVAL = 0.05
 #: kexec or an unmount holds the daemon: its quiesce, part of the blackout, must not
 #: wait for a slice of it between two awaits. Seconds between two looks.
 BACKGROUND_PAUSE = 0.002
+#: Why the path the daemon mounted at is gone: a folder above it was renamed.
+MOVED = ("no such path: was a folder above it renamed? Rename it back, or 'umount' the "
+         "mount where it is now (the daemon then hands over)")
 #: The signals that stop the daemon as ``guestfs umount`` does (`Daemon._watch_signals`).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -575,8 +578,9 @@ class Daemon:
         try:
             st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
         except OSError as e:
+            reason = MOVED if e.errno == errno.ENOENT else e.strerror
             raise control.ControlError(f"kexec of {self.mountpoint} aborted: cannot stat its "
-                                       f"root ({e.strerror}). The filesystem serves as "
+                                       f"root ({reason}). The filesystem serves as "
                                        "before.") from None
         owner = ConnectionId(os.getpid(), st.st_dev)
         kho = self._session().kernel.kho
@@ -759,9 +763,11 @@ class Daemon:
                 log.exception("the handover could not be taken back")
             if isinstance(e, OSError):
                 reason = "files are open there or it is some process's working " \
-                    "directory" if e.errno == errno.EBUSY else e.strerror
+                    "directory" if e.errno == errno.EBUSY else MOVED if \
+                    e.errno == errno.ENOENT else e.strerror
+                # From None: the message names the cause (its OSError would show instead).
                 raise KexecError(f"cannot unmount {self.mountpoint}: {reason}.",
-                                 "unmount") from e
+                                 "unmount") from None
             raise
         self.mount_state = MountState.DETACHED
         self._unmounted_at = time.perf_counter_ns()

@@ -73,6 +73,35 @@ def test_times_before_1970_and_after_2262_survive_kexec_and_umount(
 # --- an unmount that cannot hand over ------------------------------------------------------
 
 
+@pytest.mark.fuse
+def test_a_mount_whose_parent_was_renamed_says_so(cli_env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    """The daemon unmounts by the path it mounted at: after a rename of a folder above,
+    an unmount or a kexec aborts (and the mount serves), naming that cause (it said
+    only 'umount: No such file or directory')."""
+    parent, moved = tmp_path / "parent", tmp_path / "moved"
+    (parent / "m").mkdir(parents=True)
+    tmp_path.chmod(0o755)
+    m = Mount(unique_machine(), parent / "m", cli_env)
+    try:
+        m.cli("mount", "--machine", m.machine, "--memory", "64M", os.fspath(m.mountpoint))
+        m.pid = m.status()["pid"]
+        (m / "f").write_bytes(b"kept")
+        parent.rename(moved)
+        for args in (["umount"], ["kexec"]):
+            refused = m.cli(*args, os.fspath(moved / "m"), check=False)
+            assert refused.returncode == 1, refused.stderr
+            assert "was a folder above it renamed" in refused.stderr
+            assert "serves as before" in refused.stderr
+        moved.rename(parent)
+        assert (m / "f").read_bytes() == b"kept"
+        m.cli("umount", os.fspath(m.mountpoint))
+    finally:
+        if moved.exists():
+            moved.rename(parent)
+        teardown_mount(m)
+
+
 @pytest.mark.parametrize("phase", [f.value for f in Fault if f is not Fault.BOOT])
 def test_an_unmount_that_cannot_hand_over_aborts_and_the_mount_serves(
         faulty_mount: Callable[[str], Mount], phase: str) -> None:
