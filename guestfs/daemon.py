@@ -35,6 +35,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -329,6 +330,15 @@ class Daemon:
         receiver closes, and lands here too: one stop is enough."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._note_stop)
+        # Those a previous kernel's exec held back (`_exec_if_handed_over`) come now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def _pass_stop_on(self) -> None:
+        """Before an exec: a stop signal that another thread took (the block is this
+        thread's) was noted here; sent again to this thread, where it stays pending
+        across the exec, the next image gets it."""
+        if self._stop_noted is not None:
+            signal.pthread_kill(threading.get_ident(), self._stop_noted)
 
     def _note_stop(self, signum: int, frame: object) -> None:
         self._stop_noted = signum     # a signal handler: nothing that takes a lock
@@ -788,20 +798,27 @@ class Daemon:
             return False
         self.exec_next = False
         session = self.session
+        # A stop signal during the next image's start-up stays pending, blocked across
+        # the exec, until its daemon notes it (`_defer_stop_signals`): its half-started
+        # interpreter would end on it, leaving the shield and no daemon.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             if session is None:         # an in-process boot failed: its image is left
                 assert self._fallback_image is not None
                 log.info("kexec: exec %s", " ".join(self._fallback_image.argv))
+                self._pass_stop_on()
                 exec_image(self._fallback_image)
             # Leaving the FUSE loop and closing the session, between unmount and poison.
             session.record_phase("teardown", elapsed_ns(self._unmounted_at))
             if self.poison:
                 session.poison()
             log.info("kexec: exec %s", " ".join(session.kernel.kexec.loaded.argv))
+            self._pass_stop_on()
             session.exec()
         except Exception as e:
             log.exception("kexec failed at exec: %s; the filesystem stays in the arena for "
                           "the next 'guestfs mount'", e)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return True
 
 

@@ -332,6 +332,41 @@ def test_foreground_daemon_stops_once_on_a_burst_of_signals(
         teardown_mount(m)
 
 
+@pytest.mark.fuse
+def test_ctrl_c_while_the_next_image_starts_stops_it_once_it_serves(
+        cli_env: dict[str, str]) -> None:
+    """Ctrl-C to a foreground daemon just as a ``kexec --exec`` execs the next image: the
+    half-started interpreter died of it (a traceback, the shield left, no daemon). The
+    signal now waits across the exec, and the next kernel stops on it once it serves."""
+    machine, mnt = unique_machine(), make_mountpoint()
+    daemon = subprocess.Popen([*CLI, "mount", "-f", "--machine", machine, "--memory", "64M",
+                               os.fspath(mnt)], env=cli_env, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    m = Mount(machine, mnt, cli_env, daemon.pid)
+    try:
+        _wait_until_mounted(mnt, daemon)
+        (mnt / "f").write_bytes(b"kept")
+        kexec = subprocess.Popen([*CLI, "kexec", "--exec", os.fspath(mnt)], env=cli_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lines = []
+        for line in daemon.stderr:
+            lines.append(line)
+            if "kexec: exec" in line:
+                time.sleep(0.05)        # the next image's interpreter is starting
+                daemon.send_signal(signal.SIGINT)
+                break
+        kexec.wait(timeout=60)
+        assert daemon.wait(timeout=60) == 0
+        lines += daemon.stderr.readlines()
+        log = "".join(lines)
+        assert "Traceback" not in log and "SIGINT (received while booting)" in log, log
+        assert not is_mounted(mnt)
+        m.cli("mount", "--machine", machine, os.fspath(mnt))
+        assert (mnt / "f").read_bytes() == b"kept"
+    finally:
+        teardown_mount(m)
+
+
 def _wait_until_mounted(mnt: Path, proc: subprocess.Popen[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not is_mounted(mnt):
