@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import select
+import signal
 import stat
 import subprocess
 import time
@@ -94,13 +95,22 @@ def start_background(config: DaemonConfig,
         if new_log and not kmachine.machine_exists(config.machine):
             log_file.unlink(missing_ok=True)
         if reply is None:
-            raise StartError(f"the daemon ended (exit status {code}) before the mount was "
-                             f"live.{tail}")
+            raise StartError(f"the daemon {_ended(code)} before the mount was live.{tail}")
         raise StartError(str(reply.get("error")))
     entry = mounts.mount_at(Path(config.mountpoint))
     if entry is None or entry.machine != config.machine:
         raise StartError(f"the daemon reported success but {config.mountpoint} is not mounted.")
     return proc.pid
+
+
+def _ended(code: int | None) -> str:
+    """How a daemon ended, from its exit status (a signal's is negative)."""
+    if code is None or code >= 0:
+        return f"ended (exit status {code})"
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    hint = (f"; an arena page could not be backed: is the filesystem of "
+            f"{kmachine.machine_dir()} full?") if -code == signal.SIGBUS else ""
+    return f"was killed by {name}{hint}"
 
 
 class StillStarting(Exception):
@@ -117,12 +127,30 @@ def check_machine_files(config: DaemonConfig) -> None:
     if config.format or kmachine.machine_exists(config.machine):
         return
     log_file = log_path(config.machine)
+    starting = _writer_of(log_file)
+    if starting is not None:
+        # Another first mount of this machine: its daemon is creating the arena now.
+        raise StartError(f"machine {config.machine} is being created and mounted by "
+                         f"daemon pid {starting}; see {log_file}.")
     if os.path.lexists(log_file):
         raise StartError(f"machine {config.machine}'s arena "
                          f"{kmachine.machine_path(config.machine)} is missing, but its log "
                          f"{log_file} is still there: the arena was moved or deleted. Mount "
                          f"with --format to start an empty machine of that name, or run "
                          f"'guestfs machine destroy {config.machine}' to forget it.")
+
+
+def _writer_of(log_file: Path) -> int | None:
+    """The PID of a daemon writing `log_file` (its standard output), if one runs."""
+    target = os.fspath(log_file)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.readlink(f"{entry.path}/fd/1") == target:
+                    return int(entry.name)
+            except OSError:     # the process ended, or is not ours to look at
+                continue
+    return None
 
 
 def open_log(path: Path) -> int:

@@ -28,12 +28,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+import faulthandler
 import gc
 import logging
 import os
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +67,11 @@ REAP_INTERVAL = 0.05
 #: kexec or an unmount holds the daemon: its quiesce, part of the blackout, must not
 #: wait for a slice of it between two awaits. Seconds between two looks.
 BACKGROUND_PAUSE = 0.002
+#: Why the path the daemon mounted at is gone: a folder above it was renamed.
+MOVED = ("no such path: was a folder above it renamed? Rename it back, or 'umount' the "
+         "mount where it is now (the daemon then hands over)")
+#: The signals that stop the daemon as ``guestfs umount`` does (`Daemon._watch_signals`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class MountState(enum.Enum):
@@ -124,6 +131,8 @@ class Daemon:
         self._mount_started = 0
         self._unmounted_at = 0
         self._unmount_ns = 0
+        #: A stop signal that came while no trio loop listened (`_defer_stop_signals`).
+        self._stop_noted: int | None = None
         self.control_ops: dict[str, control.OpHandler] = {
             "status": self._op_status,
             "check": self._op_check,
@@ -137,6 +146,16 @@ class Daemon:
     def run(self) -> int:
         """Boot, mount, serve until asked to stop; the process exit code (0 only when
         the filesystem was handed over into the arena or to the next kernel)."""
+        self._defer_stop_signals()
+        try:
+            return self._run()
+        finally:
+            # Python resets its handlers to the defaults as the interpreter exits: a
+            # signal then would kill a daemon that has already stopped cleanly.
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
+    def _run(self) -> int:
         # What exists now (modules, the interpreter's own objects) lives as long as the
         # process: kept out of the collections, so that the one at each in-process
         # switch (see `_switch`) scans only the kernels' objects.
@@ -161,9 +180,6 @@ class Daemon:
                 self._unmount()
                 if not self._close_session():
                     self._abandon_session()
-                if isinstance(e, KeyboardInterrupt):
-                    log.info("interrupted: the filesystem is handed over into the arena")
-                    return 130
                 raise
             self._unmount()
             exec_failed = self._exec_if_handed_over()
@@ -305,30 +321,60 @@ class Daemon:
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
+    def _defer_stop_signals(self) -> None:
+        """Outside the trio loop a stop signal is only noted, and the loop, once it
+        serves, stops on it (`_watch_signals`): Python's default SIGINT would raise in the
+        middle of a boot's or a handover's writes to the arena, and SIGTERM's or SIGHUP's
+        would end the process between a handover and the removal of the shield. A
+        signal that comes again while the first is handled is re-raised by trio when its
+        receiver closes, and lands here too: one stop is enough."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._note_stop)
+        # Those a previous kernel's exec held back (`_exec_if_handed_over`) come now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def _pass_stop_on(self) -> None:
+        """Before an exec: a stop signal that another thread took (the block is this
+        thread's) was noted here; sent again to this thread, where it stays pending
+        across the exec, the next image gets it."""
+        if self._stop_noted is not None:
+            signal.pthread_kill(threading.get_ident(), self._stop_noted)
+
+    def _note_stop(self, signum: int, frame: object) -> None:
+        self._stop_noted = signum     # a signal handler: nothing that takes a lock
+
     async def _watch_signals(self) -> None:
         """SIGTERM, SIGINT and SIGHUP stop the daemon as ``guestfs umount`` does, but
         also while files are open (a lazy unmount; their processes then see errors),
         once a kexec or unmount under way has ended. If the handover cannot be written,
         the daemon says why and serves on."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                log.info("%s: handing over and unmounting", name)
-                async with self._exclusive:
-                    session = self.session
-                    if session is None or session.state is not State.RUNNING:
-                        # A kexec or unmount that just ended did it, or a kexec whose
-                        # next kernel failed to boot here is exec'ing it instead.
-                        log.warning("%s: a kexec or unmount has ended this kernel; %s",
-                                    name, "stop the next one with 'guestfs umount'")
-                        return
-                    try:
-                        await self._hand_over({"force": True}, for_exec=False)
-                    except control.ControlError as e:
-                        log.error("%s: %s", name, e)
-                        continue
-                self._end_session()
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            noted, self._stop_noted = self._stop_noted, None
+            if noted is not None and await self._stop_on(noted, " (received while booting)"):
                 return
+            async for signum in signals:
+                if await self._stop_on(signum):
+                    return
+
+    async def _stop_on(self, signum: int, when: str = "") -> bool:
+        """Hand over and unmount on a stop signal; False if the daemon serves on."""
+        name = signal.Signals(signum).name
+        log.info("%s%s: handing over and unmounting", name, when)
+        async with self._exclusive:
+            session = self.session
+            if session is None or session.state is not State.RUNNING:
+                # A kexec or unmount that just ended did it, or a kexec whose next
+                # kernel failed to boot here is exec'ing it instead.
+                log.warning("%s: a kexec or unmount has ended this kernel; %s",
+                            name, "stop the next one with 'guestfs umount'")
+                return True
+            try:
+                await self._hand_over({"force": True}, for_exec=False)
+            except control.ControlError as e:
+                log.error("%s: %s", name, e)
+                return False
+        self._end_session()
+        return True
 
     # --- control ops --------------------------------------------------------------
 
@@ -542,8 +588,9 @@ class Daemon:
         try:
             st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
         except OSError as e:
+            reason = MOVED if e.errno == errno.ENOENT else e.strerror
             raise control.ControlError(f"kexec of {self.mountpoint} aborted: cannot stat its "
-                                       f"root ({e.strerror}). The filesystem serves as "
+                                       f"root ({reason}). The filesystem serves as "
                                        "before.") from None
         owner = ConnectionId(os.getpid(), st.st_dev)
         kho = self._session().kernel.kho
@@ -726,9 +773,11 @@ class Daemon:
                 log.exception("the handover could not be taken back")
             if isinstance(e, OSError):
                 reason = "files are open there or it is some process's working " \
-                    "directory" if e.errno == errno.EBUSY else e.strerror
+                    "directory" if e.errno == errno.EBUSY else MOVED if \
+                    e.errno == errno.ENOENT else e.strerror
+                # From None: the message names the cause (its OSError would show instead).
                 raise KexecError(f"cannot unmount {self.mountpoint}: {reason}.",
-                                 "unmount") from e
+                                 "unmount") from None
             raise
         self.mount_state = MountState.DETACHED
         self._unmounted_at = time.perf_counter_ns()
@@ -749,20 +798,27 @@ class Daemon:
             return False
         self.exec_next = False
         session = self.session
+        # A stop signal during the next image's start-up stays pending, blocked across
+        # the exec, until its daemon notes it (`_defer_stop_signals`): its half-started
+        # interpreter would end on it, leaving the shield and no daemon.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             if session is None:         # an in-process boot failed: its image is left
                 assert self._fallback_image is not None
                 log.info("kexec: exec %s", " ".join(self._fallback_image.argv))
+                self._pass_stop_on()
                 exec_image(self._fallback_image)
             # Leaving the FUSE loop and closing the session, between unmount and poison.
             session.record_phase("teardown", elapsed_ns(self._unmounted_at))
             if self.poison:
                 session.poison()
             log.info("kexec: exec %s", " ".join(session.kernel.kexec.loaded.argv))
+            self._pass_stop_on()
             session.exec()
         except Exception as e:
             log.exception("kexec failed at exec: %s; the filesystem stays in the arena for "
                           "the next 'guestfs mount'", e)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return True
 
 
@@ -807,6 +863,9 @@ def exec_image(image: LoadedImage) -> None:
 
 def run_foreground(config: DaemonConfig, ready_fd: int | None = None) -> int:
     """Run the daemon in this process; returns the exit code."""
+    # A fatal signal (SIGBUS: a page of the sparse arena that its full filesystem cannot
+    # back) must leave a line in the log, or the daemon vanishes without a word.
+    faulthandler.enable()
     return Daemon(config, Readiness(ready_fd)).run()
 
 

@@ -192,6 +192,12 @@ class Session:
         self._expect(State.RUNNING, "hand over")
         fault = next((f.value for f in (Fault.SERIALIZE, Fault.FINALIZE, Fault.BOOT_PARAMS)
                       if self.take_fault(f)), None)
+        lost = self.kernel.arena.detached()
+        if lost is not None:
+            raise KexecError(f"{lost} while mounted: the files now live only in this "
+                             "daemon's memory, where a handover would lose them; copy them "
+                             "out of the mount, then only SIGKILL ends the daemon",
+                             "serialize")
         self.for_exec = for_exec
         self.kernel.kexec.prepare(phases, exec=for_exec, fault=fault)
 

@@ -16,6 +16,7 @@ copy is ever made. This class knows nothing about the header, locking or machine
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
@@ -252,6 +253,22 @@ class Arena:
         except BufferError:
             log.debug("arena %s: views still referenced; unmapping when they go", self.path)
         os.close(self.fd)
+
+    def detached(self) -> str | None:
+        """Why the arena's path no longer leads to this mapped file (deleted, replaced
+        or truncated while in use), or None. A handover written then reaches no next
+        kernel: it boots from the path."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError as e:
+            return f"the arena {self.path} was deleted" if e.errno == errno.ENOENT else \
+                f"the arena {self.path} cannot be reached: {e.strerror}"
+        own = os.fstat(self.fd)
+        if (st.st_dev, st.st_ino) != (own.st_dev, own.st_ino):
+            return f"the arena {self.path} was replaced by another file"
+        if own.st_size < self.size:
+            return f"the arena {self.path} was truncated to {own.st_size} bytes"
+        return None
 
     def __enter__(self) -> Arena:
         return self

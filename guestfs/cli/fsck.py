@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+from collections.abc import Callable
 
 from guestfs import control
 from guestfs.cli.common import CliError, Subparsers, machine_option, no_machine, say
@@ -52,15 +54,54 @@ def _check_offline(machine: str) -> list[str]:
     if not kmachine.machine_exists(machine):
         raise CliError(no_machine(machine))
     say(f"booting machine {machine} to check its filesystem…")
-    try:
-        from guestfs.session import Options, Session   # heavy: only when no daemon runs
+    from guestfs.session import Options, Session   # heavy: only when no daemon runs
 
-        session = Session.open(Options(machine, restore_only=True))
-    except HandoverError as e:
-        raise CliError(f"the filesystem of machine {machine} cannot be opened: {e}") from None
+    ctrl_c = _CtrlC()
+    previous = signal.signal(signal.SIGINT, ctrl_c.handle)
     try:
-        problems = session.fs.check()
-        session.hand_over({}, for_exec=False)
+        try:
+            session = Session.open(Options(machine, restore_only=True))
+        except HandoverError as e:
+            raise CliError(f"the filesystem of machine {machine} cannot be opened: {e}") from None
+        try:
+            problems = ctrl_c.cancellable(session.fs.check)
+            session.hand_over({}, for_exec=False)
+        finally:
+            session.close()
     finally:
-        session.close()
+        signal.signal(signal.SIGINT, previous)
+    if problems is None:
+        raise KeyboardInterrupt     # the check was cancelled; the arena is as it was
     return problems
+
+
+class _CheckCancelled(BaseException):
+    """Raised by Ctrl-C in the check only (a BaseException, as KeyboardInterrupt)."""
+
+
+class _CtrlC:
+    """Ctrl-C during an offline check cancels the check itself, which only reads; one
+    during the boot or the handover that follows waits for it, so that the machine is
+    left handed over as it was, never as a kernel that crashed."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._cancellable = False
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        if self._cancellable:
+            self._cancellable = False
+            raise _CheckCancelled
+
+    def cancellable(self, check: Callable[[], list[str]]) -> list[str] | None:
+        """`check`'s result, or None if Ctrl-C cancelled it (or came before it)."""
+        try:
+            self._cancellable = not self.pressed
+            if not self._cancellable:
+                return None
+            problems = check()
+            self._cancellable = False
+            return problems
+        except _CheckCancelled:
+            return None

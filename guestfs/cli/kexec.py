@@ -57,7 +57,16 @@ def add(sub: Subparsers) -> None:
 
 def run_kexec(args: argparse.Namespace) -> int:
     """``guestfs kexec``."""
-    sock = control_path(machine_at(args.mountpoint))
+    machine = machine_at(args.mountpoint)
+    try:
+        return _kexec(args, control_path(machine))
+    except control.NoDaemon:
+        raise CliError(f"{args.mountpoint} is a guestfs mount of machine {machine}, but its "
+                       f"daemon is gone: 'guestfs umount {args.mountpoint}' clears the dead "
+                       "mount and 'guestfs mount' brings the files back") from None
+
+
+def _kexec(args: argparse.Namespace, sock: Path) -> int:
     extra = {"cmdline": args.cmdline} if args.cmdline is not None else {}
     if args.load_only:
         control.request(sock, {"op": "kexec-load", **extra})

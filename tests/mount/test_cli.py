@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,6 +161,37 @@ def test_a_failed_first_mount_leaves_no_file(cli_env: dict[str, str],
     assert not stray.exists()
 
 
+def test_a_second_first_mount_names_the_daemon_creating_the_machine(
+        cli_env: dict[str, str], machine_dir: Path) -> None:
+    """Two first mounts of one machine at once: the second found the first one's log
+    before its arena, and said the arena was moved or deleted (mount with --format).
+    A process writing the log stands in for the first daemon, in the instant before it
+    creates the arena."""
+    machine, mnt = unique_machine(), make_mountpoint()
+    log = machine_dir / f"{machine}.log"
+    with open(log, "ab") as out:
+        first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 stdout=out)
+    try:
+        proc = run_cli(cli_env, "mount", "--machine", machine, "--memory", "64M",
+                       os.fspath(mnt), check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert f"being created and mounted by daemon pid {first.pid}" in proc.stderr
+        assert "--format" not in proc.stderr and not is_mounted(mnt)
+    finally:
+        first.kill()
+        first.wait()
+        log.unlink()
+        mnt.rmdir()
+
+
+def test_a_daemon_killed_while_starting_is_named_by_its_signal() -> None:
+    assert background._ended(1) == "ended (exit status 1)"
+    assert background._ended(-signal.SIGKILL) == "was killed by SIGKILL"
+    bus = background._ended(-signal.SIGBUS)
+    assert bus.startswith("was killed by SIGBUS") and "full?" in bus
+
+
 def test_mount_options_round_trip() -> None:
     opts = MountOptions.parse("allow_other,ro,noatime,nosuid,default_permissions")
     assert opts.allow_other and opts.read_only and opts.flags == ("nosuid",)
@@ -269,6 +301,72 @@ def test_foreground_daemon_stops_on_sigterm(cli_env: dict[str, str]) -> None:
         teardown_mount(m)
 
 
+@pytest.mark.fuse
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_daemon_stops_once_on_a_burst_of_signals(
+        cli_env: dict[str, str], signum: signal.Signals) -> None:
+    """An impatient Ctrl-C, pressed again and again: the signals that come while the
+    first one's handover runs, or once the daemon has stopped, change nothing (they
+    ended it with a traceback and exit 1, or killed it as the interpreter exited)."""
+    machine, mnt = unique_machine(), make_mountpoint()
+    daemon = subprocess.Popen([*CLI, "mount", "-f", "--machine", machine, "--memory", "64M",
+                               os.fspath(mnt)], env=cli_env, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    m = Mount(machine, mnt, cli_env, daemon.pid)
+    try:
+        _wait_until_mounted(mnt, daemon)
+        (mnt / "f").write_bytes(b"written just before the signals")
+        for _ in range(40):
+            if daemon.poll() is not None:
+                break
+            daemon.send_signal(signum)
+            time.sleep(0.001)
+        assert daemon.wait(timeout=30) == 0
+        stderr = daemon.stderr.read()
+        assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
+        assert not is_mounted(mnt)
+        m.cli("mount", "--machine", machine, os.fspath(mnt))
+        assert (mnt / "f").read_bytes() == b"written just before the signals"
+        assert m.fsck() == []
+    finally:
+        teardown_mount(m)
+
+
+@pytest.mark.fuse
+def test_ctrl_c_while_the_next_image_starts_stops_it_once_it_serves(
+        cli_env: dict[str, str]) -> None:
+    """Ctrl-C to a foreground daemon just as a ``kexec --exec`` execs the next image: the
+    half-started interpreter died of it (a traceback, the shield left, no daemon). The
+    signal now waits across the exec, and the next kernel stops on it once it serves."""
+    machine, mnt = unique_machine(), make_mountpoint()
+    daemon = subprocess.Popen([*CLI, "mount", "-f", "--machine", machine, "--memory", "64M",
+                               os.fspath(mnt)], env=cli_env, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    m = Mount(machine, mnt, cli_env, daemon.pid)
+    try:
+        _wait_until_mounted(mnt, daemon)
+        (mnt / "f").write_bytes(b"kept")
+        kexec = subprocess.Popen([*CLI, "kexec", "--exec", os.fspath(mnt)], env=cli_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lines = []
+        for line in daemon.stderr:
+            lines.append(line)
+            if "kexec: exec" in line:
+                time.sleep(0.05)        # the next image's interpreter is starting
+                daemon.send_signal(signal.SIGINT)
+                break
+        kexec.wait(timeout=60)
+        assert daemon.wait(timeout=60) == 0
+        lines += daemon.stderr.readlines()
+        log = "".join(lines)
+        assert "Traceback" not in log and "SIGINT (received while booting)" in log, log
+        assert not is_mounted(mnt)
+        m.cli("mount", "--machine", machine, os.fspath(mnt))
+        assert (mnt / "f").read_bytes() == b"kept"
+    finally:
+        teardown_mount(m)
+
+
 def _wait_until_mounted(mnt: Path, proc: subprocess.Popen[str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not is_mounted(mnt):
@@ -283,6 +381,9 @@ def test_dead_daemons_mount_is_cleared_by_umount(mount: Mount) -> None:
     assert wait_pid_gone(mount.pid, 10)
     dead = mount.cli("status", os.fspath(mount.mountpoint), check=False)
     assert dead.returncode == 1 and "does not answer" in dead.stderr
+    for args in (["kexec"], ["kexec", "--load-only"], ["kexec", "--abort"]):
+        kexec = mount.cli(*args, os.fspath(mount.mountpoint), check=False)
+        assert kexec.returncode == 1 and "daemon is gone" in kexec.stderr, kexec.stderr
     mount.cli("umount", os.fspath(mount.mountpoint))
     assert not is_mounted(mount.mountpoint)
 

@@ -9,6 +9,7 @@ import errno
 import json
 import mmap
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, Mount, MountFactory, is_mounted, make_mountpoint, run_cli, unique_machine
+from conftest import (CLI, Mount, MountFactory, is_mounted, make_mountpoint, run_cli,
+                      teardown_mount, unique_machine, wait_pid_gone)
 from guestfs import background, mounts
 from guestfs.cli import kexec as cli_kexec
 from guestfs.cli import main as cli_main
-from guestfs.session import Fault
+from guestfs.filesystem import Filesystem
+from guestfs.session import Fault, Session
 
 pytestmark = pytest.mark.fuse
 MiB = 1 << 20
@@ -68,6 +71,35 @@ def test_times_before_1970_and_after_2262_survive_kexec_and_umount(
 
 
 # --- an unmount that cannot hand over ------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_a_mount_whose_parent_was_renamed_says_so(cli_env: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    """The daemon unmounts by the path it mounted at: after a rename of a folder above,
+    an unmount or a kexec aborts (and the mount serves), naming that cause (it said
+    only 'umount: No such file or directory')."""
+    parent, moved = tmp_path / "parent", tmp_path / "moved"
+    (parent / "m").mkdir(parents=True)
+    tmp_path.chmod(0o755)
+    m = Mount(unique_machine(), parent / "m", cli_env)
+    try:
+        m.cli("mount", "--machine", m.machine, "--memory", "64M", os.fspath(m.mountpoint))
+        m.pid = m.status()["pid"]
+        (m / "f").write_bytes(b"kept")
+        parent.rename(moved)
+        for args in (["umount"], ["kexec"]):
+            refused = m.cli(*args, os.fspath(moved / "m"), check=False)
+            assert refused.returncode == 1, refused.stderr
+            assert "was a folder above it renamed" in refused.stderr
+            assert "serves as before" in refused.stderr
+        moved.rename(parent)
+        assert (m / "f").read_bytes() == b"kept"
+        m.cli("umount", os.fspath(m.mountpoint))
+    finally:
+        if moved.exists():
+            moved.rename(parent)
+        teardown_mount(m)
 
 
 @pytest.mark.parametrize("phase", [f.value for f in Fault if f is not Fault.BOOT])
@@ -243,6 +275,48 @@ def test_ctrl_c_during_kexec_says_it_carries_on(mount_factory: MountFactory,
     assert (m / "f").read_text() == "x"
 
 
+@pytest.mark.parametrize("when", ["check", "handover"])
+def test_ctrl_c_during_an_offline_fsck_leaves_the_machine_handed_over(
+        mount_factory: MountFactory, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], when: str) -> None:
+    """Ctrl-C cancels the check, which only reads, but never the handover after it: the
+    machine was left as a kernel that crashed (state RUNNING), though the command said
+    nothing was changed."""
+    m = mount_factory(memory="64M")
+    (m / "f").write_text("kept")
+    m.cli("umount", os.fspath(m.mountpoint))
+
+    def ctrl_c() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)          # Python runs the handler between two instructions
+    check, hand_over = Filesystem.check, Session.hand_over
+
+    def check_interrupted(self: Filesystem) -> list[str]:
+        if when == "check":
+            ctrl_c()
+        return check(self)
+
+    def hand_over_interrupted(self: Session, *args: object, **kwargs: object) -> None:
+        if when == "handover":
+            ctrl_c()
+        hand_over(self, *args, **kwargs)
+    monkeypatch.setattr(Filesystem, "check", check_interrupted)
+    monkeypatch.setattr(Session, "hand_over", hand_over_interrupted)
+    monkeypatch.setenv("GUESTFS_MACHINE_DIR", m.env["GUESTFS_MACHINE_DIR"])
+    code = cli_main(["fsck", "--machine", m.machine])
+    out, err = capsys.readouterr()
+    if when == "check":
+        assert code == 130 and err.endswith("guestfs: interrupted; nothing was changed\n")
+    else:       # the check was done: its result stands
+        assert code == 0 and "no problems" in out
+    assert "Traceback" not in err
+    status = json.loads(m.cli("status", "--machine", m.machine, "--json").stdout)
+    assert status["arena"]["state"] == "HANDED_OVER"
+    m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
+    assert (m / "f").read_text() == "kept"
+    assert "crashed kernel" not in m.log.read_text()
+
+
 def test_ctrl_c_while_a_mount_starts_says_it_carries_on(
         cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -282,6 +356,73 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line() -> None:
 
 
 # --- sizes and the machine folder -----------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_a_machine_folder_filled_after_the_arena_was_made(tmp_path: Path) -> None:
+    """The arena is a sparse file: once its filesystem is full, the daemon's first store
+    to a page never backed dies of SIGBUS. The log must say so (the daemon vanished
+    without a word), the write is not acknowledged, and nothing is lost once there is
+    room again."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M,mode=700", "tmpfs", small],
+                   check=True)
+    folder = small / "machines"
+    folder.mkdir(mode=0o700)
+    env = {**os.environ, "GUESTFS_MACHINE_DIR": os.fspath(folder)}
+    m = Mount(unique_machine(), make_mountpoint(), env)
+    try:
+        m.cli("mount", "--machine", m.machine, "--memory", "4M", os.fspath(m.mountpoint))
+        m.pid = m.status()["pid"]
+        (m / "kept").write_bytes(b"acknowledged")
+        filler = small / "filler"
+        with open(filler, "wb") as f:
+            with pytest.raises(OSError):
+                while True:
+                    f.write(bytes(1 << 20))
+                    f.flush()
+        with pytest.raises(OSError):
+            (m / "big").write_bytes(os.urandom(2 << 20))
+        assert wait_pid_gone(m.pid, 10)
+        assert "Fatal Python error: Bus error" in m.log.read_text()
+        filler.unlink()
+        m.cli("mount", "--machine", m.machine, os.fspath(m.mountpoint))
+        m.pid = m.status()["pid"]
+        assert (m / "kept").read_bytes() == b"acknowledged"
+        assert m.fsck() == []
+    finally:
+        teardown_mount(m)          # removes the mount point too
+        subprocess.run(["umount", small], check=True)
+
+
+@pytest.mark.fuse
+def test_an_arena_deleted_while_mounted_is_never_handed_over(
+        mount_factory: MountFactory) -> None:
+    """The arena's file deleted under a live mount: the daemon's mapping still holds the
+    files, but a handover into it reaches no next kernel. An unmount or a kexec said
+    they succeeded and lost every file; they must refuse, and the daemon serve on, so
+    that the files can be copied out."""
+    m = mount_factory(memory="64M")
+    (m / "f").write_bytes(b"only in the daemon's memory now")
+    (Path(m.env["GUESTFS_MACHINE_DIR"]) / f"{m.machine}.mem").unlink()
+    daemon = os.pidfd_open(m.pid)       # so that the end kills this process, never another
+    try:
+        for args in (["umount"], ["kexec"], ["kexec", "--exec"]):
+            refused = m.cli(*args, os.fspath(m.mountpoint), check=False)
+            assert refused.returncode == 1 and "was deleted while mounted" in refused.stderr, \
+                refused.stderr
+        os.kill(m.pid, signal.SIGTERM)          # this mount's daemon, by its PID
+        deadline = time.monotonic() + 10
+        while "was deleted while mounted" not in m.log.read_text():
+            assert time.monotonic() < deadline, "SIGTERM was not refused"
+            time.sleep(0.05)
+        assert m.status()["pid"] == m.pid
+        assert (m / "f").read_bytes() == b"only in the daemon's memory now"
+    finally:
+        signal.pidfd_send_signal(daemon, signal.SIGKILL)   # nothing else ends it; the
+        os.close(daemon)                                   # finalizer clears the dead mount
+        wait_pid_gone(m.pid, 10)
 
 
 def test_a_machine_larger_than_the_room_is_refused(cli_env: dict[str, str]) -> None:

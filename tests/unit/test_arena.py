@@ -321,3 +321,17 @@ def test_header_matches_file(machine_env: Path, machine_name: str) -> None:
     arena, _ = create_machine(machine_name, 4 * MiB)
     with arena:
         assert MachineHeader.read(arena).arena_size == arena.size
+
+
+def test_an_arena_knows_when_its_path_no_longer_leads_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "a.mem"
+    size = 4 << 20
+    with Arena.create(path, size) as arena:
+        assert arena.detached() is None
+        os.truncate(path, size - PAGE_SIZE)
+        assert "truncated" in arena.detached()
+        os.truncate(path, size)
+        os.rename(path, tmp_path / "moved.mem")
+        assert "was deleted" in arena.detached()
+        path.write_bytes(bytes(size))            # another file in its place
+        assert "replaced" in arena.detached()
