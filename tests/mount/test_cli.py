@@ -301,6 +301,14 @@ def test_foreground_daemon_stops_on_sigterm(cli_env: dict[str, str]) -> None:
         teardown_mount(m)
 
 
+def _foreground_daemon(cli_env: dict[str, str], machine: str,
+                       mnt: Path) -> subprocess.Popen[str]:
+    """``guestfs mount -f`` of a new 64M machine, in a session of its own."""
+    return subprocess.Popen([*CLI, "mount", "-f", "--machine", machine, "--memory", "64M",
+                             os.fspath(mnt)], env=cli_env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 @pytest.mark.fuse
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_foreground_daemon_stops_once_on_a_burst_of_signals(
@@ -309,9 +317,7 @@ def test_foreground_daemon_stops_once_on_a_burst_of_signals(
     first one's handover runs, or once the daemon has stopped, change nothing (they
     ended it with a traceback and exit 1, or killed it as the interpreter exited)."""
     machine, mnt = unique_machine(), make_mountpoint()
-    daemon = subprocess.Popen([*CLI, "mount", "-f", "--machine", machine, "--memory", "64M",
-                               os.fspath(mnt)], env=cli_env, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    daemon = _foreground_daemon(cli_env, machine, mnt)
     m = Mount(machine, mnt, cli_env, daemon.pid)
     try:
         _wait_until_mounted(mnt, daemon)
@@ -339,9 +345,7 @@ def test_ctrl_c_while_the_next_image_starts_stops_it_once_it_serves(
     half-started interpreter died of it (a traceback, the shield left, no daemon). The
     signal now waits across the exec, and the next kernel stops on it once it serves."""
     machine, mnt = unique_machine(), make_mountpoint()
-    daemon = subprocess.Popen([*CLI, "mount", "-f", "--machine", machine, "--memory", "64M",
-                               os.fspath(mnt)], env=cli_env, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    daemon = _foreground_daemon(cli_env, machine, mnt)
     m = Mount(machine, mnt, cli_env, daemon.pid)
     try:
         _wait_until_mounted(mnt, daemon)
