@@ -772,9 +772,8 @@ class Daemon:
             except Exception:
                 log.exception("the handover could not be taken back")
             if isinstance(e, OSError):
-                reason = "files are open there or it is some process's working " \
-                    "directory" if e.errno == errno.EBUSY else MOVED if \
-                    e.errno == errno.ENOENT else e.strerror
+                reason = {errno.EBUSY: "files are open there or it is some process's "
+                          "working directory", errno.ENOENT: MOVED}.get(e.errno, e.strerror)
                 # From None: the message names the cause (its OSError would show instead).
                 raise KexecError(f"cannot unmount {self.mountpoint}: {reason}.",
                                  "unmount") from None
